@@ -1,0 +1,12 @@
+"""Beam glue for ckpt-surgery: discovery, checkpoint I/O, the DoFn, the report.
+
+What an op does lives in `transforms`; this package moves checkpoints.
+"""
+from pipeline.discovery import DiscoveryError, discover
+from pipeline.migrate import MigrateFn, migrate_one
+from pipeline.run import MigrateCheckpoints, WriteReport, run_migration
+
+__all__ = [
+    'DiscoveryError', 'MigrateCheckpoints', 'MigrateFn', 'WriteReport', 'discover',
+    'migrate_one', 'run_migration',
+]

@@ -1,0 +1,102 @@
+"""The command line: `ckpt-surgery run|inspect|demo` (a contract: scripts call it).
+
+Exit codes: 0 nothing failed; 1 some checkpoint failed; 2 a usage, spec or
+discovery error found before any checkpoint was touched. Every argument that
+is not ours goes to Beam as a pipeline option.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from apache_beam.options.pipeline_options import PipelineOptions
+from etils import epath
+
+import transforms
+from pipeline import demo, discovery, inspection, report
+from pipeline.run import run_migration
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+  """Refused before any checkpoint is touched: exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='ckpt-surgery',
+      description='Apply one model surgery to many JAX/Flax checkpoints.')
+  commands = parser.add_subparsers(dest='command', required=True)
+  run = commands.add_parser(
+      'run', help='migrate every checkpoint PATTERN names',
+      epilog='Every other --option is a Beam pipeline option (--runner, ...).')
+  run.add_argument('--input', required=True, metavar='PATTERN',
+                   help='checkpoint directories or CheckpointManager roots; globs allowed')
+  run.add_argument('--output', required=True, metavar='PREFIX')
+  run.add_argument('--spec', required=True, metavar='SPEC.yaml')
+  run.add_argument('--overwrite', action='store_true',
+                   help='replace outputs written with a different spec')
+  inspect = commands.add_parser('inspect', help='print a checkpoint tree from its metadata')
+  inspect.add_argument('checkpoint')
+  demo_cmd = commands.add_parser('demo', help='make sample checkpoints and migrate them')
+  demo_cmd.add_argument('--workdir', default='demo')
+  demo_cmd.add_argument('--count', type=int, default=6)
+  return parser
+
+
+def _check_beam_args(beam_args: list[str]) -> None:
+  known = set(PipelineOptions([]).get_all_options())
+  for arg in beam_args:
+    name = arg.split('=')[0].lstrip('-').replace('-', '_')
+    if arg.startswith('--') and name not in known:
+      raise UsageError(f'unknown option {arg.split("=")[0]} (not ours, not a Beam option)')
+
+
+def load_spec(path: str) -> tuple[transforms.Spec, str]:
+  try:
+    text = epath.Path(path).read_text()
+  except (OSError, ValueError) as e:
+    raise UsageError(f'cannot read spec {path}: {e}') from None
+  try:
+    return transforms.load_spec(text), text
+  except transforms.SpecError as e:
+    raise UsageError(f'{path}: {e}') from None
+
+
+def migrate(pattern: str, output: str, spec_path: str, overwrite: bool,
+            beam_args: list[str]) -> int:
+  """Discover, run, print the table; the exit code."""
+  _check_beam_args(beam_args)
+  _, spec_text = load_spec(spec_path)
+  try:
+    pairs = discovery.discover(pattern, output)
+  except discovery.DiscoveryError as e:
+    raise UsageError(str(e)) from None
+  output = discovery.absolute(output)
+  print(f'migrating {len(pairs)} checkpoint(s) to {output}', flush=True)
+  run_migration(pairs, spec_text, output, overwrite, beam_args)
+  records, summary = report.read_report(output)
+  print(report.format_table(records, summary))
+  print(f'report: {report.report_dir(output)}/report.jsonl')
+  return 1 if summary['failed'] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  # Our output is the progress lines and the table; libraries speak up on errors.
+  logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
+  args, rest = _parser().parse_known_args(argv)
+  try:
+    if args.command == 'run':
+      return migrate(args.input, args.output, args.spec, args.overwrite, rest)
+    if rest:
+      raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
+    if args.command == 'inspect':
+      print(inspection.describe(args.checkpoint))
+      return 0
+    pattern, output, spec = demo.prepare(args.workdir, args.count)
+    return migrate(pattern, output, spec, False, [])
+  except UsageError as e:
+    print(f'ckpt-surgery: error: {e}', file=sys.stderr)
+    return USAGE_ERROR

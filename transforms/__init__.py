@@ -1,0 +1,14 @@
+"""Pure JAX model surgery: specs, ops, mirrors and the compiled surgery.
+
+Nothing in here imports Beam or touches files: `pipeline` does that.
+"""
+from transforms.mirrors import find_mirrors
+from transforms.ops import OPS, Op, SurgeryError
+from transforms.paths import flatten, unflatten
+from transforms.spec import Spec, SpecError, load_spec, parse_spec
+from transforms.surgery import Surgery, signature, signature_id
+
+__all__ = [
+    'OPS', 'Op', 'Spec', 'SpecError', 'Surgery', 'SurgeryError', 'find_mirrors',
+    'flatten', 'load_spec', 'parse_spec', 'signature', 'signature_id', 'unflatten',
+]

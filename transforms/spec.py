@@ -1,0 +1,112 @@
+"""The spec: a YAML document naming the ops of one surgery.
+
+Parsing checks everything that can be checked without a checkpoint (op names,
+fields, their types, regexes, dtypes), so that a bad spec is refused before
+any checkpoint is read, with the op's index and the field in the message.
+The spec hash identifies a surgery in each output's provenance; a rerun with
+the same hash skips outputs already written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from typing import Any
+
+import yaml
+
+from transforms.ops import OPS, Op
+
+TOP_LEVEL = ('params', 'opt_state', 'ops')
+
+
+class SpecError(ValueError):
+  """The spec is malformed; the message says where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  ops: tuple[Op, ...]
+  params: str = 'params'
+  opt_state: str = 'opt_state'
+
+  @property
+  def canonical(self) -> dict[str, Any]:
+    """The spec with defaults filled in, as plain data."""
+    return {
+        'params': self.params,
+        'opt_state': self.opt_state,
+        'ops': [{op.name: _fields_of(op)} for op in self.ops],
+    }
+
+  @property
+  def hash(self) -> str:
+    text = json.dumps(self.canonical, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fields_of(op: Op) -> dict[str, Any]:
+  return {f.name: getattr(op, f.name) for f in dataclasses.fields(op)
+          if getattr(op, f.name) != f.default}
+
+
+def _check_type(value: Any, hint: Any) -> bool:
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  return isinstance(value, hint)
+
+
+def _parse_op(index: int, entry: Any) -> Op:
+  where = f'ops[{index}]'
+  if not isinstance(entry, dict) or len(entry) != 1:
+    raise SpecError(f'{where}: expected one op as {{name: {{fields}}}}, got {entry!r}')
+  (name, fields), = entry.items()
+  if name not in OPS:
+    raise SpecError(f'{where}: unknown op {name!r} (known: {", ".join(sorted(OPS))})')
+  where = f'{where} ({name})'
+  fields = {} if fields is None else fields
+  if not isinstance(fields, dict):
+    raise SpecError(f'{where}: fields must be a mapping, got {fields!r}')
+  cls = OPS[name]
+  hints = typing.get_type_hints(cls)
+  declared = {f.name: f for f in dataclasses.fields(cls)}
+  for key, value in fields.items():
+    if key not in declared:
+      raise SpecError(f"{where}: unknown field {key!r} (fields: {', '.join(declared)})")
+    if not _check_type(value, hints[key]):
+      raise SpecError(f"{where}: field {key!r} must be {hints[key].__name__}, got {value!r}")
+  for key, f in declared.items():
+    if key not in fields and f.default is dataclasses.MISSING:
+      raise SpecError(f'{where}: missing field {key!r}')
+  try:
+    return cls(**fields)
+  except ValueError as e:
+    raise SpecError(f'{where}: {e}') from None
+
+
+def parse_spec(data: Any) -> Spec:
+  """A Spec from the YAML's data; SpecError names what is wrong."""
+  if not isinstance(data, dict):
+    raise SpecError(f'spec: expected a mapping with {TOP_LEVEL}, got {type(data).__name__}')
+  unknown = set(data) - set(TOP_LEVEL)
+  if unknown:
+    raise SpecError(f'spec: unknown field(s) {sorted(unknown)} (fields: {", ".join(TOP_LEVEL)})')
+  for key in ('params', 'opt_state'):
+    if key in data and not isinstance(data[key], str):
+      raise SpecError(f'spec: field {key!r} must be a string, got {data[key]!r}')
+  ops = data.get('ops')
+  if not isinstance(ops, list) or not ops:
+    raise SpecError("spec: field 'ops' must be a non-empty list of ops")
+  return Spec(ops=tuple(_parse_op(i, entry) for i, entry in enumerate(ops)),
+              params=data.get('params', 'params'),
+              opt_state=data.get('opt_state', 'opt_state'))
+
+
+def load_spec(text: str) -> Spec:
+  """A Spec from YAML text."""
+  try:
+    data = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise SpecError(f'spec: not valid YAML: {e}') from None
+  return parse_spec(data)
