@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import logging
+import os
+import socket
 import time
 from typing import Any
 
@@ -51,7 +53,8 @@ def surgery_for(spec_text: str) -> transforms.Surgery:
 
 def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
   base = {'src': src, 'dst': dst, 'status': status, 'error': None, 'bytes_in': 0,
-          'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False}
+          'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False,
+          'worker': f'{socket.gethostname()}:{os.getpid()}'}
   return {**base, **fields}
 
 

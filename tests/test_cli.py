@@ -1,0 +1,114 @@
+"""The command line end to end, on Beam's local runner with several worker processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.demo import SEED_SPEC
+
+
+def cli(*args, cwd=None):
+  """`python -m pipeline ARGS` (the same program as `ckpt-surgery`)."""
+  return subprocess.run([sys.executable, '-m', 'pipeline', *map(str, args)],
+                        capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def spec(tmp_path):
+  path = tmp_path / 'spec.yaml'
+  path.write_text(SEED_SPEC)
+  return path
+
+
+def read_report(out):
+  lines = (out / '_surgery' / 'report.jsonl').read_text().splitlines()
+  return [json.loads(l) for l in lines], json.loads((out / '_surgery' / 'summary.json').read_text())
+
+
+def test_run_on_two_worker_processes(inputs, tmp_path, spec):
+  out = tmp_path / 'out'
+  result = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec,
+               '--direct_num_workers=2')
+  assert result.returncode == 0, result.stderr
+  records, summary = read_report(out)
+  assert [r['status'] for r in records] == ['ok'] * 6
+  for key in ('src', 'dst', 'status', 'error', 'bytes_in', 'bytes_out', 'seconds'):
+    assert all(key in r for r in records)
+  assert {k: summary[k] for k in ('ok', 'skipped', 'failed')} == {'ok': 6, 'skipped': 0, 'failed': 0}
+  assert summary['bytes_read'] == summary['bytes_written'] == sum(r['bytes_in'] for r in records) > 0
+  assert summary['seconds'] > 0
+  workers = {r['worker'] for r in records}
+  assert len(workers) == 2, workers  # the work spread over both processes
+  assert 1 <= summary['compilations'] <= len(workers)  # once per signature per worker
+  assert '6 ok, 0 skipped, 0 failed' in result.stdout
+  assert sorted(p.name for p in out.iterdir()) == ['_surgery', 'run_a', 'run_b', 'run_c', 'run_d']
+  # Run again: everything is already there.
+  again = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec)
+  assert again.returncode == 0 and read_report(out)[1]['skipped'] == 6
+
+
+def test_a_broken_checkpoint_fails_alone_exit_1(inputs, tmp_path, spec):
+  for f in (inputs / 'run_c').glob('ocdbt.process_*/d/*'):
+    f.write_bytes(b'truncated')
+  out = tmp_path / 'out'
+  result = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec)
+  assert result.returncode == 1, result.stderr
+  records, summary = read_report(out)
+  failed = [r for r in records if r['status'] == 'failed']
+  assert [r['src'] for r in failed] == [str(inputs / 'run_c')] and failed[0]['error']
+  assert summary['ok'] == 5 and summary['failed'] == 1
+  assert not (out / 'run_c').exists()
+  assert f"error: {inputs / 'run_c'}" in result.stdout
+
+
+@pytest.mark.parametrize('spec_text, args, message', [
+    ("ops: [{rename: {match: a}}]", [], "ops[0] (rename): missing field 'to'"),
+    ("ops: [{frobnicate: {}}]", [], "ops[0]: unknown op 'frobnicate'"),
+    (SEED_SPEC, ['--overwite'], 'unknown option --overwite'),
+    (SEED_SPEC, ['--input-is-elsewhere'], 'unknown option'),
+])
+def test_usage_and_spec_errors_exit_2_before_touching_anything(inputs, tmp_path, spec_text, args, message):
+  spec = tmp_path / 'bad.yaml'
+  spec.write_text(spec_text)
+  out = tmp_path / 'out'
+  result = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec, *args)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert not out.exists()
+
+
+def test_discovery_errors_exit_2(inputs, tmp_path, spec):
+  result = cli('run', '--input', tmp_path / 'none' / '*', '--output', tmp_path / 'o', '--spec', spec)
+  assert result.returncode == 2 and 'no committed checkpoint matches' in result.stderr
+  result = cli('run', '--input', inputs / '*', '--output', inputs / 'run_b', '--spec', spec)
+  assert result.returncode == 2 and 'overlaps input' in result.stderr
+  result = cli('run', '--input', inputs / '*', '--output', tmp_path / 'o', '--spec', tmp_path / 'nope.yaml')
+  assert result.returncode == 2 and 'cannot read spec' in result.stderr
+  assert cli('run', '--input', inputs).returncode == 2  # argparse: --output missing
+
+
+def test_inspect_shows_params_and_mirrors(inputs):
+  result = cli('inspect', inputs / 'run_a' / '2')
+  assert result.returncode == 0, result.stderr
+  rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+  assert 'CheckpointManager step, items default' in result.stdout.splitlines()[0]
+  assert rows['params/Dense_1/kernel'].split()[1:] == ['(256,', '10)', 'float32', '10,240', 'param']
+  assert rows['opt_state/0/mu/Dense_1/kernel'].endswith('mirror')
+  assert rows['opt_state/0/nu/Conv_0/bias'].endswith('mirror')
+  assert not rows['opt_state/0/count'].endswith(('param', 'mirror'))
+
+
+def test_inspect_shows_provenance(inputs, tmp_path, spec):
+  out = tmp_path / 'out'
+  assert cli('run', '--input', inputs / 'run_b', '--output', out, '--spec', spec).returncode == 0
+  result = cli('inspect', out / 'run_b')
+  assert 'provenance: ' in result.stdout and str(inputs / 'run_b') in result.stdout
+
+
+def test_console_script_is_installed():
+  bin_dir = os.path.dirname(sys.executable)
+  result = subprocess.run([os.path.join(bin_dir, 'ckpt-surgery'), '--help'], capture_output=True, text=True)
+  assert result.returncode == 0 and 'run' in result.stdout and 'inspect' in result.stdout

@@ -1,0 +1,35 @@
+"""A bad spec is refused with the op's index and the field in the message."""
+from __future__ import annotations
+
+import pytest
+
+from transforms import SpecError, load_spec
+
+
+@pytest.mark.parametrize('text, message', [
+    ("ops: [{pad: {match: a}}]", "ops[0]: unknown op 'pad'"),
+    ("ops: [{drop: {match: a}}, {rename: {match: a}}]", "ops[1] (rename): missing field 'to'"),
+    ("ops: [{rename: {match: '(', to: b}}]", "ops[0] (rename): field 'match': bad regex"),
+    ("ops: [{scale: {match: a, by: x}}]", "ops[0] (scale): field 'by' must be float"),
+    ("ops: [{normalize: {match: a, foo: 1}}]", "ops[0] (normalize): unknown field 'foo'"),
+    ("ops: [{cast: {match: a, dtype: float7}}]", "ops[0] (cast): field 'dtype': unknown dtype"),
+    ("ops: [{drop: {match: a, opt_state: keep}}]", "ops[0] (drop): field 'opt_state'"),
+    ("ops: [{drop: {match: a}, scale: {match: b}}]", 'ops[0]: expected one op'),
+    ("ops: []", "field 'ops' must be a non-empty list"),
+    ("opz: []", "unknown field(s) ['opz']"),
+    ("params: [1]\nops: [{drop: {match: a}}]", "field 'params' must be a string"),
+    ("ops: [unclosed", 'not valid YAML'),
+])
+def test_bad_spec_names_op_and_field(text, message):
+  with pytest.raises(SpecError) as e:
+    load_spec(text)
+  assert message in str(e.value)
+
+
+def test_hash_ignores_formatting_and_defaults():
+  a = load_spec("ops: [{scale: {match: 'k$', by: 0.5}}]")
+  b = load_spec("params: params\nops:\n  - scale: {by: 0.5, match: 'k$', opt_state: ''}\n")
+  c = load_spec("ops: [{scale: {match: 'k$', by: 0.25}}]")
+  assert a.hash == b.hash != c.hash
+  assert a.canonical == {'params': 'params', 'opt_state': 'opt_state',
+                         'ops': [{'scale': {'match': 'k$', 'by': 0.5}}]}
