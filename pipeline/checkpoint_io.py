@@ -77,9 +77,9 @@ def _handler_name(qualified: str) -> str:
 
 def is_checkpoint(path: epath.Path) -> bool:
   """A committed checkpoint directory (not temporary, commit marker present)."""
-  return ((path / '_CHECKPOINT_METADATA').exists() or (path / '_METADATA').exists()) \
-      and not ocp.utils.is_tmp_checkpoint(path) \
-      and ocp.utils.is_checkpoint_finalized(path)
+  has_metadata = (path / '_CHECKPOINT_METADATA').exists() or (path / '_METADATA').exists()
+  return (has_metadata and not ocp.utils.is_tmp_checkpoint(path)
+          and ocp.utils.is_checkpoint_finalized(path))
 
 
 def read_layout(path: epath.Path) -> Layout:

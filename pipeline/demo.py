@@ -88,6 +88,7 @@ def make_samples(workdir: str, count: int = 6) -> str:
 
 def prepare(workdir: str, count: int) -> tuple[str, str, str]:
   """Samples (made once) and the seed spec under workdir: (pattern, output, spec)."""
+  workdir = os.path.abspath(workdir)  # Orbax wants absolute paths
   spec = os.path.join(workdir, 'spec.yaml')
   pattern = os.path.join(workdir, 'in', '*')
   if not os.path.isdir(os.path.join(workdir, 'in')):

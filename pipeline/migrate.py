@@ -67,20 +67,21 @@ def remove_partial_output(dst: epath.Path) -> None:
     dst.rmtree()
 
 
-def _existing(dst: epath.Path, spec_hash: str, overwrite: bool) -> str | None:
-  """'skip' when dst holds this surgery's output, else clear the way or fail."""
+def already_done(dst: epath.Path, spec_hash: str, overwrite: bool) -> bool:
+  """True when dst holds this surgery's output. Otherwise clears the way for a
+  new save (partial leftovers; an old output with --overwrite) or raises."""
   remove_partial_output(dst)
   if not dst.exists():
-    return None
+    return False
   prov = checkpoint_io.read_provenance(dst) or {}
   if prov.get('spec_hash') == spec_hash and not overwrite:
-    return 'skip'
+    return True
   if not overwrite:
     raise checkpoint_io.CheckpointError(
         f'{dst} already holds a checkpoint (spec hash {prov.get("spec_hash")}, '
         f'this spec {spec_hash}); pass --overwrite to replace it')
   dst.rmtree()
-  return None
+  return False
 
 
 def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
@@ -90,7 +91,7 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec = surgery.spec
   try:
-    if _existing(dst_path, spec.hash, overwrite) == 'skip':
+    if already_done(dst_path, spec.hash, overwrite):
       return record(src, dst, 'skipped', seconds=time.perf_counter() - start)
     layout, items = checkpoint_io.restore(src_path)
     state = layout.join(items)

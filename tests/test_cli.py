@@ -108,6 +108,16 @@ def test_inspect_shows_provenance(inputs, tmp_path, spec):
   assert 'provenance: ' in result.stdout and str(inputs / 'run_b') in result.stdout
 
 
+def test_demo_from_a_relative_workdir(tmp_path):
+  """What `make demo` runs, on a fresh directory."""
+  result = cli('demo', '--workdir', 'demo', '--count', '3', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert '3 ok, 0 skipped, 0 failed' in result.stdout
+  records, _ = read_report(tmp_path / 'demo' / 'out')
+  assert [r['src'][len(str(tmp_path)):] for r in records] == [
+      '/demo/in/run_a/1', '/demo/in/run_a/2', '/demo/in/run_b']
+
+
 def test_console_script_is_installed():
   bin_dir = os.path.dirname(sys.executable)
   result = subprocess.run([os.path.join(bin_dir, 'ckpt-surgery'), '--help'], capture_output=True, text=True)

@@ -38,11 +38,11 @@ def signature_id(sig: Signature) -> str:
 def _check_tree(flat: paths.Flat, what: str) -> None:
   """A path may not be both a leaf and a sub-tree (rename into a leaf)."""
   for p in flat:
-    prefix = p.rsplit(paths.SEP, 1)[0] if paths.SEP in p else None
-    while prefix:
-      if prefix in flat:
-        raise SurgeryError(f'{what}: {prefix!r} would be both a leaf and the parent of {p!r}')
-      prefix = prefix.rsplit(paths.SEP, 1)[0] if paths.SEP in prefix else None
+    parts = p.split(paths.SEP)
+    for i in range(1, len(parts)):
+      parent = paths.SEP.join(parts[:i])
+      if parent in flat:
+        raise SurgeryError(f'{what}: {parent!r} would be both a leaf and the parent of {p!r}')
 
 
 class Surgery:
