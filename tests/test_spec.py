@@ -7,7 +7,16 @@ from transforms import SpecError, load_spec
 
 
 @pytest.mark.parametrize('text, message', [
-    ("ops: [{pad: {match: a}}]", "ops[0]: unknown op 'pad'"),
+    ("ops: [{frobnicate: {match: a}}]", "ops[0]: unknown op 'frobnicate'"),
+    ("ops: [{pad: {match: a, axis: 1}}]", "ops[0] (pad): missing field 'to'"),
+    ("ops: [{pad: {match: a, axis: 1.5, to: 3}}]", "ops[0] (pad): field 'axis' must be int"),
+    ("ops: [{reshape: {match: a, shape: [2, x]}}]", "field 'shape' must be a list of integers"),
+    ("ops: [{reinit: {match: a, init: nonsense}}]", "ops[0] (reinit): field 'init': unknown initializer"),
+    ("ops: [{add: {path: a/b, shape: [2], init: zeros, seed: true}}]", "field 'seed' must be int"),
+    ("ops: [{unstack: {match: a, to: b}}]", "ops[0] (unstack): field 'to': must contain {i}"),
+    ("ops: [{python: {fn: 'no_such_pkg.mod:fix'}}]", "ops[0] (python): field 'fn': cannot import"),
+    ("optimizer: {factory: optax.nope}\nops: [{drop: {match: a}}]", "optimizer: field 'factory': cannot import"),
+    ("optimizer: {factory: optax.adam, kwargs: {lr: 1}}\nops: [{drop: {match: a}}]", "optax.adam(**{'lr': 1}) failed"),
     ("ops: [{drop: {match: a}}, {rename: {match: a}}]", "ops[1] (rename): missing field 'to'"),
     ("ops: [{rename: {match: '(', to: b}}]", "ops[0] (rename): field 'match': bad regex"),
     ("ops: [{scale: {match: a, by: x}}]", "ops[0] (scale): field 'by' must be float"),

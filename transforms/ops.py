@@ -1,23 +1,27 @@
 """The ops a spec can name. Every op has the same shape.
 
-An op selects param paths by `match` (a regex searched in each path; strict:
-matching nothing is an error) and `apply`s itself to a flat tree, returning
-the new flat tree and the new paths that came from the selected ones. The
-surgery applies it to the params, then to each optimizer-state mirror as the
-op's `opt_state` mode says:
+An op `select`s the param paths it works on (most by `match`, a regex searched
+in each path; strict: matching nothing is an error) and `apply`s itself to a
+flat tree, returning the new flat tree and the new paths that came from the
+selected ones. The surgery applies it to the params, then to each
+optimizer-state mirror as the op's `opt_state` mode says:
 
-  follow  apply the op to the mirror too (structural ops' default)
+  follow  apply the op to the mirror too (structural ops' default); new
+          entries in a mirror are zeros
   keep    leave the mirror as it is (value ops' default, as the seed does)
-  zero    apply the op, then zero the mirror entries it produced
+  zero    apply the op, then zero the mirror entries it produced (reinit's
+          default)
 
-Structural ops may not `keep`: a mirror whose keys no longer match the params
-does not resume training.
+Structural ops may not `keep`: a mirror whose keys or shapes no longer match
+the params does not resume training.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
-from typing import ClassVar, Sequence
+import zlib
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,146 +34,475 @@ class SurgeryError(ValueError):
   """The surgery does not fit a checkpoint; the message names the op and path."""
 
 
+def _check_regex(field: str, value: str) -> None:
+  try:
+    re.compile(value)
+  except re.error as e:
+    raise ValueError(f'field {field!r}: bad regex {value!r}: {e}') from None
+
+
+def initializer(name: str) -> Callable[..., jax.Array]:
+  """A `jax.nn.initializers` function by name: zeros, ones, normal, lecun_normal, ..."""
+  factory = getattr(jax.nn.initializers, name, None)
+  if name in ('zeros', 'ones'):
+    return factory
+  if factory is None or name.startswith('_') or not callable(factory):
+    raise ValueError(f"field 'init': unknown initializer {name!r} (jax.nn.initializers)")
+  return factory()
+
+
+def path_key(seed: int, path: str) -> jax.Array:
+  """The same key for the same seed and path on any worker."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def initialize(init: str, seed: int, path: str, shape, dtype) -> jax.Array:
+  try:
+    return initializer(init)(path_key(seed, path), tuple(shape), jnp.dtype(dtype))
+  except (ValueError, TypeError) as e:
+    raise SurgeryError(f'{init} cannot initialise {path!r} of shape {tuple(shape)}: {e}') from None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Op:
-  """Base of every op: a regex to select params and an opt_state mode."""
+  """Base of every op: how it treats the optimizer-state mirrors."""
   name: ClassVar[str]
-  structural: ClassVar[bool]
+  structural: ClassVar[bool]     # changes keys or shapes: mirrors must follow
+  default_mode: ClassVar[str] = ''
 
-  match: str
   opt_state: str = ''  # '' means the op's default
 
   def __post_init__(self):
-    try:
-      re.compile(self.match)
-    except re.error as e:
-      raise ValueError(f"field 'match': bad regex {self.match!r}: {e}") from None
     allowed = ('follow', 'zero') if self.structural else ('follow', 'keep', 'zero')
     if self.opt_state and self.opt_state not in allowed:
       raise ValueError(
           f"field 'opt_state': {self.opt_state!r} is not one of {allowed}")
 
   @property
+  def mirror_mode(self) -> str:
+    return self.opt_state or self.default_mode or ('follow' if self.structural else 'keep')
+
+  def select(self, params: Flat) -> list[str]:
+    raise NotImplementedError
+
+  def apply(self, flat: Flat, selected: Sequence[str], mirror: bool = False
+            ) -> tuple[Flat, list[str]]:
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MatchOp(Op):
+  """An op on the params whose path `match` (a regex) is found in."""
+  match: str
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_regex('match', self.match)
+
+  @property
   def pattern(self) -> re.Pattern[str]:
     return re.compile(self.match)  # re caches compiled patterns
 
-  @property
-  def mirror_mode(self) -> str:
-    return self.opt_state or ('follow' if self.structural else 'keep')
-
-  def select(self, params: Flat) -> list[str]:
+  def select(self, params):
     selected = paths.matching(self.pattern, params)
     if not selected:
       raise SurgeryError(f'match {self.match!r} matched no param path')
     return selected
 
-  def apply(self, flat: Flat, selected: Sequence[str]) -> tuple[Flat, list[str]]:
-    raise NotImplementedError
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ValueOp(Op):
-  """An op that changes the values of the selected leaves, not the tree."""
+class LeafOp(MatchOp):
+  """An op that maps each selected leaf to a new leaf at the same path."""
   structural: ClassVar[bool] = False
 
-  def value(self, x: jax.Array) -> jax.Array:
+  def leaf(self, x: jax.Array, path: str, mirror: bool) -> jax.Array:
     raise NotImplementedError
 
-  def apply(self, flat, selected):
+  def apply(self, flat, selected, mirror=False):
     chosen = set(selected)
-    new = {p: self.value(x) if p in chosen and x is not None else x
+    new = {p: self.leaf(x, p, mirror) if p in chosen and carried(x) else x
            for p, x in flat.items()}
     return new, list(selected)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Rename(Op):
+class Rename(MatchOp):
   """Replace the matched part of each selected path: `to` may use \\1 groups."""
   name: ClassVar[str] = 'rename'
   structural: ClassVar[bool] = True
   to: str
 
-  def apply(self, flat, selected):
-    chosen = set(selected)
-    moved = {p: self.pattern.sub(self.to, p, count=1) for p in selected}
-    new: Flat = {}
-    came_from: dict[str, str] = {}
-    for p, x in flat.items():
-      q = moved.get(p, p) if p in chosen else p
-      if q in new:
-        raise SurgeryError(f'{p!r} and {came_from[q]!r} would both be named {q!r}')
-      new[q], came_from[q] = x, p
-    return new, [moved[p] for p in selected]
+  def apply(self, flat, selected, mirror=False):
+    return move(flat, {p: self.pattern.sub(self.to, p, count=1) for p in selected})
+
+
+def move(flat: Flat, moved: dict[str, str]) -> tuple[Flat, list[str]]:
+  """`flat` with the keys in `moved` renamed, refusing two leaves on one name."""
+  new: Flat = {}
+  came_from: dict[str, str] = {}
+  for p, x in flat.items():
+    q = moved.get(p, p)
+    if q in new:
+      raise SurgeryError(f'{p!r} and {came_from[q]!r} would both be named {q!r}')
+    new[q], came_from[q] = x, p
+  return new, list(moved.values())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Drop(Op):
+class Drop(MatchOp):
   """Remove the selected leaves."""
   name: ClassVar[str] = 'drop'
   structural: ClassVar[bool] = True
 
-  def apply(self, flat, selected):
+  def apply(self, flat, selected, mirror=False):
     chosen = set(selected)
     return {p: x for p, x in flat.items() if p not in chosen}, []
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Normalize(ValueOp):
+class Add(Op):
+  """A new leaf at `path`, from an initializer; zeros in every mirror."""
+  name: ClassVar[str] = 'add'
+  structural: ClassVar[bool] = True
+  path: str
+  shape: list
+  dtype: str = 'float32'
+  init: str = 'zeros'
+  seed: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    initializer(self.init)
+    _check_dtype(self.dtype)
+    if not all(isinstance(n, int) and n >= 0 for n in self.shape):
+      raise ValueError(f"field 'shape': expected a list of sizes, got {self.shape!r}")
+
+  def select(self, params):
+    if self.path in params:
+      raise SurgeryError(f'{self.path!r} already exists')
+    return [self.path]
+
+  def apply(self, flat, selected, mirror=False):
+    value = (jnp.zeros(self.shape, self.dtype) if mirror
+             else initialize(self.init, self.seed, self.path, self.shape, self.dtype))
+    return {**flat, self.path: value}, [self.path]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Normalize(LeafOp):
   """x / ||x||, the seed's op."""
   name: ClassVar[str] = 'normalize'
 
-  def value(self, x):
+  def leaf(self, x, path, mirror):
     # The barrier keeps the seed's exact arithmetic: without it XLA rewrites
     # x / sqrt(s) as x * rsqrt(s), which differs in the last bit.
     return x / jax.lax.optimization_barrier(jnp.linalg.norm(x))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Scale(ValueOp):
+class Scale(LeafOp):
   """x * by, in x's dtype."""
   name: ClassVar[str] = 'scale'
   by: float
 
-  def value(self, x):
+  def leaf(self, x, path, mirror):
     return (x * self.by).astype(x.dtype)
 
 
+def _check_dtype(dtype: str) -> None:
+  try:
+    jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"field 'dtype': unknown dtype {dtype!r}") from None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Cast(ValueOp):
+class Cast(LeafOp):
   """x.astype(dtype). Moments keep their dtype unless opt_state: follow."""
   name: ClassVar[str] = 'cast'
   dtype: str
 
   def __post_init__(self):
     super().__post_init__()
-    try:
-      jnp.dtype(self.dtype)
-    except TypeError:
-      raise ValueError(f"field 'dtype': unknown dtype {self.dtype!r}") from None
+    _check_dtype(self.dtype)
 
-  def value(self, x):
+  def leaf(self, x, path, mirror):
     return x.astype(jnp.dtype(self.dtype))
 
 
-OPS: dict[str, type[Op]] = {
-    op.name: op for op in (Rename, Drop, Normalize, Scale, Cast)}
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reinit(LeafOp):
+  """A fresh value from an initializer; the mirrors of what it re-initialises are zeroed."""
+  name: ClassVar[str] = 'reinit'
+  default_mode: ClassVar[str] = 'zero'
+  init: str
+  seed: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    initializer(self.init)
+
+  def leaf(self, x, path, mirror):
+    return initialize(self.init, self.seed, path, x.shape, x.dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShapeOp(LeafOp):
+  """A leaf op that changes shapes: mirrors follow (they must keep the params' shapes)."""
+  structural: ClassVar[bool] = True
+
+  def _axis(self, x: jax.Array, path: str) -> int:
+    axis = getattr(self, 'axis')
+    if not -x.ndim <= axis < x.ndim:
+      raise SurgeryError(f'{path!r} of shape {tuple(x.shape)} has no axis {axis}')
+    return axis % x.ndim
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Pad(ShapeOp):
+  """Grow `axis` to `to` at the end; params' new entries from `init`, mirrors' zeros."""
+  name: ClassVar[str] = 'pad'
+  axis: int
+  to: int
+  init: str = 'zeros'
+  seed: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    initializer(self.init)
+
+  def leaf(self, x, path, mirror):
+    axis = self._axis(x, path)
+    if self.to < x.shape[axis]:
+      raise SurgeryError(f'{path!r} axis {axis} is {x.shape[axis]}, more than to={self.to}')
+    shape = list(x.shape)
+    shape[axis] = self.to
+    base = (jnp.zeros(shape, x.dtype) if mirror or self.init == 'zeros'
+            else initialize(self.init, self.seed, path, shape, x.dtype))
+    return jax.lax.dynamic_update_slice_in_dim(base, x, 0, axis)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Slice(ShapeOp):
+  """Keep [start, stop) of `axis`."""
+  name: ClassVar[str] = 'slice'
+  axis: int
+  start: int = 0
+  stop: int
+
+  def leaf(self, x, path, mirror):
+    axis = self._axis(x, path)
+    if not 0 <= self.start < self.stop <= x.shape[axis]:
+      raise SurgeryError(f'{path!r} axis {axis} of size {x.shape[axis]} has no [{self.start}, {self.stop})')
+    return jax.lax.slice_in_dim(x, self.start, self.stop, axis=axis)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Transpose(ShapeOp):
+  """Permute the axes."""
+  name: ClassVar[str] = 'transpose'
+  axes: list
+
+  def leaf(self, x, path, mirror):
+    if sorted(self.axes) != list(range(x.ndim)):
+      raise SurgeryError(f'axes {self.axes} do not permute the {x.ndim} axes of {path!r}')
+    return jnp.transpose(x, self.axes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reshape(ShapeOp):
+  """A new shape with the same number of entries."""
+  name: ClassVar[str] = 'reshape'
+  shape: list
+
+  def leaf(self, x, path, mirror):
+    try:
+      return jnp.reshape(x, self.shape)
+    except (TypeError, ValueError) as e:
+      raise SurgeryError(f'{path!r} of shape {tuple(x.shape)}: {e}') from None
+
+
+def layer_order(path: str) -> tuple[int, ...]:
+  """The integers in a path, so that layer_10 sorts after layer_9."""
+  return tuple(int(n) for n in re.findall(r'\d+', path))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Stack(MatchOp):
+  """Stack the leaves that rename to the same `to` path along a new `axis`."""
+  name: ClassVar[str] = 'stack'
+  structural: ClassVar[bool] = True
+  to: str
+  axis: int = 0
+
+  def apply(self, flat, selected, mirror=False):
+    groups: dict[str, list[str]] = {}
+    for p in sorted(selected, key=layer_order):
+      groups.setdefault(self.pattern.sub(self.to, p, count=1), []).append(p)
+    new = {p: x for p, x in flat.items() if p not in set(selected)}
+    for target, members in groups.items():
+      if target in new:
+        raise SurgeryError(f'{target!r} already exists')
+      values = [flat[p] for p in members]
+      if not any(carried(v) for v in values):  # masked or stale in this mirror
+        new[target] = values[0]
+        continue
+      shapes = {(tuple(v.shape), str(v.dtype)) for v in values if carried(v)}
+      if len(shapes) != 1 or not all(carried(v) for v in values):
+        raise SurgeryError(f'cannot stack {members} into {target!r}: shapes/dtypes {sorted(shapes)}')
+      new[target] = jnp.stack(values, axis=self.axis)
+    return new, list(groups)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Unstack(MatchOp):
+  """Split each selected leaf along `axis`; `to` names piece {i}."""
+  name: ClassVar[str] = 'unstack'
+  structural: ClassVar[bool] = True
+  to: str
+  axis: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if '{i}' not in self.to:
+      raise ValueError("field 'to': must contain {i}, the piece's index")
+
+  def apply(self, flat, selected, mirror=False):
+    chosen = set(selected)
+    new, produced = {}, []
+    for p, x in flat.items():
+      if p not in chosen:
+        new[p] = x
+        continue
+      if not carried(x):
+        raise SurgeryError(f'cannot unstack {p!r}: it is masked or stale in this optimizer state')
+      for i in range(x.shape[self.axis]):
+        q = self.pattern.sub(self.to.replace('{i}', str(i)), p, count=1)
+        if q in flat or q in new:
+          raise SurgeryError(f'unstacking {p!r} would overwrite {q!r}')
+        new[q] = jnp.take(x, i, axis=self.axis)
+        produced.append(q)
+    return new, produced
+
+
+def resolve(name: str, field: str) -> Any:
+  """'pkg.module:attr' or 'pkg.module.attr' -> the object, imported."""
+  module, _, attr = name.partition(':') if ':' in name else name.rpartition('.')
+  try:
+    return getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise ValueError(f'field {field!r}: cannot import {name!r}: {e}') from None
+
+
+class Context(NamedTuple):
+  """What whole-state ops need to know of the spec."""
+  params: str
+  opt_state: str
+  optimizer: Any  # an optax GradientTransformation, or None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StateOp(Op):
+  """An op on the whole {params, opt_state} tree rather than on selected leaves."""
+  structural: ClassVar[bool] = True
+
+  def select(self, params):
+    return []
+
+  def transform(self, tree: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Python(StateOp):
+  """A user's jittable `state -> state`, where state is {params, opt_state}."""
+  name: ClassVar[str] = 'python'
+  fn: str
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not callable(resolve(self.fn, 'fn')):
+      raise ValueError(f"field 'fn': {self.fn!r} is not callable")
+
+  def transform(self, tree, ctx):
+    out = resolve(self.fn, 'fn')(dict(tree))
+    if not isinstance(out, dict) or ctx.params not in out:
+      raise SurgeryError(f'{self.fn} must return the state dict with {ctx.params!r}')
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ResetOptimizer(StateOp):
+  """opt_state = the optimizer's init of the params (needs `optimizer:`)."""
+  name: ClassVar[str] = 'reset_optimizer'
+
+  def transform(self, tree, ctx):
+    if ctx.optimizer is None:
+      raise SurgeryError("needs the spec's 'optimizer:' section to build a fresh state")
+    return {**tree, ctx.opt_state: ctx.optimizer.init(tree[ctx.params])}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DropOptimizer(StateOp):
+  """Remove opt_state from the checkpoint (for serving)."""
+  name: ClassVar[str] = 'drop_optimizer'
+
+  def transform(self, tree, ctx):
+    return {k: v for k, v in tree.items() if k != ctx.opt_state}
+
+
+OPS: dict[str, type[Op]] = {op.name: op for op in (
+    Rename, Drop, Add, Normalize, Scale, Cast, Reinit, Pad, Slice, Transpose, Reshape,
+    Stack, Unstack, Python, ResetOptimizer, DropOptimizer)}
+
+
+class Stale:
+  """A mirror leaf that could not follow its param (a factored Adafactor moment
+  whose param changed shape); the optimizer's own init replaces it."""
+
+  def __repr__(self):
+    return 'STALE'
+
+
+STALE = Stale()
+
+
+def carried(x: Any) -> bool:
+  """A mirror entry with a value: not masked (None) and not stale."""
+  return x is not None and x is not STALE
 
 
 def zero(flat: Flat, selected: Sequence[str]) -> Flat:
   """`flat` with the selected leaves replaced by zeros of their own shape."""
   chosen = set(selected)
-  return {p: jnp.zeros_like(x) if p in chosen and x is not None else x
+  return {p: jnp.zeros_like(x) if p in chosen and carried(x) else x
           for p, x in flat.items()}
 
 
-def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str]) -> Flat:
-  """What `op`, applied to the params at `selected`, does to one mirror."""
+def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
+                    can_rebuild: bool, where: str = 'opt_state') -> Flat:
+  """What `op`, applied to `params` at `selected`, does to one mirror.
+
+  A mirror leaf whose shape is not its param's cannot follow an op that
+  changes shapes: it becomes STALE when the optimizer can rebuild it, else
+  the checkpoint fails naming the leaf.
+  """
   mode = op.mirror_mode
   if mode == 'keep':
     return mirror
   present = [p for p in selected if p in mirror]
+  if isinstance(op, (ShapeOp, Stack, Unstack)):
+    mirror = dict(mirror)
+    for p in present:
+      x = mirror[p]
+      if carried(x) and tuple(x.shape) != tuple(params[p].shape):
+        if not can_rebuild:
+          raise SurgeryError(
+              f'{where} leaf {p!r} has shape {tuple(x.shape)}, not its param\'s '
+              f'{tuple(params[p].shape)}, so it cannot follow; give the spec an '
+              "'optimizer:' section to rebuild it from the optimizer's init")
+        mirror[p] = STALE
   if mode == 'follow':
-    return op.apply(mirror, present)[0]
-  new, produced = op.apply(mirror, present) if op.structural else (mirror, present)
+    return op.apply(mirror, present, mirror=True)[0]
+  new, produced = op.apply(mirror, present, mirror=True) if op.structural else (mirror, present)
   return zero(new, produced)
-

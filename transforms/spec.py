@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from transforms.ops import OPS, Op
+from transforms.ops import OPS, Op, resolve
 
-TOP_LEVEL = ('params', 'opt_state', 'ops')
+TOP_LEVEL = ('params', 'opt_state', 'optimizer', 'ops')
 
 
 class SpecError(ValueError):
@@ -26,19 +26,33 @@ class SpecError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """The optax optimizer that produced opt_state: `factory(**kwargs)`."""
+  factory: str
+  kwargs: dict
+
+  def make(self) -> Any:
+    return resolve(self.factory, 'factory')(**self.kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
   ops: tuple[Op, ...]
   params: str = 'params'
   opt_state: str = 'opt_state'
+  optimizer: Optimizer | None = None
 
   @property
   def canonical(self) -> dict[str, Any]:
     """The spec with defaults filled in, as plain data."""
-    return {
+    canonical = {
         'params': self.params,
         'opt_state': self.opt_state,
         'ops': [{op.name: _fields_of(op)} for op in self.ops],
     }
+    if self.optimizer:
+      canonical['optimizer'] = dataclasses.asdict(self.optimizer)
+    return canonical
 
   @property
   def hash(self) -> str:
@@ -52,9 +66,36 @@ def _fields_of(op: Op) -> dict[str, Any]:
 
 
 def _check_type(value: Any, hint: Any) -> bool:
+  if isinstance(value, bool):
+    return hint is bool
   if hint is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float))
+  if hint is list:  # every list field is a list of integers (shape, axes)
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
   return isinstance(value, hint)
+
+
+def _hint_name(hint: Any) -> str:
+  return 'a list of integers' if hint is list else hint.__name__
+
+
+def _parse_optimizer(data: Any) -> Optimizer:
+  if not isinstance(data, dict) or 'factory' not in data or set(data) - {'factory', 'kwargs'}:
+    raise SpecError("spec: field 'optimizer' must be {factory: 'optax.adam', kwargs: {...}}")
+  kwargs = data.get('kwargs') or {}
+  if not isinstance(data['factory'], str) or not isinstance(kwargs, dict):
+    raise SpecError("spec: optimizer: 'factory' must be a string and 'kwargs' a mapping")
+  optimizer = Optimizer(factory=data['factory'], kwargs=kwargs)
+  try:
+    tx = optimizer.make()
+  except ValueError as e:
+    raise SpecError(f'spec: optimizer: {e}') from None
+  except Exception as e:  # the factory's own complaint about its kwargs
+    raise SpecError(f'spec: optimizer: {optimizer.factory}(**{kwargs}) failed: {e}') from None
+  if not hasattr(tx, 'init') or not hasattr(tx, 'update'):
+    raise SpecError(f'spec: optimizer: {optimizer.factory} did not return an optax GradientTransformation')
+  return optimizer
 
 
 def _parse_op(index: int, entry: Any) -> Op:
@@ -75,7 +116,7 @@ def _parse_op(index: int, entry: Any) -> Op:
     if key not in declared:
       raise SpecError(f"{where}: unknown field {key!r} (fields: {', '.join(declared)})")
     if not _check_type(value, hints[key]):
-      raise SpecError(f"{where}: field {key!r} must be {hints[key].__name__}, got {value!r}")
+      raise SpecError(f"{where}: field {key!r} must be {_hint_name(hints[key])}, got {value!r}")
   for key, f in declared.items():
     if key not in fields and f.default is dataclasses.MISSING:
       raise SpecError(f'{where}: missing field {key!r}')
@@ -98,9 +139,11 @@ def parse_spec(data: Any) -> Spec:
   ops = data.get('ops')
   if not isinstance(ops, list) or not ops:
     raise SpecError("spec: field 'ops' must be a non-empty list of ops")
+  optimizer = _parse_optimizer(data['optimizer']) if data.get('optimizer') else None
   return Spec(ops=tuple(_parse_op(i, entry) for i, entry in enumerate(ops)),
               params=data.get('params', 'params'),
-              opt_state=data.get('opt_state', 'opt_state'))
+              opt_state=data.get('opt_state', 'opt_state'),
+              optimizer=optimizer)
 
 
 def load_spec(text: str) -> Spec:

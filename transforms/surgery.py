@@ -13,12 +13,13 @@ else in the state (step, rng, batch stats) passes through untouched.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any, Mapping
 
 import jax
 
 from transforms import mirrors, paths
-from transforms.ops import SurgeryError, apply_to_mirror
+from transforms.ops import STALE, Context, StateOp, SurgeryError, apply_to_mirror
 from transforms.spec import Spec
 
 Signature = tuple[Any, tuple[tuple[tuple[int, ...], str], ...]]
@@ -45,11 +46,58 @@ def _check_tree(flat: paths.Flat, what: str) -> None:
         raise SurgeryError(f'{what}: {parent!r} would be both a leaf and the parent of {p!r}')
 
 
+def key_path(keys: tuple[Any, ...]) -> str:
+  """A jax key path as 'a/0/mu': NamedTuple fields, dict keys and list indices
+  alike, so a typed state and its target-less restore give the same paths."""
+  return paths.SEP.join(
+      str(next(getattr(k, a) for a in ('name', 'key', 'idx') if hasattr(k, a))) for k in keys)
+
+
+def fill_from_init(opt_state: Any, fresh: Any) -> Any:
+  """opt_state with its STALE leaves taken from `fresh` (the optimizer's init
+  of the new params), checked leaf by leaf against it: paths, shapes, dtypes."""
+  fresh_leaves = {key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+  filled = jax.tree_util.tree_map_with_path(
+      lambda k, x: fresh_leaves.get(key_path(k), x) if x is STALE else x, opt_state)
+  ours = {key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(filled)[0]}
+  for path in sorted(set(ours) | set(fresh_leaves)):
+    got, want = ours.get(path), fresh_leaves.get(path)
+    if got is STALE or got is None or want is None:
+      where = 'is missing from' if got is None or got is STALE else 'is not in'
+      raise SurgeryError(f"opt_state leaf {path!r} {where} the optimizer's init of the new params")
+    if (tuple(got.shape), got.dtype) != (tuple(want.shape), want.dtype):
+      raise SurgeryError(
+          f'opt_state leaf {path!r} is {got.dtype}{list(got.shape)}, the optimizer\'s init of '
+          f'the new params gives {want.dtype}{list(want.shape)}')
+  return filled
+
+
+class _View:
+  """The params as a flat dict and each opt_state mirror as one, while ops run."""
+
+  def __init__(self, tree: dict[str, Any], ctx: Context):
+    self.tree, self.ctx = tree, ctx
+    self.params = paths.flatten(tree[ctx.params])
+    self.locations = mirrors.find_mirrors(self.params.keys(), tree.get(ctx.opt_state))
+    self.shadows = [paths.flatten(mirrors.get_at(tree[ctx.opt_state], loc))
+                    for loc in self.locations]
+
+  def close(self) -> dict[str, Any]:
+    out = {**self.tree, self.ctx.params: paths.unflatten(self.params)}
+    if self.ctx.opt_state in out:
+      opt_state = out[self.ctx.opt_state]
+      for loc, m in zip(self.locations, self.shadows):
+        opt_state = mirrors.replace_at(opt_state, loc, paths.unflatten(m))
+      out[self.ctx.opt_state] = opt_state
+    return out
+
+
 class Surgery:
   """The spec's ops as a compiled function, one compilation per signature."""
 
   def __init__(self, spec: Spec):
     self.spec = spec
+    self.optimizer = spec.optimizer.make() if spec.optimizer else None
     self._compiled: dict[Signature, Any] = {}
 
   @property
@@ -67,24 +115,25 @@ class Surgery:
 
   def apply(self, tree: dict[str, Any]) -> dict[str, Any]:
     """The pure surgery on {params, opt_state}: what gets traced and compiled."""
-    params = paths.flatten(tree[self.spec.params])
-    opt_state = tree.get(self.spec.opt_state)
-    locations = mirrors.find_mirrors(params.keys(), opt_state)
-    shadows = [paths.flatten(mirrors.get_at(opt_state, loc)) for loc in locations]
+    ctx = Context(self.spec.params, self.spec.opt_state, self.optimizer)
+    view = _View(tree, ctx)
     for index, op in enumerate(self.spec.ops):
       try:
-        selected = op.select(params)
-        params = op.apply(params, selected)[0]
-        shadows = [apply_to_mirror(op, m, selected) for m in shadows]
+        if isinstance(op, StateOp):
+          view = _View(op.transform(view.close(), ctx), ctx)
+          continue
+        selected = op.select(view.params)
+        before, view.params = view.params, op.apply(view.params, selected)[0]
+        view.shadows = [
+            apply_to_mirror(op, m, selected, before, self.optimizer is not None,
+                            paths.SEP.join(map(str, (ctx.opt_state, *loc))))
+            for loc, m in zip(view.locations, view.shadows)]
       except SurgeryError as e:
         raise SurgeryError(f'ops[{index}] ({op.name}): {e}') from None
-    _check_tree(params, 'after the surgery')
-    out = dict(tree)
-    out[self.spec.params] = paths.unflatten(params)
-    for loc, m in zip(locations, shadows):
-      opt_state = mirrors.replace_at(opt_state, loc, paths.unflatten(m))
-    if self.spec.opt_state in tree:
-      out[self.spec.opt_state] = opt_state
+    _check_tree(view.params, 'after the surgery')
+    out = view.close()
+    if self.optimizer is not None and ctx.opt_state in out:
+      out[ctx.opt_state] = fill_from_init(out[ctx.opt_state], self.optimizer.init(out[ctx.params]))
     return out
 
   def compiled_for(self, tree: dict[str, Any]) -> tuple[Any, bool]:
@@ -92,7 +141,10 @@ class Surgery:
     sig = signature(tree)
     if sig in self._compiled:
       return self._compiled[sig], False
-    compiled = jax.jit(self.apply, donate_argnums=0).lower(tree).compile()
+    with warnings.catch_warnings():
+      # Donation is best effort: a leaf whose shape changes cannot reuse its buffer.
+      warnings.filterwarnings('ignore', 'Some donated buffers were not usable')
+      compiled = jax.jit(self.apply, donate_argnums=0).lower(tree).compile()
     self._compiled[sig] = compiled
     return compiled, True
 
