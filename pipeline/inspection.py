@@ -18,13 +18,6 @@ import transforms
 from pipeline import checkpoint_io
 
 
-def _key(k: Any) -> str:
-  for attr in ('key', 'idx', 'name'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def leaf_rows(state: Any, params_key: str = 'params',
               opt_state_key: str = 'opt_state') -> list[tuple[str, str, str, int, str]]:
   """(path, shape, dtype, bytes, role) for every array leaf of a metadata tree."""
@@ -35,10 +28,10 @@ def leaf_rows(state: Any, params_key: str = 'params',
       '/'.join([opt_state_key, *map(str, loc)])
       for loc in transforms.find_mirrors(param_leaves.keys(), opt_state)]
   rows = []
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+  for keys, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if not hasattr(leaf, 'shape'):
       continue
-    path = '/'.join(_key(k) for k in key_path)
+    path = transforms.key_path(keys)
     role = ''
     if path.startswith(params_key + '/'):
       role = 'param'

@@ -6,9 +6,9 @@ from transforms.mirrors import find_mirrors
 from transforms.ops import OPS, Op, SurgeryError
 from transforms.paths import flatten, unflatten
 from transforms.spec import Spec, SpecError, load_spec, parse_spec
-from transforms.surgery import Surgery, signature, signature_id
+from transforms.surgery import Surgery, key_path, signature, signature_id
 
 __all__ = [
     'OPS', 'Op', 'Spec', 'SpecError', 'Surgery', 'SurgeryError', 'find_mirrors',
-    'flatten', 'load_spec', 'parse_spec', 'signature', 'signature_id', 'unflatten',
+    'flatten', 'key_path', 'load_spec', 'parse_spec', 'signature', 'signature_id', 'unflatten',
 ]
