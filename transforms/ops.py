@@ -68,6 +68,7 @@ class Op:
   """Base of every op: how it treats the optimizer-state mirrors."""
   name: ClassVar[str]
   structural: ClassVar[bool]     # changes keys or shapes: mirrors must follow
+  changes_shapes: ClassVar[bool] = False  # mirror leaves must then be param-shaped
   default_mode: ClassVar[str] = ''
 
   opt_state: str = ''  # '' means the op's default
@@ -250,12 +251,14 @@ class Reinit(LeafOp):
 class ShapeOp(LeafOp):
   """A leaf op that changes shapes: mirrors follow (they must keep the params' shapes)."""
   structural: ClassVar[bool] = True
+  changes_shapes: ClassVar[bool] = True
 
-  def _axis(self, x: jax.Array, path: str) -> int:
-    axis = getattr(self, 'axis')
-    if not -x.ndim <= axis < x.ndim:
-      raise SurgeryError(f'{path!r} of shape {tuple(x.shape)} has no axis {axis}')
-    return axis % x.ndim
+
+def check_axis(x: jax.Array, axis: int, path: str) -> int:
+  """`axis` of `x` as a non-negative index, or an error naming the leaf."""
+  if not -x.ndim <= axis < x.ndim:
+    raise SurgeryError(f'{path!r} of shape {tuple(x.shape)} has no axis {axis}')
+  return axis % x.ndim
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -272,7 +275,7 @@ class Pad(ShapeOp):
     initializer(self.init)
 
   def leaf(self, x, path, mirror):
-    axis = self._axis(x, path)
+    axis = check_axis(x, self.axis, path)
     if self.to < x.shape[axis]:
       raise SurgeryError(f'{path!r} axis {axis} is {x.shape[axis]}, more than to={self.to}')
     shape = list(x.shape)
@@ -291,7 +294,7 @@ class Slice(ShapeOp):
   stop: int
 
   def leaf(self, x, path, mirror):
-    axis = self._axis(x, path)
+    axis = check_axis(x, self.axis, path)
     if not 0 <= self.start < self.stop <= x.shape[axis]:
       raise SurgeryError(f'{path!r} axis {axis} of size {x.shape[axis]} has no [{self.start}, {self.stop})')
     return jax.lax.slice_in_dim(x, self.start, self.stop, axis=axis)
@@ -332,6 +335,7 @@ class Stack(MatchOp):
   """Stack the leaves that rename to the same `to` path along a new `axis`."""
   name: ClassVar[str] = 'stack'
   structural: ClassVar[bool] = True
+  changes_shapes: ClassVar[bool] = True
   to: str
   axis: int = 0
 
@@ -359,6 +363,7 @@ class Unstack(MatchOp):
   """Split each selected leaf along `axis`; `to` names piece {i}."""
   name: ClassVar[str] = 'unstack'
   structural: ClassVar[bool] = True
+  changes_shapes: ClassVar[bool] = True
   to: str
   axis: int = 0
 
@@ -491,7 +496,7 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
   if mode == 'keep':
     return mirror
   present = [p for p in selected if p in mirror]
-  if isinstance(op, (ShapeOp, Stack, Unstack)):
+  if op.changes_shapes:
     mirror = dict(mirror)
     for p in present:
       x = mirror[p]
