@@ -96,8 +96,7 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
     layout, items = checkpoint_io.restore(src_path)
     state = layout.join(items)
     bytes_in = checkpoint_io.tree_bytes(state)
-    sig = transforms.signature_id(transforms.signature(surgery.split(state)[0]))
-    new_state, compiled = surgery(state)
+    new_state, sig, compiled = surgery(state)
     provenance = {
         'src': src, 'spec_hash': spec.hash, 'spec': spec.canonical,
         'version': tool_version(),

@@ -96,9 +96,9 @@ def test_no_params_key_is_a_clear_error():
 
 def test_one_compilation_per_signature(adam_state):
   surgery = Surgery(load_spec("ops: [{scale: {match: 'kernel$', by: 0.5}}]"))
-  fresh = [surgery(copy_tree(adam_state))[1] for _ in range(3)]
+  fresh = [surgery(copy_tree(adam_state)).compiled for _ in range(3)]
   other = {'params': mlp((5, 6, 2)), 'opt_state': optax.adam(1e-3).init(mlp((5, 6, 2)))}
-  fresh.append(surgery(copy_tree(other))[1])
+  fresh.append(surgery(copy_tree(other)).compiled)
   assert fresh == [True, False, False, True] and surgery.compilations == 2
 
 

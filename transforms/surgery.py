@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 
@@ -70,6 +70,12 @@ def fill_from_init(opt_state: Any, fresh: Any) -> Any:
           f'opt_state leaf {path!r} is {got.dtype}{list(got.shape)}, the optimizer\'s init of '
           f'the new params gives {want.dtype}{list(want.shape)}')
   return filled
+
+
+class Migrated(NamedTuple):
+  state: Any
+  signature: str   # signature_id of the input's params and opt_state
+  compiled: bool   # whether this call compiled the surgery
 
 
 class _View:
@@ -136,21 +142,22 @@ class Surgery:
       out[ctx.opt_state] = fill_from_init(out[ctx.opt_state], self.optimizer.init(out[ctx.params]))
     return out
 
-  def compiled_for(self, tree: dict[str, Any]) -> tuple[Any, bool]:
-    """(the compiled surgery for this tree's signature, whether it was compiled now)."""
+  def compiled_for(self, tree: dict[str, Any]) -> tuple[Any, Signature, bool]:
+    """(the compiled surgery for this tree, its signature, whether it was compiled now)."""
     sig = signature(tree)
     if sig in self._compiled:
-      return self._compiled[sig], False
+      return self._compiled[sig], sig, False
     with warnings.catch_warnings():
       # Donation is best effort: a leaf whose shape changes cannot reuse its buffer.
       warnings.filterwarnings('ignore', 'Some donated buffers were not usable')
       compiled = jax.jit(self.apply, donate_argnums=0).lower(tree).compile()
     self._compiled[sig] = compiled
-    return compiled, True
+    return compiled, sig, True
 
-  def __call__(self, state: Any) -> tuple[Any, bool]:
-    """(the migrated state, whether this call compiled). Donates `state`'s arrays."""
+  def __call__(self, state: Any) -> Migrated:
+    """The migrated state, its input's signature, whether this call compiled.
+    Donates `state`'s arrays."""
     tree, rest = self.split(state)
     tree = jax.device_put(tree)
-    compiled, fresh = self.compiled_for(tree)
-    return {**rest, **compiled(tree)}, fresh
+    compiled, sig, fresh = self.compiled_for(tree)
+    return Migrated({**rest, **compiled(tree)}, signature_id(sig), fresh)
