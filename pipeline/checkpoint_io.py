@@ -16,11 +16,9 @@ written by the same atomic commit as the arrays.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
-import numpy as np
 from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import metadata as ocp_metadata
@@ -161,10 +159,3 @@ def read_metadata(path: epath.Path) -> tuple[Layout, Any]:
   layout = read_layout(path)
   trees = {name: _tree_metadata(path / name if name else path) for name in layout.trees}
   return layout, layout.join(trees)
-
-
-def tree_bytes(tree: Any) -> int:
-  """Bytes of every array leaf (shape x itemsize), restored or metadata."""
-  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-             for x in jax.tree_util.tree_leaves(tree)
-             if hasattr(x, 'shape') and hasattr(x, 'dtype'))

@@ -1,4 +1,4 @@
-"""The command line: `ckpt-surgery run|inspect|demo` (a contract: scripts call it).
+"""The command line: `ckpt-surgery run|plan|inspect|demo` (a contract: scripts call it).
 
 Exit codes: 0 nothing failed; 1 some checkpoint failed; 2 a usage, spec or
 discovery error found before any checkpoint was touched. Every argument that
@@ -7,6 +7,7 @@ is not ours goes to Beam as a pipeline option.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -14,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 
 import transforms
-from pipeline import demo, discovery, inspection, report
+from pipeline import demo, discovery, inspection, plan, report
 from pipeline.run import run_migration
 
 USAGE_ERROR = 2
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument('--spec', required=True, metavar='SPEC.yaml')
   run.add_argument('--overwrite', action='store_true',
                    help='replace outputs written with a different spec')
+  plan = commands.add_parser(
+      'plan', help='what run would do, from metadata only: per-signature diffs and errors')
+  plan.add_argument('--input', required=True, metavar='PATTERN')
+  plan.add_argument('--spec', required=True, metavar='SPEC.yaml')
+  plan.add_argument('--json', action='store_true', help='print the plan as JSON')
   inspect = commands.add_parser('inspect', help='print a checkpoint tree from its metadata')
   inspect.add_argument('checkpoint')
   demo_cmd = commands.add_parser('demo', help='make sample checkpoints and migrate them')
@@ -83,15 +89,30 @@ def migrate(pattern: str, output: str, spec_path: str, overwrite: bool,
   return 1 if summary['failed'] else 0
 
 
+def show_plan(pattern: str, spec_path: str, as_json: bool) -> int:
+  """Plan every checkpoint PATTERN names; exit 1 if some would fail."""
+  spec, _ = load_spec(spec_path)
+  try:
+    pairs = discovery.discover(pattern)
+  except discovery.DiscoveryError as e:
+    raise UsageError(str(e)) from None
+  result = plan.plan_checkpoints([src for src, _ in pairs], spec)
+  print(json.dumps(result, indent=2) if as_json else plan.format_plan(result))
+  return 1 if result['would_fail'] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
   # Our output is the progress lines and the table; libraries speak up on errors.
   logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
+  logging.getLogger('absl').setLevel(logging.ERROR)  # Orbax logs through absl's own logger
   args, rest = _parser().parse_known_args(argv)
   try:
     if args.command == 'run':
       return migrate(args.input, args.output, args.spec, args.overwrite, rest)
     if rest:
       raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
+    if args.command == 'plan':
+      return show_plan(args.input, args.spec, args.json)
     if args.command == 'inspect':
       print(inspection.describe(args.checkpoint))
       return 0

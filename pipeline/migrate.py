@@ -95,7 +95,7 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
       return record(src, dst, 'skipped', seconds=time.perf_counter() - start)
     layout, items = checkpoint_io.restore(src_path)
     state = layout.join(items)
-    bytes_in = checkpoint_io.tree_bytes(state)
+    bytes_in = transforms.tree_bytes(state)
     new_state, sig, compiled = surgery(state)
     provenance = {
         'src': src, 'spec_hash': spec.hash, 'spec': spec.canonical,
@@ -104,7 +104,7 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
     }
     checkpoint_io.save(dst_path, layout, layout.split(new_state, items), provenance)
     return record(src, dst, 'ok', bytes_in=bytes_in,
-                  bytes_out=checkpoint_io.tree_bytes(new_state),
+                  bytes_out=transforms.tree_bytes(new_state),
                   seconds=time.perf_counter() - start, signature=sig, compiled=compiled)
   except Exception as e:  # every failure becomes this checkpoint's record
     try:

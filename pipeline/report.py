@@ -53,7 +53,7 @@ def read_report(prefix: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   return [json.loads(l) for l in lines if l], json.loads((out / 'summary.json').read_text())
 
 
-def _size(n: float) -> str:
+def size(n: float) -> str:
   for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
     if n < 1000 or unit == 'TB':
       return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
@@ -64,7 +64,7 @@ def _size(n: float) -> str:
 def format_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
   """A short table: one row per checkpoint, errors in full, then the totals."""
   rows = [('status', 'seconds', 'bytes in', 'bytes out', 'checkpoint')]
-  rows += [(r['status'], f"{r['seconds']:.2f}", _size(r['bytes_in']), _size(r['bytes_out']),
+  rows += [(r['status'], f"{r['seconds']:.2f}", size(r['bytes_in']), size(r['bytes_out']),
             r['src']) for r in records]
   widths = [max(len(row[i]) for row in rows) for i in range(4)]
   lines = ['  '.join(c.ljust(w) for c, w in zip(row[:4], widths)) + '  ' + row[4] for row in rows]
@@ -72,6 +72,6 @@ def format_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
   lines.append(
       f"{summary['ok']} ok, {summary['skipped']} skipped, {summary['failed']} failed; "
       f"{summary['compilations']} compilation(s) for {summary['signatures']} signature(s); "
-      f"read {_size(summary['bytes_read'])}, wrote {_size(summary['bytes_written'])} "
+      f"read {size(summary['bytes_read'])}, wrote {size(summary['bytes_written'])} "
       f"in {summary['seconds']:.1f}s")
   return '\n'.join(lines)

@@ -96,3 +96,33 @@ def test_adafactor_rebuilds_only_what_cannot_follow(tmp_path):
   assert np.array_equal(out['0/v/Head/bias'], old['0/v/Dense_1/bias']) and old['0/v/Dense_1/bias'].any()
   # Dense_0/kernel was factored: its v_col cannot follow a pad, so init rebuilt it.
   assert out['0/v_col/Dense_0/kernel'].shape == (10,) and not out['0/v_col/Dense_0/kernel'].any()
+
+
+ADD = """\
+ops:
+  - add: {path: 'Extra/kernel', shape: [4, 6], init: normal}
+  - add: {path: 'Extra/bias', shape: [6]}
+"""
+
+
+@pytest.mark.parametrize('name', sorted(optimizers.FACTORIES))
+def test_added_leaves_get_the_optimizers_own_entries(tmp_path, name):
+  """With `optimizer:`, a new leaf's entries in every mirror come from the
+  optimizer's init: factored dummies for Adafactor, nothing where masked."""
+  tx = optimizers.FACTORIES[name]()
+  params, opt_state = trained(tx, mlp((4, 6, 3)), steps=3)
+  ocp.PyTreeCheckpointer().save(tmp_path / 'in', {'params': params, 'opt_state': opt_state})
+  migrate._SURGERIES.clear()
+  spec = ADD + f"optimizer: {{factory: 'tests.optimizers:{name}'}}\n"
+  rec = migrate.migrate_one(str(tmp_path / 'in'), str(tmp_path / 'out'), migrate.surgery_for(spec))
+  assert rec['status'] == 'ok', rec['error']
+  new_abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+      {**params, 'Extra': {'kernel': jnp.zeros((4, 6)), 'bias': jnp.zeros(6)}})
+  target = {'params': new_abstract, 'opt_state': jax.eval_shape(tx.init, new_abstract)}
+  out = ocp.StandardCheckpointer().restore(tmp_path / 'out', target)
+  assert opt_leaves(out['opt_state']).keys() == opt_leaves(target['opt_state']).keys()
+  old = opt_leaves(opt_state)
+  for path, value in opt_leaves(out['opt_state']).items():
+    if path in old:  # every existing leaf is carried over untouched
+      np.testing.assert_array_equal(value, old[path])

@@ -69,6 +69,7 @@ class Op:
   name: ClassVar[str]
   structural: ClassVar[bool]     # changes keys or shapes: mirrors must follow
   changes_shapes: ClassVar[bool] = False  # mirror leaves must then be param-shaped
+  creates_leaves: ClassVar[bool] = False  # with an optimizer, its init fills their entries
   default_mode: ClassVar[str] = ''
 
   opt_state: str = ''  # '' means the op's default
@@ -89,6 +90,10 @@ class Op:
   def apply(self, flat: Flat, selected: Sequence[str], mirror: bool = False
             ) -> tuple[Flat, list[str]]:
     raise NotImplementedError
+
+  def renamed(self, selected: Sequence[str], produced: Sequence[str]) -> dict[str, str]:
+    """old path -> new path for leaves this op only moved (for `plan`)."""
+    return {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,6 +141,9 @@ class Rename(MatchOp):
   def apply(self, flat, selected, mirror=False):
     return move(flat, {p: self.pattern.sub(self.to, p, count=1) for p in selected})
 
+  def renamed(self, selected, produced):
+    return dict(zip(selected, produced))
+
 
 def move(flat: Flat, moved: dict[str, str]) -> tuple[Flat, list[str]]:
   """`flat` with the keys in `moved` renamed, refusing two leaves on one name."""
@@ -162,9 +170,11 @@ class Drop(MatchOp):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Add(Op):
-  """A new leaf at `path`, from an initializer; zeros in every mirror."""
+  """A new leaf at `path`, from an initializer; zeros in every mirror (with
+  `optimizer:`, whatever its init gives: a factored dummy, or nothing if masked)."""
   name: ClassVar[str] = 'add'
   structural: ClassVar[bool] = True
+  creates_leaves: ClassVar[bool] = True
   path: str
   shape: list
   dtype: str = 'float32'
@@ -490,7 +500,8 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
 
   A mirror leaf whose shape is not its param's cannot follow an op that
   changes shapes: it becomes STALE when the optimizer can rebuild it, else
-  the checkpoint fails naming the leaf.
+  the checkpoint fails naming the leaf. New leaves' entries are STALE too when
+  the optimizer can say what they are (factored, masked, or zeros).
   """
   mode = op.mirror_mode
   if mode == 'keep':
@@ -507,7 +518,10 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
               f'{tuple(params[p].shape)}, so it cannot follow; give the spec an '
               "'optimizer:' section to rebuild it from the optimizer's init")
         mirror[p] = STALE
-  if mode == 'follow':
-    return op.apply(mirror, present, mirror=True)[0]
-  new, produced = op.apply(mirror, present, mirror=True) if op.structural else (mirror, present)
-  return zero(new, produced)
+  if mode == 'follow' or op.structural:
+    new, produced = op.apply(mirror, present, mirror=True)
+  else:  # a value op with `zero`: the values stay, then are zeroed
+    new, produced = mirror, present
+  if op.creates_leaves and can_rebuild:
+    return {**new, **{p: STALE for p in produced}}
+  return new if mode == 'follow' else zero(new, produced)

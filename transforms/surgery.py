@@ -13,10 +13,12 @@ else in the state (step, rng, batch stats) passes through untouched.
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from typing import Any, Mapping, NamedTuple
 
 import jax
+import numpy as np
 
 from transforms import mirrors, paths
 from transforms.ops import STALE, Context, StateOp, SurgeryError, apply_to_mirror
@@ -29,6 +31,14 @@ def signature(tree: Any) -> Signature:
   """Tree structure plus every leaf's shape and dtype."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of every array leaf (shape x itemsize): arrays, abstract arrays or
+  Orbax's array metadata alike."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(tree)
+             if hasattr(x, 'shape') and hasattr(x, 'dtype'))
 
 
 def signature_id(sig: Signature) -> str:
@@ -55,21 +65,31 @@ def key_path(keys: tuple[Any, ...]) -> str:
 
 def fill_from_init(opt_state: Any, fresh: Any) -> Any:
   """opt_state with its STALE leaves taken from `fresh` (the optimizer's init
-  of the new params), checked leaf by leaf against it: paths, shapes, dtypes."""
+  of the new params; None where init holds nothing there, as a masked leaf),
+  then checked leaf by leaf against it: paths, shapes, dtypes."""
   fresh_leaves = {key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(fresh)[0]}
   filled = jax.tree_util.tree_map_with_path(
-      lambda k, x: fresh_leaves.get(key_path(k), x) if x is STALE else x, opt_state)
+      lambda k, x: fresh_leaves.get(key_path(k)) if x is STALE else x, opt_state)
   ours = {key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(filled)[0]}
   for path in sorted(set(ours) | set(fresh_leaves)):
     got, want = ours.get(path), fresh_leaves.get(path)
-    if got is STALE or got is None or want is None:
-      where = 'is missing from' if got is None or got is STALE else 'is not in'
+    if got is None or want is None:
+      where = 'is missing from' if got is None else 'is not in'
       raise SurgeryError(f"opt_state leaf {path!r} {where} the optimizer's init of the new params")
     if (tuple(got.shape), got.dtype) != (tuple(want.shape), want.dtype):
       raise SurgeryError(
           f'opt_state leaf {path!r} is {got.dtype}{list(got.shape)}, the optimizer\'s init of '
           f'the new params gives {want.dtype}{list(want.shape)}')
   return filled
+
+
+class OpTrace(NamedTuple):
+  """What one op did while tracing: how many params it matched (None for
+  whole-state ops) and which it only renamed."""
+  index: int
+  name: str
+  matched: int | None
+  renamed: dict[str, str]
 
 
 class Migrated(NamedTuple):
@@ -119,17 +139,26 @@ class Surgery:
     return ({k: state[k] for k in keys if k in state},
             {k: v for k, v in state.items() if k not in keys})
 
-  def apply(self, tree: dict[str, Any]) -> dict[str, Any]:
-    """The pure surgery on {params, opt_state}: what gets traced and compiled."""
+  def apply(self, tree: dict[str, Any], trace: list[OpTrace] | None = None
+            ) -> dict[str, Any]:
+    """The pure surgery on {params, opt_state}: what gets traced and compiled.
+
+    `trace`, when given, gets one OpTrace per op (what `plan` reports).
+    """
     ctx = Context(self.spec.params, self.spec.opt_state, self.optimizer)
     view = _View(tree, ctx)
     for index, op in enumerate(self.spec.ops):
       try:
         if isinstance(op, StateOp):
           view = _View(op.transform(view.close(), ctx), ctx)
+          if trace is not None:
+            trace.append(OpTrace(index, op.name, None, {}))
           continue
         selected = op.select(view.params)
-        before, view.params = view.params, op.apply(view.params, selected)[0]
+        before = view.params
+        view.params, produced = op.apply(before, selected)
+        if trace is not None:
+          trace.append(OpTrace(index, op.name, len(selected), op.renamed(selected, produced)))
         view.shadows = [
             apply_to_mirror(op, m, selected, before, self.optimizer is not None,
                             paths.SEP.join(map(str, (ctx.opt_state, *loc))))

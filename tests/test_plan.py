@@ -1,0 +1,99 @@
+"""`plan`: what run would do, from metadata alone, grouped by signature."""
+from __future__ import annotations
+
+import json
+
+import optax
+import orbax.checkpoint as ocp
+from etils import epath
+
+import transforms
+from pipeline import checkpoint_io, migrate
+from tests.conftest import mlp, trained
+from tests.test_cli import cli
+
+SPEC = """\
+ops:
+  - rename: {match: '^Dense_1/', to: 'Head/'}
+  - cast: {match: '^Conv_0/', dtype: bfloat16}
+  - pad: {match: '^Dense_0/bias$', axis: 0, to: 300}
+  - drop: {match: '^Conv_1/bias$'}
+  - add: {path: 'Extra/bias', shape: [10]}
+"""
+EXPECTED = [
+    ('retyped', 'Conv_0/bias', 'float32 -> bfloat16'),
+    ('retyped', 'Conv_0/kernel', 'float32 -> bfloat16'),
+    ('dropped', 'Conv_1/bias', '(64,) float32'),
+    ('reshaped', 'Dense_0/bias', '(256,) -> (300,)'),
+    ('renamed', 'Dense_1/bias', 'Head/bias'),
+    ('renamed', 'Dense_1/kernel', 'Head/kernel'),
+    ('added', 'Extra/bias', '(10,) float32'),
+]
+
+
+def plan_json(tmp_path, pattern, spec_text=SPEC):
+  spec = tmp_path / 'spec.yaml'
+  spec.write_text(spec_text)
+  result = cli('plan', '--input', pattern, '--spec', spec, '--json')
+  return result, json.loads(result.stdout) if result.stdout.startswith('{') else None
+
+
+def test_plan_reads_no_array_bytes_and_groups_by_signature(inputs, tmp_path):
+  for data in inputs.glob('**/ocdbt.process_*/d/*'):
+    data.unlink()  # the arrays are gone; the metadata is all plan needs
+  result, plan = plan_json(tmp_path, inputs / '*')
+  assert result.returncode == 0, result.stderr
+  (group,) = plan['groups']
+  assert len(group['checkpoints']) == 6 and group['error'] is None
+  assert [(c['kind'], c['path'], c['detail']) for c in group['changes']] == EXPECTED
+  assert [(o['op'], o['matched']) for o in group['ops']] == [
+      ('ops[0] rename', 2), ('ops[1] cast', 2), ('ops[2] pad', 1), ('ops[3] drop', 1), ('ops[4] add', 1)]
+  assert group['bytes_before']['params'] - group['bytes_after']['params'] == (
+      2 * 288 + 2 * 32 + 4 * 64 - 4 * (300 - 256) - 4 * 10)  # Conv_0 halves, Conv_1/bias, pad, add
+  text = cli('plan', '--input', inputs / '*', '--spec', tmp_path / 'spec.yaml').stdout
+  assert 'renamed   Dense_1/kernel  -> Head/kernel' in text
+  assert text.splitlines()[-1].startswith('6 would migrate, 0 would fail (1 signature(s)')
+
+
+def test_plan_predicts_what_run_writes(inputs, tmp_path):
+  src, dst = inputs / 'run_b', tmp_path / 'out'
+  migrate._SURGERIES.clear()
+  assert migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC))['status'] == 'ok'
+  predicted = transforms.plan(transforms.Surgery(transforms.load_spec(SPEC)),
+                              checkpoint_io.read_metadata(epath.Path(src))[1])
+  before = transforms.flatten(checkpoint_io.read_metadata(epath.Path(src))[1]['params'])
+  after = transforms.flatten(checkpoint_io.read_metadata(epath.Path(dst))[1]['params'])
+  for kind, path, detail in predicted.changes:
+    if kind == 'renamed':
+      assert detail in after and path not in after
+    elif kind == 'dropped':
+      assert path not in after
+    elif kind == 'added':
+      assert f'{tuple(after[path].shape)} {after[path].dtype}' == detail
+    elif kind == 'reshaped':
+      assert detail.endswith(str(tuple(after[path].shape)))
+    else:
+      assert detail.endswith(str(after[path].dtype))
+  untouched = set(before) - {c.path for c in predicted.changes}
+  assert all(before[p].shape == after[p].shape for p in untouched)
+  assert predicted.bytes_after['total'] == transforms.tree_bytes(checkpoint_io.read_metadata(epath.Path(dst))[1])
+
+
+def test_plan_reports_failures_as_run_meets_them(inputs, tmp_path):
+  params, opt_state = trained(optax.adam(1e-3), mlp())
+  ocp.PyTreeCheckpointer().save(inputs / 'mlp', {'params': params, 'opt_state': opt_state})
+  (inputs / 'run_d' / '_METADATA').unlink()  # still looks committed; cannot be read
+  result, plan = plan_json(tmp_path, inputs / '*')
+  assert result.returncode == 1, result.stderr
+  failing = [g for g in plan['groups'] if g['error']]
+  assert [g['checkpoints'] for g in failing] == [[str(inputs / 'mlp')]]
+  migrate._SURGERIES.clear()
+  ran = migrate.migrate_one(str(inputs / 'mlp'), str(tmp_path / 'out' / 'mlp'), migrate.surgery_for(SPEC))
+  assert failing[0]['error'] == ran['error'] and "ops[1] (cast): match '^Conv_0/' matched no param path" in ran['error']
+  assert [u['src'] for u in plan['unreadable']] == [str(inputs / 'run_d')]
+  assert (plan['would_migrate'], plan['would_fail']) == (5, 2)  # 6 samples + mlp
+
+
+def test_plan_bad_spec_exits_2(inputs, tmp_path):
+  result, _ = plan_json(tmp_path, inputs / '*', "ops: [{pad: {match: a}}]")
+  assert result.returncode == 2 and "ops[0] (pad): missing field 'axis'" in result.stderr

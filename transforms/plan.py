@@ -1,0 +1,80 @@
+"""What a surgery would do to a checkpoint, from shapes alone.
+
+`plan` runs the very function `run` compiles, under `jax.eval_shape`: no
+array is read or computed, and every error `run` would meet (a rule matching
+nothing, a shape that does not fit, an optimizer state that does not match the
+optimizer) is met here the same way. The diff follows each param leaf from its
+old path to its new one through the renames the ops report.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from transforms import paths
+from transforms.surgery import OpTrace, Surgery, tree_bytes
+
+
+class Change(NamedTuple):
+  kind: str    # renamed | added | dropped | reshaped | retyped
+  path: str    # the leaf's path before the surgery (after, for `added`)
+  detail: str  # 'Head/kernel', '(256,) -> (300,)', 'float32 -> bfloat16', ...
+
+
+class Plan(NamedTuple):
+  ops: list[OpTrace]
+  changes: list[Change]
+  bytes_before: dict[str, int]   # params, opt_state, total
+  bytes_after: dict[str, int]
+
+
+def abstract(tree: Any) -> Any:
+  """Array leaves (arrays, Orbax metadata) as jax.ShapeDtypeStruct."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
+      if hasattr(x, 'shape') and hasattr(x, 'dtype') else x, tree)
+
+
+def _describe(leaf: Any) -> str:
+  return f'{tuple(leaf.shape)} {np.dtype(leaf.dtype)}'
+
+
+def _bytes(tree: dict[str, Any], rest: dict[str, Any], surgery: Surgery) -> dict[str, int]:
+  spec = surgery.spec
+  return {'params': tree_bytes(tree.get(spec.params)),
+          'opt_state': tree_bytes(tree.get(spec.opt_state)),
+          'total': tree_bytes(tree) + tree_bytes(rest)}
+
+
+def param_changes(before: paths.Flat, after: paths.Flat, trace: list[OpTrace]) -> list[Change]:
+  """Each old param leaf followed through the renames to where it ends."""
+  now = {p: p for p in before}  # old path -> its path after the ops so far
+  for op in trace:
+    now = {old: op.renamed.get(cur, cur) for old, cur in now.items()}
+  changes = []
+  for old, cur in now.items():
+    if cur not in after:
+      changes.append(Change('dropped', old, _describe(before[old])))
+      continue
+    if cur != old:
+      changes.append(Change('renamed', old, cur))
+    if tuple(before[old].shape) != tuple(after[cur].shape):
+      changes.append(Change('reshaped', cur, f'{tuple(before[old].shape)} -> {tuple(after[cur].shape)}'))
+    if np.dtype(before[old].dtype) != np.dtype(after[cur].dtype):
+      changes.append(Change('retyped', cur, f'{np.dtype(before[old].dtype)} -> {np.dtype(after[cur].dtype)}'))
+  kept = set(now.values())
+  changes += [Change('added', p, _describe(x)) for p, x in after.items() if p not in kept]
+  return changes
+
+
+def plan(surgery: Surgery, state: Any) -> Plan:
+  """The plan of `surgery` on `state` (arrays or metadata); SurgeryError if it would fail."""
+  tree, rest = surgery.split(abstract(state))
+  trace: list[OpTrace] = []
+  out = jax.eval_shape(functools.partial(surgery.apply, trace=trace), tree)
+  key = surgery.spec.params
+  changes = param_changes(paths.flatten(tree[key]), paths.flatten(out[key]), trace)
+  return Plan(trace, changes, _bytes(tree, rest, surgery), _bytes(out, rest, surgery))
