@@ -494,6 +494,19 @@ def zero(flat: Flat, selected: Sequence[str]) -> Flat:
           for p, x in flat.items()}
 
 
+def _require_full_copy(mirror: Flat, params: Flat, where: str) -> None:
+  """Zeros are a new leaf's entry only in a mirror that holds every param at
+  its shape; in a masked or factored one, only the optimizer knows."""
+  for p, x in params.items():
+    entry = mirror.get(p)
+    if not carried(entry) or tuple(entry.shape) != tuple(x.shape):
+      held = 'has no entry' if not carried(entry) else f'has shape {tuple(entry.shape)}'
+      raise SurgeryError(
+          f"{where} is not a full copy of the params ({p!r} {held}), so a new leaf's "
+          "entry there is unknown; give the spec an 'optimizer:' section to take it "
+          "from the optimizer's init")
+
+
 def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
                     can_rebuild: bool, where: str = 'opt_state') -> Flat:
   """What `op`, applied to `params` at `selected`, does to one mirror.
@@ -518,6 +531,8 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
               f'{tuple(params[p].shape)}, so it cannot follow; give the spec an '
               "'optimizer:' section to rebuild it from the optimizer's init")
         mirror[p] = STALE
+  if op.creates_leaves and not can_rebuild:
+    _require_full_copy(mirror, params, where)
   if mode == 'follow' or op.structural:
     new, produced = op.apply(mirror, present, mirror=True)
   else:  # a value op with `zero`: the values stay, then are zeroed
