@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 
 import transforms
-from pipeline import demo, discovery, inspection, plan, report
+from pipeline import demo, discovery, inspection, plan, report, storage
 from pipeline.run import run_migration
 
 USAGE_ERROR = 2
@@ -30,8 +31,13 @@ def _parser() -> argparse.ArgumentParser:
       prog='ckpt-surgery',
       description='Apply one model surgery to many JAX/Flax checkpoints.')
   commands = parser.add_subparsers(dest='command', required=True)
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument(
+      '--gcs_endpoint', metavar='URL', default=os.environ.get(storage.ENDPOINT_ENV),
+      help='send gs:// to this GCS-protocol server (an emulator) instead of Google '
+           f'Cloud Storage; default ${storage.ENDPOINT_ENV}')
   run = commands.add_parser(
-      'run', help='migrate every checkpoint PATTERN names',
+      'run', parents=[common], help='migrate every checkpoint PATTERN names',
       epilog='Every other --option is a Beam pipeline option (--runner, ...).')
   run.add_argument('--input', required=True, metavar='PATTERN',
                    help='checkpoint directories or CheckpointManager roots; globs allowed')
@@ -40,11 +46,11 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument('--overwrite', action='store_true',
                    help='replace outputs written with a different spec')
   plan = commands.add_parser(
-      'plan', help='what run would do, from metadata only: per-signature diffs and errors')
+      'plan', parents=[common], help='what run would do, from metadata only: per-signature diffs and errors')
   plan.add_argument('--input', required=True, metavar='PATTERN')
   plan.add_argument('--spec', required=True, metavar='SPEC.yaml')
   plan.add_argument('--json', action='store_true', help='print the plan as JSON')
-  inspect = commands.add_parser('inspect', help='print a checkpoint tree from its metadata')
+  inspect = commands.add_parser('inspect', parents=[common], help='print a checkpoint tree from its metadata')
   inspect.add_argument('checkpoint')
   demo_cmd = commands.add_parser('demo', help='make sample checkpoints and migrate them')
   demo_cmd.add_argument('--workdir', default='demo')
@@ -72,7 +78,7 @@ def load_spec(path: str) -> tuple[transforms.Spec, str]:
 
 
 def migrate(pattern: str, output: str, spec_path: str, overwrite: bool,
-            beam_args: list[str]) -> int:
+            beam_args: list[str], gcs_endpoint: str | None = None) -> int:
   """Discover, run, print the table; the exit code."""
   _check_beam_args(beam_args)
   _, spec_text = load_spec(spec_path)
@@ -82,7 +88,7 @@ def migrate(pattern: str, output: str, spec_path: str, overwrite: bool,
     raise UsageError(str(e)) from None
   output = discovery.absolute(output)
   print(f'migrating {len(pairs)} checkpoint(s) to {output}', flush=True)
-  run_migration(pairs, spec_text, output, overwrite, beam_args)
+  run_migration(pairs, spec_text, output, overwrite, beam_args, gcs_endpoint)
   records, summary = report.read_report(output)
   print(report.format_table(records, summary))
   print(f'report: {report.report_dir(output)}/report.jsonl')
@@ -106,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.ERROR)  # Orbax logs through absl's own logger
   args, rest = _parser().parse_known_args(argv)
+  storage.configure(getattr(args, 'gcs_endpoint', None))
   try:
     if args.command == 'run':
-      return migrate(args.input, args.output, args.spec, args.overwrite, rest)
+      return migrate(args.input, args.output, args.spec, args.overwrite, rest, args.gcs_endpoint)
     if rest:
       raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
     if args.command == 'plan':

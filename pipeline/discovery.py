@@ -14,7 +14,7 @@ import os
 from etils import epath
 import orbax.checkpoint as ocp
 
-from pipeline import checkpoint_io
+from pipeline import checkpoint_io, storage
 
 GLOB_CHARS = '*?['
 
@@ -49,9 +49,11 @@ def expand(pattern: str) -> list[epath.Path]:
 
 
 def checkpoints_in(path: epath.Path) -> list[epath.Path]:
-  """The committed checkpoint at `path`, or the committed steps under it."""
-  if ocp.utils.is_tmp_checkpoint(path):
-    return []
+  """The committed checkpoint at `path`, or the committed steps under it.
+
+  (`is_checkpoint` refuses temporary directories; a CheckpointManager root is
+  not asked, since on GCS any directory without a commit file looks temporary.)
+  """
   if checkpoint_io.is_checkpoint(path):
     return [path]
   steps = ocp.utils.checkpoint_steps_paths(path)
@@ -74,9 +76,16 @@ def _inside(path: str, parent: str) -> bool:
 def discover(pattern: str, output: str | None = None) -> list[tuple[str, str | None]]:
   """(src, dst) for every committed checkpoint `pattern` names.
 
-  Raises DiscoveryError when nothing matches or the output overlaps an input.
+  Raises DiscoveryError when a bucket is missing, nothing matches, or the
+  output overlaps an input.
   """
   pattern = absolute(pattern)
+  try:
+    storage.check_bucket(pattern, 'input')
+    if output is not None:
+      storage.check_bucket(output, 'output')
+  except storage.StorageError as e:
+    raise DiscoveryError(str(e)) from None
   sources = [str(c) for d in expand(pattern) for c in checkpoints_in(d)]
   if not sources:
     raise DiscoveryError(f'no committed checkpoint matches {pattern}')

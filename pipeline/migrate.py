@@ -20,7 +20,7 @@ import apache_beam as beam
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io
+from pipeline import checkpoint_io, storage
 
 log = logging.getLogger('ckpt_surgery')
 METRICS = 'ckpt_surgery'
@@ -53,7 +53,7 @@ def surgery_for(spec_text: str) -> transforms.Surgery:
 
 def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
   base = {'src': src, 'dst': dst, 'status': status, 'error': None, 'bytes_in': 0,
-          'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False,
+          'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False, 'attempts': 1,
           'worker': f'{socket.gethostname()}:{os.getpid()}'}
   return {**base, **fields}
 
@@ -84,45 +84,64 @@ def already_done(dst: epath.Path, spec_hash: str, overwrite: bool) -> bool:
   return False
 
 
-def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
-                overwrite: bool = False) -> dict[str, Any]:
-  """Migrate checkpoint `src` to `dst`; a record of what happened."""
-  start = time.perf_counter()
+def _attempt(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool
+             ) -> dict[str, Any]:
+  """One try at migrating `src` to `dst`: the record's fields, or an exception."""
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec = surgery.spec
-  try:
-    if already_done(dst_path, spec.hash, overwrite):
-      return record(src, dst, 'skipped', seconds=time.perf_counter() - start)
-    layout, items = checkpoint_io.restore(src_path)
-    state = layout.join(items)
-    bytes_in = transforms.tree_bytes(state)
-    new_state, sig, compiled = surgery(state)
-    provenance = {
-        'src': src, 'spec_hash': spec.hash, 'spec': spec.canonical,
-        'version': tool_version(),
-        'time': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    }
-    checkpoint_io.save(dst_path, layout, layout.split(new_state, items), provenance)
-    return record(src, dst, 'ok', bytes_in=bytes_in,
-                  bytes_out=transforms.tree_bytes(new_state),
-                  seconds=time.perf_counter() - start, signature=sig, compiled=compiled)
-  except Exception as e:  # every failure becomes this checkpoint's record
+  if already_done(dst_path, spec.hash, overwrite):
+    return {'status': 'skipped'}
+  layout, items = checkpoint_io.restore(src_path)
+  state = layout.join(items)
+  bytes_in = transforms.tree_bytes(state)
+  new_state, sig, compiled = surgery(state)
+  provenance = {
+      'src': src, 'spec_hash': spec.hash, 'spec': spec.canonical,
+      'version': tool_version(),
+      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+  }
+  checkpoint_io.save(dst_path, layout, layout.split(new_state, items), provenance)
+  return {'status': 'ok', 'bytes_in': bytes_in, 'bytes_out': transforms.tree_bytes(new_state),
+          'signature': sig, 'compiled': compiled}
+
+
+def migrate_one(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool = False,
+                attempts: int = 3, backoff: float = 1.0) -> dict[str, Any]:
+  """Migrate checkpoint `src` to `dst`; a record of what happened.
+
+  Transient storage errors (HTTP 429/5xx, dropped connections) that outlive
+  the storage libraries' own retries are retried here, `attempts` times in
+  all with exponential backoff; anything else fails at once.
+  """
+  start = time.perf_counter()
+  for attempt in range(1, attempts + 1):
     try:
-      remove_partial_output(dst_path)
-    except Exception as cleanup:  # report both; the run goes on
-      e = RuntimeError(f'{e}; and cleaning up {dst} failed: {cleanup}')
-    return record(src, dst, 'failed', error=f'{type(e).__name__}: {e}',
-                  seconds=time.perf_counter() - start)
+      fields = _attempt(src, dst, surgery, overwrite)
+      return record(src, dst, seconds=time.perf_counter() - start, attempts=attempt, **fields)
+    except Exception as e:  # every failure becomes this checkpoint's record
+      error = e
+      try:
+        remove_partial_output(epath.Path(dst))
+      except Exception as cleanup:  # report both; the run goes on
+        error = RuntimeError(f'{e}; and cleaning up {dst} failed: {cleanup}')
+      if attempt == attempts or not storage.is_transient(e):
+        break
+      log.info('retrying %s after %s: %s', src, type(e).__name__, e)
+      time.sleep(backoff * 2 ** (attempt - 1))
+  return record(src, dst, 'failed', error=f'{type(error).__name__}: {error}',
+                seconds=time.perf_counter() - start, attempts=attempt)
 
 
 class MigrateFn(beam.DoFn):
   """Migrates each (src, dst) pair; yields its record and counts it in metrics."""
 
-  def __init__(self, spec_text: str, overwrite: bool):
+  def __init__(self, spec_text: str, overwrite: bool, gcs_endpoint: str | None = None):
     self.spec_text = spec_text
     self.overwrite = overwrite
+    self.gcs_endpoint = gcs_endpoint
 
   def setup(self):
+    storage.configure(self.gcs_endpoint)
     self.surgery = surgery_for(self.spec_text)
     show_progress()
 

@@ -20,6 +20,7 @@ from apache_beam.portability.api import beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
+from pipeline import storage
 from pipeline.migrate import MigrateFn
 from pipeline.report import write_report
 
@@ -31,6 +32,7 @@ class MigrateCheckpoints(beam.PTransform):
   """(src, dst) pairs -> one record per checkpoint, spread over all workers."""
   spec_text: str
   overwrite: bool = False
+  gcs_endpoint: str | None = None
 
   def __post_init__(self):
     super().__init__()
@@ -38,7 +40,8 @@ class MigrateCheckpoints(beam.PTransform):
   def expand(self, pairs):
     return (pairs
             | 'Fan out' >> beam.Reshuffle()
-            | 'Migrate' >> beam.ParDo(MigrateFn(self.spec_text, self.overwrite)))
+            | 'Migrate' >> beam.ParDo(
+                MigrateFn(self.spec_text, self.overwrite, self.gcs_endpoint)))
 
 
 @dataclasses.dataclass
@@ -46,6 +49,7 @@ class WriteReport(beam.PTransform):
   """Records -> PREFIX/_surgery/report.jsonl and summary.json (one summary out)."""
   output: str
   started_at: float
+  gcs_endpoint: str | None = None
 
   def __post_init__(self):
     super().__init__()
@@ -54,7 +58,13 @@ class WriteReport(beam.PTransform):
     return (records
             | 'Collect' >> beam.combiners.ToList()
             | 'Write' >> beam.Map(functools.partial(
-                write_report, self.output, started_at=self.started_at)))
+                _write_report, output=self.output, started_at=self.started_at,
+                gcs_endpoint=self.gcs_endpoint)))
+
+
+def _write_report(records, output, started_at, gcs_endpoint):
+  storage.configure(gcs_endpoint)  # on whichever worker runs this step
+  return write_report(output, records, started_at)
 
 
 def local_defaults(beam_args: list[str]) -> list[str]:
@@ -88,11 +98,11 @@ def make_pipeline(beam_args: list[str]) -> beam.Pipeline:
 
 
 def run_migration(pairs: list[tuple[str, str]], spec_text: str, output: str,
-                  overwrite: bool, beam_args: list[str]) -> None:
+                  overwrite: bool, beam_args: list[str], gcs_endpoint: str | None = None) -> None:
   """Run the whole job; the report lands under `output`/_surgery."""
   started_at = time.time()
   with make_pipeline(beam_args) as p:
     _ = (p
          | 'Checkpoints' >> beam.Create(pairs)
-         | 'Migrate checkpoints' >> MigrateCheckpoints(spec_text, overwrite)
-         | 'Report' >> WriteReport(output, started_at))
+         | 'Migrate checkpoints' >> MigrateCheckpoints(spec_text, overwrite, gcs_endpoint)
+         | 'Report' >> WriteReport(output, started_at, gcs_endpoint))

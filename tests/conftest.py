@@ -1,6 +1,7 @@
 """Shared fixtures: real Orbax checkpoints of the seed's CNN, made once."""
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import jax
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from pipeline import demo
+from pipeline import demo, storage
+from tests.gcs_server import Emulator, FlakyProxy
 
 
 @pytest.fixture(scope='session')
@@ -52,3 +54,39 @@ def trained(tx, params, steps=2):
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
   return params, opt_state
+
+
+@pytest.fixture(scope='session')
+def gcs():
+  """A GCS-protocol server on loopback, behind a proxy that can inject 503s;
+  this process (and the CLI processes the tests start) point at the proxy."""
+  emulator = Emulator()
+  proxy = FlakyProxy(emulator.port)
+  storage.use_gcs_emulator(proxy.url)
+  yield proxy
+  proxy.fail_every = 0
+  proxy.stop()
+  emulator.stop()
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def bucket(gcs):
+  """A fresh, empty bucket: 'gs://NAME'."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  name = f'test-bucket-{next(_buckets)}'
+  fsspec.filesystem('gs').mkdir(name)
+  return f'gs://{name}'
+
+
+
+@pytest.fixture(scope='session')
+def gcs_samples(gcs):
+  """The samples, written by Orbax straight to a bucket: 'gs://NAME/in/...'.
+  Read-only by convention: tests write their outputs to their own bucket."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fsspec.filesystem('gs').mkdir('samples')
+  demo.make_samples('gs://samples', count=4)
+  return 'gs://samples/in'

@@ -1,0 +1,98 @@
+"""gs:// -> gs:// throughput against a GCS-protocol server: ours next to a copy.
+
+A benchmark, not a test. It starts gcp-storage-emulator (behind the tests'
+header-fixing proxy), writes N sample checkpoints to a bucket with Orbax,
+then times, alternating, each R times:
+  copy  a plain gcsfs copy of every object under the input prefix (read each
+        object, write it under another prefix): the I/O floor;
+  ours  `ckpt-surgery run` gs -> gs with the seed's surgery, as a whole
+        process (start-up, Beam's local workers, restore, jit, save, report).
+It prints a table and writes JSON with bytes, seconds, MB/s and the ratio.
+
+  python -m benchmarks.gcs_throughput [--count 8] [--repeat 2] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import fsspec
+
+from pipeline import demo, storage
+from tests.gcs_server import Emulator, FlakyProxy
+
+
+def gcs_copy(fs, src: str, dst: str) -> int:
+  """Read every object under src and write it under dst; the bytes copied."""
+  copied = 0
+  for path in fs.find(src):
+    data = fs.cat_file(path)
+    fs.pipe_file(dst + path[len(src):], data)
+    copied += len(data)
+  return copied
+
+
+def ours(src: str, dst: str, spec: str) -> None:
+  subprocess.run([sys.executable, '-m', 'pipeline', 'run', '--input', src + '/*',
+                  '--output', dst, '--spec', spec], check=True, capture_output=True)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--count', type=int, default=8)
+  parser.add_argument('--repeat', type=int, default=2)
+  parser.add_argument('--json', help='also write the results here')
+  args = parser.parse_args(argv)
+
+  emulator = Emulator()
+  proxy = FlakyProxy(emulator.port)
+  try:
+    storage.use_gcs_emulator(proxy.url)
+    fs = fsspec.filesystem('gs')
+    fs.mkdir('bench')
+    # Samples are written by a separate process, as users' training jobs do.
+    subprocess.run([sys.executable, '-c', f'from pipeline import demo; '
+                    f'demo.make_samples("gs://bench", count={args.count})'], check=True,
+                   capture_output=True)
+    src = 'bench/in'
+    nbytes = sum(fs.du(src, total=False).values())
+    with tempfile.TemporaryDirectory() as tmp:
+      spec = os.path.join(tmp, 'spec.yaml')
+      with open(spec, 'w') as f:
+        f.write(demo.SEED_SPEC)
+      times = {'copy': [], 'ours': []}
+      for i in range(args.repeat):
+        start = time.perf_counter()
+        gcs_copy(fs, src, f'bench/copy{i}')
+        times['copy'].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ours('gs://' + src, f'gs://bench/ours{i}', spec)
+        times['ours'].append(time.perf_counter() - start)
+  finally:
+    proxy.stop()
+    emulator.stop()
+
+  best = {k: min(v) for k, v in times.items()}
+  result = {
+      'checkpoints': args.count, 'bytes': nbytes, 'repeat': args.repeat,
+      'seconds': best, 'all_seconds': times,
+      'mb_per_s': {k: nbytes / 1e6 / v for k, v in best.items()},
+      'ours_over_copy': best['ours'] / best['copy'],
+  }
+  print(f"{args.count} checkpoints, {nbytes / 1e6:.1f} MB, best of {args.repeat}:")
+  for k in ('copy', 'ours'):
+    print(f"  {k:<5} {best[k]:7.2f} s  {result['mb_per_s'][k]:6.1f} MB/s")
+  print(f"  ours / copy = {result['ours_over_copy']:.2f}")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == '__main__':
+  main()

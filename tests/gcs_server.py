@@ -1,0 +1,145 @@
+"""A real GCS-protocol server for tests, and a proxy that makes it flaky.
+
+`Emulator` runs `gcp-storage-emulator` (PyPI) in memory on a free loopback
+port. `FlakyProxy` forwards every request to it, answering some with HTTP 503
+instead, as a real bucket under load does; the stack must retry them.
+
+The proxy also adds the `x-goog-generation` / `x-goog-metageneration`
+headers that GCS sends with object media and this emulator leaves out:
+TensorStore reads the object's generation from them and otherwise fails
+("Malformed StorageGeneration") once an object has been read back.
+"""
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+MEDIA_PATH = re.compile(r'^(?:/download)?(/storage/v1/b/[^/]+/o/[^?]+)\?(?:.*&)?alt=media')
+HOP_BY_HOP = {'connection', 'keep-alive', 'transfer-encoding', 'te', 'trailer', 'upgrade',
+              'proxy-authorization', 'proxy-authenticate', 'content-length'}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class Emulator:
+  def __init__(self):
+    self.port = free_port()
+    self.url = f'http://127.0.0.1:{self.port}'
+    exe = [sys.executable, '-c', 'from gcp_storage_emulator.__main__ import main; main()']
+    self.process = subprocess.Popen(
+        exe + ['start', '--host=127.0.0.1', f'--port={self.port}', '--in-memory'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+      try:
+        urllib.request.urlopen(self.url + '/storage/v1/b?project=test', timeout=1)
+        return
+      except OSError:
+        if time.time() > deadline or self.process.poll() is not None:
+          self.stop()
+          raise RuntimeError('gcp-storage-emulator did not start')
+        time.sleep(0.2)
+
+  def stop(self):
+    self.process.kill()
+    self.process.wait()
+
+
+class FlakyProxy:
+  """Forwards to `upstream`; while `fail_every` is n > 0, every n-th request gets a 503."""
+
+  def __init__(self, upstream_port: int):
+    self.fail_every = 0
+    self.failed = 0
+    self._count = 0
+    self._lock = threading.Lock()
+    proxy = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      protocol_version = 'HTTP/1.1'
+
+      def log_message(self, *args):
+        pass
+
+      def _forward(self):
+        body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+        if proxy._should_fail():
+          payload = b'{"error": {"code": 503, "message": "injected by FlakyProxy"}}'
+          self.send_response(503)
+          self.send_header('Content-Type', 'application/json')
+          self.send_header('Content-Length', str(len(payload)))
+          self.end_headers()
+          self.wfile.write(payload)
+          return
+        conn = http.client.HTTPConnection('127.0.0.1', upstream_port, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        response = conn.getresponse()
+        payload = response.read()
+        extra = proxy._generation_headers(self.command, self.path, response.status, conn)
+        self.send_response(response.status, response.reason)
+        for k, v in response.getheaders() + extra:
+          if k.lower() not in HOP_BY_HOP | {'server', 'date'}:
+            self.send_header(k, v)
+        self.send_header('Content-Length', str(len(payload)))
+        self.end_headers()
+        if self.command != 'HEAD':
+          self.wfile.write(payload)
+        conn.close()
+
+      def _handle(self):
+        try:
+          self._forward()
+        except (BrokenPipeError, ConnectionResetError):
+          pass  # the client gave up on this request (its own timeout or retry)
+
+      do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = _handle
+
+    class Server(http.server.ThreadingHTTPServer):
+      daemon_threads = True
+
+      def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+          super().handle_error(request, client_address)  # a client hanging up is no error
+
+    self.server = Server(('127.0.0.1', 0), Handler)
+    self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  @staticmethod
+  def _generation_headers(method, path, status, conn) -> list[tuple[str, str]]:
+    """What GCS sends with an object's media and the emulator does not."""
+    match = MEDIA_PATH.match(path)
+    if method not in ('GET', 'HEAD') or status not in (200, 206) or not match:
+      return []
+    conn.request('GET', match.group(1))
+    meta = conn.getresponse()
+    body = meta.read()
+    if meta.status != 200:
+      return []
+    info = json.loads(body)
+    return [('x-goog-generation', info['generation']),
+            ('x-goog-metageneration', info['metageneration'])]
+
+  def _should_fail(self) -> bool:
+    with self._lock:
+      self._count += 1
+      if self.fail_every and self._count % self.fail_every == 0:
+        self.failed += 1
+        return True
+      return False
+
+  def stop(self):
+    self.server.shutdown()
