@@ -143,3 +143,18 @@ def test_transient_errors_are_retried_then_permanent_ones_fail(inputs, tmp_path,
 ])
 def test_is_transient(error, transient):
   assert storage.is_transient(error) is transient
+
+
+def test_half_written_output_on_gcs_is_redone_not_skipped(gcs, gcs_samples, bucket):
+  """An output without commit_success.txt (a killed save) is not done: it is
+  removed and written again, never reported as skipped."""
+  src, dst = gcs_samples + '/run_c', bucket + '/half/run_c'
+  migrate._SURGERIES.clear()
+  surgery = migrate.surgery_for(SEED_SPEC)
+  assert migrate.migrate_one(src, dst, surgery)['status'] == 'ok'
+  (epath.Path(dst) / 'commit_success.txt').unlink()
+  rec = migrate.migrate_one(src, dst, surgery)
+  assert rec['status'] == 'ok', rec
+  assert (epath.Path(dst) / 'commit_success.txt').exists()
+  assert migrate.migrate_one(src, dst, surgery)['status'] == 'skipped'
+  assert seed_applied(src, dst)
