@@ -36,7 +36,11 @@ def emulator_environment(endpoint: str) -> dict[str, str]:
 
 def use_gcs_emulator(endpoint: str) -> None:
   """Send every gs:// read and write of this process (and of the processes it
-  starts) to the GCS-protocol server at `endpoint`, e.g. http://127.0.0.1:9023."""
+  starts) to the GCS-protocol server at `endpoint`, e.g. http://127.0.0.1:9023.
+
+  Call it before the process first touches gs:// arrays: TensorStore reads
+  its endpoint once per process.
+  """
   os.environ.update(emulator_environment(endpoint))
   fsspec.config.conf.setdefault('gcs', {})['token'] = 'anon'  # read at import time
   import gcsfs  # pylint: disable=g-import-not-at-top
