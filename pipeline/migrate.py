@@ -3,8 +3,9 @@
 `migrate_one` is the whole job for one checkpoint as a plain function, tested
 without Beam; `MigrateFn` is the DoFn that calls it on a worker. Every outcome
 is a record (ok, skipped, failed) and never an exception, so one bad
-checkpoint cannot stop the others. A failure leaves nothing at the output: we
-remove whatever the failed attempt left there.
+checkpoint cannot stop the others. An attempt holds the output's lease while
+it touches the output, and a failure leaves nothing there: it removes
+whatever it left.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import apache_beam as beam
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, storage
+from pipeline import checkpoint_io, lease, storage
 
 log = logging.getLogger('ckpt_surgery')
 METRICS = 'ckpt_surgery'
@@ -67,40 +68,59 @@ def remove_partial_output(dst: epath.Path) -> None:
     dst.rmtree()
 
 
-def already_done(dst: epath.Path, spec_hash: str, overwrite: bool) -> bool:
-  """True when dst holds this surgery's output. Otherwise clears the way for a
-  new save (partial leftovers; an old output with --overwrite) or raises."""
-  remove_partial_output(dst)
-  if not dst.exists():
-    return False
-  prov = checkpoint_io.read_provenance(dst) or {}
-  if prov.get('spec_hash') == spec_hash and not overwrite:
-    return True
-  if not overwrite:
-    raise checkpoint_io.CheckpointError(
-        f'{dst} already holds a checkpoint (spec hash {prov.get("spec_hash")}, '
-        f'this spec {spec_hash}); pass --overwrite to replace it')
-  dst.rmtree()
-  return False
+def committed_spec_hash(dst: epath.Path) -> str | None:
+  """The spec hash a committed output at dst records ('' if none); None if no
+  committed output is there."""
+  if not checkpoint_io.is_checkpoint(dst):
+    return None
+  return (checkpoint_io.read_provenance(dst) or {}).get('spec_hash', '')
 
 
 def _attempt(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool
              ) -> dict[str, Any]:
-  """One try at migrating `src` to `dst`: the record's fields, or an exception."""
+  """One try at migrating `src` to `dst`: the record's fields, or an exception.
+
+  Everything that touches dst happens under its lease, so a concurrent attempt
+  at the same checkpoint (a retried bundle) waits instead of colliding, and
+  leftovers found under the lease are a dead attempt's, safe to remove.
+  """
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec = surgery.spec
-  if already_done(dst_path, spec.hash, overwrite):
-    return {'status': 'skipped'}
-  layout, items = checkpoint_io.restore(src_path)
+  if not overwrite and committed_spec_hash(dst_path) == spec.hash:
+    return {'status': 'skipped'}  # without a lease: nightly reruns stay cheap
+  with lease.claim(dst_path):
+    remove_partial_output(dst_path)
+    existing = committed_spec_hash(dst_path)
+    if existing is not None:
+      if existing == spec.hash and not overwrite:
+        return {'status': 'skipped'}  # another attempt finished it meanwhile
+      if not overwrite:
+        raise checkpoint_io.CheckpointError(
+            f'{dst} already holds a checkpoint (spec hash {existing or "none"}, '
+            f'this spec {spec.hash}); pass --overwrite to replace it')
+      dst_path.rmtree()
+    try:
+      return _write(src_path, dst_path, surgery)
+    except Exception as e:
+      try:
+        remove_partial_output(dst_path)
+      except Exception as cleanup:  # report both
+        raise RuntimeError(f'{e}; and cleaning up {dst} failed: {cleanup}') from e
+      raise
+
+
+def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery) -> dict[str, Any]:
+  layout, items = checkpoint_io.restore(src)
   state = layout.join(items)
   bytes_in = transforms.tree_bytes(state)
   new_state, sig, compiled = surgery(state)
+  spec = surgery.spec
   provenance = {
-      'src': src, 'spec_hash': spec.hash, 'spec': spec.canonical,
+      'src': str(src), 'spec_hash': spec.hash, 'spec': spec.canonical,
       'version': tool_version(),
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(),
   }
-  checkpoint_io.save(dst_path, layout, layout.split(new_state, items), provenance)
+  checkpoint_io.save(dst, layout, layout.split(new_state, items), provenance)
   return {'status': 'ok', 'bytes_in': bytes_in, 'bytes_out': transforms.tree_bytes(new_state),
           'signature': sig, 'compiled': compiled}
 
@@ -120,10 +140,6 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool
       return record(src, dst, seconds=time.perf_counter() - start, attempts=attempt, **fields)
     except Exception as e:  # every failure becomes this checkpoint's record
       error = e
-      try:
-        remove_partial_output(epath.Path(dst))
-      except Exception as cleanup:  # report both; the run goes on
-        error = RuntimeError(f'{e}; and cleaning up {dst} failed: {cleanup}')
       if attempt == attempts or not storage.is_transient(e):
         break
       log.info('retrying %s after %s: %s', src, type(e).__name__, e)

@@ -4,17 +4,22 @@
 port. `FlakyProxy` forwards every request to it, answering some with HTTP 503
 instead, as a real bucket under load does; the stack must retry them.
 
-The proxy also adds the `x-goog-generation` / `x-goog-metageneration`
-headers that GCS sends with object media and this emulator leaves out:
-TensorStore reads the object's generation from them and otherwise fails
-("Malformed StorageGeneration") once an object has been read back.
+The proxy also gives the emulator two things GCS has and it lacks:
+- the `x-goog-generation` / `x-goog-metageneration` headers on object media,
+  from which TensorStore reads an object's generation (without them it fails,
+  "Malformed StorageGeneration", once an object is read back);
+- `ifGenerationMatch` preconditions on writes and deletes (412 when they do
+  not hold), checked and applied atomically: the conditional create that
+  leases rely on.
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import json
 import re
+import urllib.parse
 import socket
 import subprocess
 import sys
@@ -22,6 +27,7 @@ import threading
 import time
 import urllib.request
 
+OBJECT_PATH = re.compile(r'^(?:/upload)?/storage/v1/b/([^/?]+)/o(?:/([^?]+))?')
 MEDIA_PATH = re.compile(r'^(?:/download)?(/storage/v1/b/[^/]+/o/[^?]+)\?(?:.*&)?alt=media')
 HOP_BY_HOP = {'connection', 'keep-alive', 'transfer-encoding', 'te', 'trailer', 'upgrade',
               'proxy-authorization', 'proxy-authenticate', 'content-length'}
@@ -65,6 +71,7 @@ class FlakyProxy:
     self.failed = 0
     self._count = 0
     self._lock = threading.Lock()
+    self._precondition_lock = threading.Lock()
     proxy = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -85,9 +92,18 @@ class FlakyProxy:
           return
         conn = http.client.HTTPConnection('127.0.0.1', upstream_port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-        conn.request(self.command, self.path, body=body, headers=headers)
-        response = conn.getresponse()
-        payload = response.read()
+        with proxy._precondition(self.command, self.path, conn) as holds:
+          if not holds:
+            payload = b'{"error": {"code": 412, "message": "Precondition Failed"}}'
+            self.send_response(412)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+          conn.request(self.command, self.path, body=body, headers=headers)
+          response = conn.getresponse()
+          payload = response.read()
         extra = proxy._generation_headers(self.command, self.path, response.status, conn)
         self.send_response(response.status, response.reason)
         for k, v in response.getheaders() + extra:
@@ -117,6 +133,23 @@ class FlakyProxy:
     self.server = Server(('127.0.0.1', 0), Handler)
     self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
     threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  @contextlib.contextmanager
+  def _precondition(self, method, path, conn):
+    """Yields whether an `ifGenerationMatch` on a write or delete holds; the
+    check and the request run under one lock, so racing creates see each other."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+    match = OBJECT_PATH.match(path)
+    if method not in ('POST', 'PUT', 'PATCH', 'DELETE') or 'ifGenerationMatch' not in query or not match:
+      yield True
+      return
+    name = match.group(2) or urllib.parse.quote(query.get('name', [''])[0], safe='')
+    with self._precondition_lock:
+      conn.request('GET', f'/storage/v1/b/{match.group(1)}/o/{name}')
+      meta = conn.getresponse()
+      body = meta.read()
+      generation = int(json.loads(body)['generation']) if meta.status == 200 else 0
+      yield generation == int(query['ifGenerationMatch'][0])
 
   @staticmethod
   def _generation_headers(method, path, status, conn) -> list[tuple[str, str]]:
