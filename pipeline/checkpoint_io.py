@@ -19,9 +19,12 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import metadata as ocp_metadata
+
+import transforms
 
 PROVENANCE_KEY = 'ckpt_surgery'
 TREE_HANDLERS = {
@@ -159,3 +162,12 @@ def read_metadata(path: epath.Path) -> tuple[Layout, Any]:
   layout = read_layout(path)
   trees = {name: _tree_metadata(path / name if name else path) for name in layout.trees}
   return layout, layout.join(trees)
+
+
+def array_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{leaf path: (shape, dtype)} of the arrays in a restored tree or in its
+  Orbax metadata alike (numbers saved as Python scalars are not arrays)."""
+  return {transforms.key_path(k): (tuple(x.shape), np.dtype(x.dtype).name)
+          for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if isinstance(x, jax.Array) or (isinstance(x, ocp_metadata.ArrayMetadata)
+                                          and not isinstance(x, ocp_metadata.ScalarMetadata))}

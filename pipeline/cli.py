@@ -17,6 +17,7 @@ from etils import epath
 
 import transforms
 from pipeline import demo, discovery, inspection, plan, report, storage
+from pipeline.migrate import Settings
 from pipeline.run import run_migration
 
 USAGE_ERROR = 2
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument('--spec', required=True, metavar='SPEC.yaml')
   run.add_argument('--overwrite', action='store_true',
                    help='replace outputs written with a different spec')
+  run.add_argument('--allow_nonfinite', action='store_true',
+                   help='write outputs even where the surgery made NaN or inf')
   plan = commands.add_parser(
       'plan', parents=[common], help='what run would do, from metadata only: per-signature diffs and errors')
   plan.add_argument('--input', required=True, metavar='PATTERN')
@@ -77,8 +80,8 @@ def load_spec(path: str) -> tuple[transforms.Spec, str]:
     raise UsageError(f'{path}: {e}') from None
 
 
-def migrate(pattern: str, output: str, spec_path: str, overwrite: bool,
-            beam_args: list[str], gcs_endpoint: str | None = None) -> int:
+def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
+            beam_args: list[str]) -> int:
   """Discover, run, print the table; the exit code."""
   _check_beam_args(beam_args)
   _, spec_text = load_spec(spec_path)
@@ -88,7 +91,7 @@ def migrate(pattern: str, output: str, spec_path: str, overwrite: bool,
     raise UsageError(str(e)) from None
   output = discovery.absolute(output)
   print(f'migrating {len(pairs)} checkpoint(s) to {output}', flush=True)
-  run_migration(pairs, spec_text, output, overwrite, beam_args, gcs_endpoint)
+  run_migration(pairs, spec_text, output, settings, beam_args)
   records, summary = report.read_report(output)
   print(report.format_table(records, summary))
   print(f'report: {report.report_dir(output)}/report.jsonl')
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
   storage.configure(getattr(args, 'gcs_endpoint', None))
   try:
     if args.command == 'run':
-      return migrate(args.input, args.output, args.spec, args.overwrite, rest, args.gcs_endpoint)
+      settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint)
+      return migrate(args.input, args.output, args.spec, settings, rest)
     if rest:
       raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
     if args.command == 'plan':
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
       print(inspection.describe(args.checkpoint))
       return 0
     pattern, output, spec = demo.prepare(args.workdir, args.count)
-    return migrate(pattern, output, spec, False, [])
+    return migrate(pattern, output, spec, Settings(), [])
   except UsageError as e:
     print(f'ckpt-surgery: error: {e}', file=sys.stderr)
     return USAGE_ERROR

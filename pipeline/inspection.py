@@ -55,7 +55,10 @@ def describe(path: str) -> str:
   out = [f'{path}  ({kind}; {len(rows)} arrays, {sum(r[3] for r in rows):,} bytes)']
   provenance = checkpoint_io.read_provenance(ckpt)
   if provenance:
-    out.append('provenance: ' + json.dumps(provenance, sort_keys=True))
+    shown = {k: v for k, v in provenance.items() if k not in ('spec', 'checksums')}
+    shown['checksums'] = f"{len(provenance.get('checksums', {}))} leaves"
+    out.append('provenance: ' + json.dumps(shown, sort_keys=True))
+    out.append('spec: ' + json.dumps(provenance.get('spec'), sort_keys=True))
   header = ('path', 'shape', 'dtype', 'bytes', 'role')
   table = [header] + [(p, s, d, f'{b:,}', r) for p, s, d, b, r in rows]
   widths = [max(len(row[i]) for row in table) for i in range(5)]

@@ -9,6 +9,7 @@ whatever it left.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import logging
@@ -52,9 +53,18 @@ def surgery_for(spec_text: str) -> transforms.Surgery:
   return _SURGERIES.setdefault(spec.hash, transforms.Surgery(spec))
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How to treat each checkpoint of a run (from the command line)."""
+  overwrite: bool = False        # replace outputs written with another spec
+  allow_nonfinite: bool = False  # write outputs with NaN or inf
+  gcs_endpoint: str | None = None  # a GCS emulator, for workers to use too
+
+
 def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
   base = {'src': src, 'dst': dst, 'status': status, 'error': None, 'bytes_in': 0,
           'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False, 'attempts': 1,
+          'digest': None,
           'worker': f'{socket.gethostname()}:{os.getpid()}'}
   return {**base, **fields}
 
@@ -76,7 +86,7 @@ def committed_spec_hash(dst: epath.Path) -> str | None:
   return (checkpoint_io.read_provenance(dst) or {}).get('spec_hash', '')
 
 
-def _attempt(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool
+def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
              ) -> dict[str, Any]:
   """One try at migrating `src` to `dst`: the record's fields, or an exception.
 
@@ -85,7 +95,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool
   leftovers found under the lease are a dead attempt's, safe to remove.
   """
   src_path, dst_path = epath.Path(src), epath.Path(dst)
-  spec = surgery.spec
+  spec, overwrite = surgery.spec, settings.overwrite
   if not overwrite and committed_spec_hash(dst_path) == spec.hash:
     return {'status': 'skipped'}  # without a lease: nightly reruns stay cheap
   with lease.claim(dst_path):
@@ -100,7 +110,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool
             f'this spec {spec.hash}); pass --overwrite to replace it')
       dst_path.rmtree()
     try:
-      return _write(src_path, dst_path, surgery)
+      return _write(src_path, dst_path, surgery, settings)
     except Exception as e:
       try:
         remove_partial_output(dst_path)
@@ -109,24 +119,61 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool
       raise
 
 
-def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery) -> dict[str, Any]:
+class VerificationError(RuntimeError):
+  """What was committed is not what was computed; the output was removed."""
+
+
+def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
+           settings: Settings) -> dict[str, Any]:
   layout, items = checkpoint_io.restore(src)
   state = layout.join(items)
   bytes_in = transforms.tree_bytes(state)
   new_state, sig, compiled = surgery(state)
+  prints = transforms.fingerprints(new_state)
+  nonfinite = sorted(p for p, f in prints.items() if not f.finite)
+  if nonfinite and not settings.allow_nonfinite:
+    raise transforms.SurgeryError(
+        f'the surgery made non-finite values (NaN or inf) in {len(nonfinite)} leaf(s): '
+        f'{", ".join(nonfinite[:5])}{" ..." if len(nonfinite) > 5 else ""}; '
+        'pass --allow_nonfinite to write them anyway')
   spec = surgery.spec
   provenance = {
       'src': str(src), 'spec_hash': spec.hash, 'spec': spec.canonical,
       'version': tool_version(),
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'digest': transforms.digest(prints),
+      'checksums': {p: f.checksum for p, f in prints.items()},
   }
+  expected = checkpoint_io.array_specs(new_state)
   checkpoint_io.save(dst, layout, layout.split(new_state, items), provenance)
+  try:
+    verify(dst, expected, prints)
+  except Exception:
+    dst.rmtree()  # committed but wrong (or unreadable): not an output
+    raise
   return {'status': 'ok', 'bytes_in': bytes_in, 'bytes_out': transforms.tree_bytes(new_state),
-          'signature': sig, 'compiled': compiled}
+          'signature': sig, 'compiled': compiled, 'digest': provenance['digest']}
 
 
-def migrate_one(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool = False,
-                attempts: int = 3, backoff: float = 1.0) -> dict[str, Any]:
+def verify(dst: epath.Path, expected: dict[str, tuple[tuple[int, ...], str]],
+           prints: dict[str, transforms.Fingerprint]) -> None:
+  """Reopen what was committed at dst: its metadata must show the `expected`
+  arrays (path -> shape, dtype), and its arrays read back `prints`' checksums."""
+  _, meta = checkpoint_io.read_metadata(dst)
+  got = checkpoint_io.array_specs(meta)
+  if got != expected:
+    differ = sorted(set(got.items()) ^ set(expected.items()))[:3]
+    raise VerificationError(f'{dst}: committed arrays differ from what was computed: {differ}')
+  layout, items = checkpoint_io.restore(dst)
+  back = transforms.fingerprints(layout.join(items))
+  bad = sorted(p for p, f in prints.items() if p not in back or back[p].checksum != f.checksum)
+  if bad:
+    raise VerificationError(f'{dst}: committed data differ from what was computed in {bad[:5]}')
+
+
+def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
+                settings: Settings = Settings(), attempts: int = 3, backoff: float = 1.0
+                ) -> dict[str, Any]:
   """Migrate checkpoint `src` to `dst`; a record of what happened.
 
   Transient storage errors (HTTP 429/5xx, dropped connections) that outlive
@@ -136,7 +183,7 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool
   start = time.perf_counter()
   for attempt in range(1, attempts + 1):
     try:
-      fields = _attempt(src, dst, surgery, overwrite)
+      fields = _attempt(src, dst, surgery, settings)
       return record(src, dst, seconds=time.perf_counter() - start, attempts=attempt, **fields)
     except Exception as e:  # every failure becomes this checkpoint's record
       error = e
@@ -151,19 +198,18 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery, overwrite: bool
 class MigrateFn(beam.DoFn):
   """Migrates each (src, dst) pair; yields its record and counts it in metrics."""
 
-  def __init__(self, spec_text: str, overwrite: bool, gcs_endpoint: str | None = None):
+  def __init__(self, spec_text: str, settings: Settings):
     self.spec_text = spec_text
-    self.overwrite = overwrite
-    self.gcs_endpoint = gcs_endpoint
+    self.settings = settings
 
   def setup(self):
-    storage.configure(self.gcs_endpoint)
+    storage.configure(self.settings.gcs_endpoint)
     self.surgery = surgery_for(self.spec_text)
     show_progress()
 
   def process(self, pair):
     src, dst = pair
-    rec = migrate_one(src, dst, self.surgery, self.overwrite)
+    rec = migrate_one(src, dst, self.surgery, self.settings)
     beam.metrics.Metrics.counter(METRICS, rec['status']).inc()
     beam.metrics.Metrics.counter(METRICS, 'bytes_read').inc(rec['bytes_in'])
     beam.metrics.Metrics.counter(METRICS, 'bytes_written').inc(rec['bytes_out'])

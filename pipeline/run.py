@@ -21,7 +21,7 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
 from pipeline import storage
-from pipeline.migrate import MigrateFn
+from pipeline.migrate import MigrateFn, Settings
 from pipeline.report import write_report
 
 LOCAL_RUNNERS = (None, 'DirectRunner', 'FnApiRunner')
@@ -31,8 +31,7 @@ LOCAL_RUNNERS = (None, 'DirectRunner', 'FnApiRunner')
 class MigrateCheckpoints(beam.PTransform):
   """(src, dst) pairs -> one record per checkpoint, spread over all workers."""
   spec_text: str
-  overwrite: bool = False
-  gcs_endpoint: str | None = None
+  settings: Settings = Settings()
 
   def __post_init__(self):
     super().__init__()
@@ -40,8 +39,7 @@ class MigrateCheckpoints(beam.PTransform):
   def expand(self, pairs):
     return (pairs
             | 'Fan out' >> beam.Reshuffle()
-            | 'Migrate' >> beam.ParDo(
-                MigrateFn(self.spec_text, self.overwrite, self.gcs_endpoint)))
+            | 'Migrate' >> beam.ParDo(MigrateFn(self.spec_text, self.settings)))
 
 
 @dataclasses.dataclass
@@ -98,11 +96,11 @@ def make_pipeline(beam_args: list[str]) -> beam.Pipeline:
 
 
 def run_migration(pairs: list[tuple[str, str]], spec_text: str, output: str,
-                  overwrite: bool, beam_args: list[str], gcs_endpoint: str | None = None) -> None:
+                  settings: Settings, beam_args: list[str]) -> None:
   """Run the whole job; the report lands under `output`/_surgery."""
   started_at = time.time()
   with make_pipeline(beam_args) as p:
     _ = (p
          | 'Checkpoints' >> beam.Create(pairs)
-         | 'Migrate checkpoints' >> MigrateCheckpoints(spec_text, overwrite, gcs_endpoint)
-         | 'Report' >> WriteReport(output, started_at, gcs_endpoint))
+         | 'Migrate checkpoints' >> MigrateCheckpoints(spec_text, settings)
+         | 'Report' >> WriteReport(output, started_at, settings.gcs_endpoint))

@@ -72,7 +72,7 @@ def test_rerun_skips_then_refuses_another_spec_then_overwrites(inputs, tmp_path)
   rec = migrate.migrate_one(src, dst, surgery(SCALE_SPEC))
   assert rec['status'] == 'failed' and '--overwrite' in rec['error']
   assert checkpoint_io.read_provenance(tmp_path / 'out' / 'run_c')['spec_hash'] == surgery().spec.hash
-  assert migrate.migrate_one(src, dst, surgery(SCALE_SPEC), overwrite=True)['status'] == 'ok'
+  assert migrate.migrate_one(src, dst, surgery(SCALE_SPEC), migrate.Settings(overwrite=True))['status'] == 'ok'
   assert checkpoint_io.read_provenance(tmp_path / 'out' / 'run_c')['spec_hash'] == surgery(SCALE_SPEC).spec.hash
 
 

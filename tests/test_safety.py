@@ -115,3 +115,47 @@ def test_inputs_are_never_written(inputs, tmp_path):
   finally:
     for root, dirs, files in os.walk(inputs):
       os.chmod(root, 0o755)
+
+
+def test_nonfinite_results_fail_unless_allowed(inputs, tmp_path):
+  spec = "ops: [{scale: {match: '^Dense_1/kernel$', by: .inf}}]"
+  migrate._SURGERIES.clear()
+  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), migrate.surgery_for(spec))
+  assert rec['status'] == 'failed'
+  assert 'non-finite values (NaN or inf) in 1 leaf(s): params/Dense_1/kernel' in rec['error']
+  assert not (tmp_path / 'o' / 'run_b').exists()
+  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), migrate.surgery_for(spec),
+                            migrate.Settings(allow_nonfinite=True))
+  assert rec['status'] == 'ok'
+
+
+def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_path, monkeypatch):
+  """A writer that commits something else than what was computed (a bug, a
+  bad disk) is caught by reading the output back, and the output removed."""
+  from pipeline import checkpoint_io
+  real_save = checkpoint_io.save
+
+  def corrupting_save(path, layout, items, provenance):
+    state = layout.join(items)
+    kernel = state['params']['Dense_0']['kernel']
+    state['params']['Dense_0']['kernel'] = kernel.at[0, 0].add(1.0)
+    real_save(path, layout, layout.split(state, items), provenance)
+
+  monkeypatch.setattr(checkpoint_io, 'save', corrupting_save)
+  migrate._SURGERIES.clear()
+  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
+                            migrate.surgery_for(SEED_SPEC), attempts=1)
+  assert rec['status'] == 'failed' and 'VerificationError' in rec['error']
+  assert 'params/Dense_0/kernel' in rec['error']
+  assert sorted(p.name for p in (tmp_path / 'o').iterdir()) == []
+
+
+def test_provenance_records_the_digest(inputs, tmp_path):
+  from pipeline import checkpoint_io
+  migrate._SURGERIES.clear()
+  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), migrate.surgery_for(SEED_SPEC))
+  provenance = checkpoint_io.read_provenance(epath.Path(tmp_path / 'o' / 'run_b'))
+  assert provenance['digest'] == rec['digest'] and len(provenance['checksums']) > 10
+  assert {'src', 'spec_hash', 'spec', 'version', 'time'} <= set(provenance)
+  shown = cli('inspect', tmp_path / 'o' / 'run_b').stdout
+  assert f'"digest": "{rec["digest"]}"' in shown and 'leaves"' in shown

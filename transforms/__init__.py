@@ -2,6 +2,7 @@
 
 Nothing in here imports Beam or touches files: `pipeline` does that.
 """
+from transforms.fingerprint import Fingerprint, digest, fingerprints
 from transforms.mirrors import find_mirrors
 from transforms.ops import OPS, Op, SurgeryError
 from transforms.paths import flatten, unflatten
@@ -10,7 +11,7 @@ from transforms.plan import Change, Plan, plan
 from transforms.surgery import Surgery, key_path, signature, signature_id, tree_bytes
 
 __all__ = [
-    'Change', 'OPS', 'Op', 'Plan', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',
-    'find_mirrors', 'flatten', 'key_path', 'load_spec', 'parse_spec', 'plan', 'signature',
+    'Change', 'Fingerprint', 'OPS', 'Op', 'Plan', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',
+    'digest', 'find_mirrors', 'fingerprints', 'flatten', 'key_path', 'load_spec', 'parse_spec', 'plan', 'signature',
     'signature_id', 'tree_bytes', 'unflatten',
 ]
