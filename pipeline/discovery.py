@@ -51,13 +51,15 @@ def expand(pattern: str) -> list[epath.Path]:
 def checkpoints_in(path: epath.Path) -> list[epath.Path]:
   """The committed checkpoint at `path`, or the committed steps under it.
 
-  (`is_checkpoint` refuses temporary directories; a CheckpointManager root is
-  not asked, since on GCS any directory without a commit file looks temporary.)
+  A step directory that Orbax counts as finalized (not temporary, committed
+  on GCS) but that holds no checkpoint is broken, not absent: it is taken, so
+  that the run reports it as failed. (`is_checkpoint` refuses temporary
+  directories; a CheckpointManager root is not asked, since on GCS any
+  directory without a commit file looks temporary.)
   """
   if checkpoint_io.is_checkpoint(path):
     return [path]
   steps = ocp.utils.checkpoint_steps_paths(path)
-  steps = [s for s in steps if checkpoint_io.is_checkpoint(s)]
   return sorted(steps, key=lambda s: ocp.step.step_from_checkpoint_name(s.name))
 
 

@@ -88,6 +88,15 @@ def _body() -> bytes:
                      'attempt': uuid.uuid4().hex, 'time': time.time()}).encode()
 
 
+def _break_if_stale(store: ts.KvStore, key: str, stale_after: float) -> None:
+  held = store.read(key).result()
+  if held.state != 'value':
+    return  # released just now
+  holder = json.loads(held.value)
+  if not _alive_here(holder) or time.time() - holder['time'] >= stale_after:
+    store.write(key, None, if_equal=held.stamp.generation).result()
+
+
 def try_claim(dst: epath.Path, stale_after: float = 300.0, heartbeat: float = 30.0
               ) -> Lease | None:
   """The lease on `dst`, or None while a live attempt holds it. Breaks stale ones."""
@@ -96,14 +105,14 @@ def try_claim(dst: epath.Path, stale_after: float = 300.0, heartbeat: float = 30
   stamp = store.write(key, _body(), if_equal=_NO_VALUE).result()
   if stamp.generation:
     return Lease(store, key, stamp.generation, heartbeat)
-  held = store.read(key).result()
-  if held.state != 'value':
-    return None  # released just now: the caller tries again
-  holder = json.loads(held.value)
-  if _alive_here(holder) and time.time() - holder['time'] < stale_after:
-    return None
-  store.write(key, None, if_equal=held.stamp.generation).result()  # break it
+  _break_if_stale(store, key, stale_after)
   return None
+
+
+def clear_stale(dst: epath.Path, stale_after: float = 300.0) -> None:
+  """Remove a stale lease beside `dst` (a killed run's, left beside an output
+  it had committed); a live one stays."""
+  _break_if_stale(_kvstore(dst.parent), dst.name + SUFFIX, stale_after)
 
 
 def claim(dst: epath.Path, wait: float = 3600.0, poll: float = 0.5, **kwargs) -> Lease:

@@ -97,7 +97,8 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec, overwrite = surgery.spec, settings.overwrite
   if not overwrite and committed_spec_hash(dst_path) == spec.hash:
-    return {'status': 'skipped'}  # without a lease: nightly reruns stay cheap
+    lease.clear_stale(dst_path)  # a killed attempt's, left beside the output it committed
+    return {'status': 'skipped'}  # without taking the lease: nightly reruns stay cheap
   with lease.claim(dst_path):
     remove_partial_output(dst_path)
     existing = committed_spec_hash(dst_path)
@@ -108,9 +109,8 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
         raise checkpoint_io.CheckpointError(
             f'{dst} already holds a checkpoint (spec hash {existing or "none"}, '
             f'this spec {spec.hash}); pass --overwrite to replace it')
-      dst_path.rmtree()
     try:
-      return _write(src_path, dst_path, surgery, settings)
+      return _write(src_path, dst_path, surgery, settings, replace=existing is not None)
     except Exception as e:
       try:
         remove_partial_output(dst_path)
@@ -124,7 +124,10 @@ class VerificationError(RuntimeError):
 
 
 def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
-           settings: Settings) -> dict[str, Any]:
+           settings: Settings, replace: bool = False) -> dict[str, Any]:
+  """Restore, operate, check, save, verify. With `replace`, the old output at
+  dst is removed only once the new state is computed and checked, so an input
+  that cannot be read or migrated leaves the old output as it was."""
   layout, items = checkpoint_io.restore(src)
   state = layout.join(items)
   bytes_in = transforms.tree_bytes(state)
@@ -145,6 +148,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       'checksums': {p: f.checksum for p, f in prints.items()},
   }
   expected = checkpoint_io.array_specs(new_state)
+  if replace:
+    dst.rmtree()
   checkpoint_io.save(dst, layout, layout.split(new_state, items), provenance)
   try:
     verify(dst, expected, prints)

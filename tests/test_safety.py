@@ -159,3 +159,158 @@ def test_provenance_records_the_digest(inputs, tmp_path):
   assert {'src', 'spec_hash', 'spec', 'version', 'time'} <= set(provenance)
   shown = cli('inspect', tmp_path / 'o' / 'run_b').stdout
   assert f'"digest": "{rec["digest"]}"' in shown and 'leaves"' in shown
+
+
+FAULTS = os.path.join(os.path.dirname(__file__), 'faults')
+
+
+def start_run(inputs, out, spec, slow_commit: float) -> subprocess.Popen:
+  env = {**os.environ, 'PYTHONPATH': FAULTS + os.pathsep + os.environ.get('PYTHONPATH', ''),
+         'CKPT_SURGERY_TEST_SLOW_COMMIT': str(slow_commit)}
+  return subprocess.Popen(
+      [sys.executable, '-m', 'pipeline', 'run', '--input', str(inputs / '*'), '--output', str(out),
+       '--spec', str(spec), '--direct_num_workers=2'],
+      env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+NAMES = ['run_a/1', 'run_a/2', 'run_a/3', 'run_b', 'run_c', 'run_d']
+
+
+def committed(out) -> set[str]:
+  from pipeline import checkpoint_io
+  return {n for n in NAMES if checkpoint_io.is_checkpoint(epath.Path(out) / n)}
+
+
+def assert_whole(dst: epath.Path) -> None:
+  """dst reads back with exactly the checksums its provenance recorded."""
+  import transforms
+  from pipeline import checkpoint_io
+  recorded = checkpoint_io.read_provenance(dst)['checksums']
+  layout, items = checkpoint_io.restore(dst)
+  back = transforms.fingerprints(layout.join(items))
+  assert {p: f.checksum for p, f in back.items()} == recorded
+
+
+@pytest.mark.parametrize('kill_when', ['before the first commit', 'between commits', 'mid-write'])
+def test_kill_9_then_rerun_finishes_everything_once(inputs, tmp_path, kill_when):
+  """kill -9 of the whole run (launcher and workers), then the same command:
+  every checkpoint ends migrated and verified, none written twice."""
+  spec = tmp_path / 'spec.yaml'
+  spec.write_text(SEED_SPEC)
+  out = tmp_path / 'out'
+  run = start_run(inputs, out, spec, slow_commit=2.0)
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    done = committed(out)
+    writing = any(out.glob('**/*.orbax-checkpoint-tmp*')) if out.exists() else False
+    if ((kill_when == 'before the first commit' and writing and not done)
+        or (kill_when == 'between commits' and 1 <= len(done) < 6)
+        or (kill_when == 'mid-write' and done and writing)):
+      break
+    time.sleep(0.05)
+  else:
+    pytest.fail(f'never reached {kill_when}: {run.communicate()[0][-2000:]}')
+  os.killpg(run.pid, 9)
+  run.wait()
+  before = committed(out)
+  assert len(before) < 6, 'the run finished before it was killed'
+  stamps = {p: ocp.metadata.get_step_metadata(out / p.removesuffix('/commit_success.txt')).commit_timestamp_nsecs
+            for p in before}
+  again = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec)
+  assert again.returncode == 0, again.stdout + again.stderr
+  records = [json.loads(l) for l in (out / '_surgery' / 'report.jsonl').read_text().splitlines()]
+  statuses = {r['src'][len(str(inputs)) + 1:]: r['status'] for r in records}
+  assert sorted(statuses) == ['run_a/1', 'run_a/2', 'run_a/3', 'run_b', 'run_c', 'run_d']
+  assert set(statuses.values()) <= {'ok', 'skipped'}
+  assert sum(s == 'skipped' for s in statuses.values()) == len(before)  # kept, not rewritten
+  for p, stamp in stamps.items():
+    assert ocp.metadata.get_step_metadata(out / p.removesuffix('/commit_success.txt')).commit_timestamp_nsecs == stamp
+  leftovers = [p.name for p in out.glob('**/*') if 'orbax-checkpoint-tmp' in p.name or p.name.endswith(lease.SUFFIX)]
+  assert leftovers == []
+  for name in NAMES:  # every output is whole: it reads back as it was computed
+    assert_whole(epath.Path(out) / name)
+
+
+def test_broken_input_zoo_fails_alone_on_the_multiprocess_runner(inputs, tmp_path):
+  """Each broken input is a failed record with its error; the good ones migrate."""
+  import jax.numpy as jnp
+  from tests.conftest import mlp, trained
+  import optax
+  for f in (inputs / 'run_b').glob('ocdbt.process_*/d/*'):
+    f.write_bytes(f.read_bytes()[:20])                       # truncated array data
+  (inputs / 'run_c' / '_METADATA').unlink()                  # missing metadata
+  (inputs / 'run_a' / '4').mkdir()                           # an empty step directory
+  params, opt_state = trained(optax.adam(1e-3), {'encoder': mlp()})  # the rule finds no
+  ocp.PyTreeCheckpointer().save(inputs / 'mlp', {'params': params, 'opt_state': opt_state})  # ^Dense_1
+  state = ocp.PyTreeCheckpointer().restore(inputs / 'run_d')
+  state['params']['Dense_1']['kernel'] = jnp.zeros_like(state['params']['Dense_1']['kernel'])
+  ocp.PyTreeCheckpointer().save(inputs / 'zeros', state)     # normalize of zeros: NaN
+  spec = tmp_path / 'spec.yaml'
+  spec.write_text(SEED_SPEC)
+  out = tmp_path / 'out'
+  result = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec, '--direct_num_workers=2')
+  assert result.returncode == 1, result.stdout + result.stderr
+  records = {r['src'][len(str(inputs)) + 1:]: r
+             for r in map(json.loads, (out / '_surgery' / 'report.jsonl').read_text().splitlines())}
+  errors = {name: r['error'] for name, r in records.items() if r['status'] == 'failed'}
+  assert sorted(errors) == ['mlp', 'run_a/4', 'run_b', 'run_c', 'zeros']
+  assert 'not an Orbax checkpoint' in errors['run_a/4']
+  assert "ops[0] (normalize): match '^Dense_1/kernel$' matched no param path" in errors['mlp']
+  assert 'non-finite values' in errors['zeros'] and 'params/Dense_1/kernel' in errors['zeros']
+  assert errors['run_b'] and errors['run_c']
+  assert sorted(n for n, r in records.items() if r['status'] == 'ok') == ['run_a/1', 'run_a/2', 'run_a/3', 'run_d']
+  assert sorted(p.name for p in out.iterdir()) == ['_surgery', 'run_a', 'run_d']
+  assert sorted(p.name for p in (out / 'run_a').iterdir()) == ['1', '2', '3']
+
+
+def test_an_error_escaping_migrate_one_becomes_a_failed_record(inputs, tmp_path, monkeypatch):
+  """Beam's dead-letter output: nothing that goes wrong in the DoFn is lost."""
+  import apache_beam as beam
+  from pipeline import run as run_lib
+
+  def broken(src, *args, **kwargs):
+    if src.endswith('run_c'):
+      raise KeyError('a bug past the record machinery')
+    return migrate.record(src, 'x', 'ok')
+
+  monkeypatch.setattr(migrate, 'migrate_one', broken)
+  pairs = [(str(inputs / n), str(tmp_path / n)) for n in ('run_b', 'run_c')]
+  with beam.Pipeline(runner=run_lib.local_runner(beam.options.pipeline_options.PipelineOptions([]))) as p:
+    records = p | beam.Create(pairs) | run_lib.MigrateCheckpoints(SEED_SPEC)
+    got = records | beam.Map(lambda r: (r['src'][-5:], r['status'], r['error']))
+    from apache_beam.testing.util import assert_that, equal_to
+    assert_that(got, equal_to([('run_b', 'ok', None),
+                               ('run_c', 'failed', "KeyError: KeyError('a bug past the record machinery')")]))
+
+
+def test_nightly_rerun_migrates_only_what_is_new_and_a_changed_spec_needs_overwrite(inputs, samples, tmp_path):
+  spec = tmp_path / 'spec.yaml'
+  spec.write_text(SEED_SPEC)
+  out = tmp_path / 'out'
+  assert cli('run', '--input', inputs / '*', '--output', out, '--spec', spec).returncode == 0
+  # Overnight: training wrote step 4; and the old inputs' array data is gone,
+  # which proves a skip reads no input arrays.
+  with ocp.CheckpointManager(inputs / 'run_a') as manager:
+    state = ocp.PyTreeCheckpointer().restore(inputs / 'run_a' / '3' / 'default')
+    manager.save(4, args=ocp.args.StandardSave(state))
+  for data in inputs.glob('*/ocdbt.process_*/d/*'):
+    data.unlink()
+  for data in inputs.glob('run_a/[123]/default/ocdbt.process_*/d/*'):
+    data.unlink()
+  result = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec)
+  assert result.returncode == 0, result.stdout + result.stderr
+  records = [json.loads(l) for l in (out / '_surgery' / 'report.jsonl').read_text().splitlines()]
+  assert [(r['src'][len(str(inputs)) + 1:], r['status']) for r in records if r['status'] == 'ok'] == [('run_a/4', 'ok')]
+  assert sum(r['status'] == 'skipped' for r in records) == 6
+  # Another spec over the same outputs: refused per checkpoint, unless --overwrite.
+  other = tmp_path / 'other.yaml'
+  other.write_text("ops: [{scale: {match: 'kernel$', by: 0.5}}]")
+  refused = cli('run', '--input', inputs / 'run_a', '--output', out, '--spec', other)
+  assert refused.returncode == 1 and '--overwrite' in refused.stdout
+  replaced = cli('run', '--input', inputs / 'run_a', '--output', out, '--spec', other, '--overwrite')
+  assert replaced.returncode == 1  # steps 1-3 have no array data left to read
+  statuses = [json.loads(l)['status'] for l in (out / '_surgery' / 'report.jsonl').read_text().splitlines()]
+  assert statuses == ['failed', 'failed', 'failed', 'ok']
+  from pipeline import checkpoint_io
+  assert checkpoint_io.read_provenance(epath.Path(out / 'run_a' / '1'))['spec_hash'] != \
+      checkpoint_io.read_provenance(epath.Path(out / 'run_a' / '4'))['spec_hash']
