@@ -51,15 +51,17 @@ def expand(pattern: str) -> list[epath.Path]:
 def checkpoints_in(path: epath.Path) -> list[epath.Path]:
   """The committed checkpoint at `path`, or the committed steps under it.
 
-  A step directory that Orbax counts as finalized (not temporary, committed
-  on GCS) but that holds no checkpoint is broken, not absent: it is taken, so
-  that the run reports it as failed. (`is_checkpoint` refuses temporary
-  directories; a CheckpointManager root is not asked, since on GCS any
-  directory without a commit file looks temporary.)
+  In a CheckpointManager root (one with at least one checkpoint step), a step
+  directory that Orbax counts as finalized but that holds no checkpoint is
+  broken, not absent: it is taken, so that the run reports it as failed.
+  (`is_checkpoint` refuses temporary directories; a root is not asked, since
+  on GCS any directory without a commit file looks temporary.)
   """
   if checkpoint_io.is_checkpoint(path):
     return [path]
   steps = ocp.utils.checkpoint_steps_paths(path)
+  if not any(checkpoint_io.is_checkpoint(s) for s in steps):
+    return []  # not a CheckpointManager root (an unfinished checkpoint, say)
   return sorted(steps, key=lambda s: ocp.step.step_from_checkpoint_name(s.name))
 
 
