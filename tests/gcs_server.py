@@ -80,26 +80,24 @@ class FlakyProxy:
       def log_message(self, *args):
         pass
 
+      def _error(self, code: int, message: str):
+        payload = json.dumps({'error': {'code': code, 'message': message}}).encode()
+        self.send_response(code)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
       def _forward(self):
         body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
         if proxy._should_fail():
-          payload = b'{"error": {"code": 503, "message": "injected by FlakyProxy"}}'
-          self.send_response(503)
-          self.send_header('Content-Type', 'application/json')
-          self.send_header('Content-Length', str(len(payload)))
-          self.end_headers()
-          self.wfile.write(payload)
+          self._error(503, 'injected by FlakyProxy')
           return
         conn = http.client.HTTPConnection('127.0.0.1', upstream_port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         with proxy._precondition(self.command, self.path, conn) as holds:
           if not holds:
-            payload = b'{"error": {"code": 412, "message": "Precondition Failed"}}'
-            self.send_response(412)
-            self.send_header('Content-Type', 'application/json')
-            self.send_header('Content-Length', str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self._error(412, 'Precondition Failed')
             return
           conn.request(self.command, self.path, body=body, headers=headers)
           response = conn.getresponse()
