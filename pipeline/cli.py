@@ -7,12 +7,14 @@ is not ours goes to Beam as a pipeline option.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options import pipeline_options
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from etils import epath
 
 import transforms
@@ -62,11 +64,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_beam_args(beam_args: list[str]) -> None:
-  known = set(PipelineOptions([]).get_all_options())
-  for arg in beam_args:
-    name = arg.split('=')[0].lstrip('-').replace('-', '_')
-    if arg.startswith('--') and name not in known:
-      raise UsageError(f'unknown option {arg.split("=")[0]} (not ours, not a Beam option)')
+  """Refuse an argument neither we nor Beam know (a typo would otherwise be
+  dropped by Beam with a warning nobody reads)."""
+  runner = PipelineOptions(beam_args).view_as(StandardOptions).runner or ''
+  if '.' in runner:  # a runner named by its module registers its own options
+    try:
+      importlib.import_module(runner.rsplit('.', 1)[0])
+    except ImportError as e:
+      raise UsageError(f'cannot import --runner={runner}: {e}') from None
+  # As PipelineOptions.get_all_options parses: every options class's flags.
+  parser = pipeline_options._BeamArgumentParser(allow_abbrev=False)  # pylint: disable=protected-access
+  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  _, unknown = parser.parse_known_args(beam_args)
+  if unknown:
+    raise UsageError(f'unknown option {unknown[0].split("=")[0]} (not ours, not a Beam option)')
 
 
 def load_spec(path: str) -> tuple[transforms.Spec, str]:

@@ -201,7 +201,13 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
 
 
 class MigrateFn(beam.DoFn):
-  """Migrates each (src, dst) pair; yields its record and counts it in metrics."""
+  """Migrates each (src, dst) pair; yields its record and counts it in metrics.
+
+  It never raises: whatever escapes migrate_one becomes a failed record too,
+  so the report is the run's dead-letter sink. (Not Beam's
+  with_exception_handling: the DaskRunner routes a ParDo's main and tagged
+  outputs all to the tagged one, so a multi-output DoFn breaks there.)
+  """
 
   def __init__(self, spec_text: str, settings: Settings):
     self.spec_text = spec_text
@@ -214,7 +220,10 @@ class MigrateFn(beam.DoFn):
 
   def process(self, pair):
     src, dst = pair
-    rec = migrate_one(src, dst, self.surgery, self.settings)
+    try:
+      rec = migrate_one(src, dst, self.surgery, self.settings)
+    except Exception as e:  # a bug past migrate_one's own handling
+      rec = record(src, dst, 'failed', error=f'{type(e).__name__}: {e}')
     beam.metrics.Metrics.counter(METRICS, rec['status']).inc()
     beam.metrics.Metrics.counter(METRICS, 'bytes_read').inc(rec['bytes_in'])
     beam.metrics.Metrics.counter(METRICS, 'bytes_written').inc(rec['bytes_out'])

@@ -21,7 +21,7 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
 from pipeline import storage
-from pipeline.migrate import MigrateFn, Settings, record
+from pipeline.migrate import MigrateFn, Settings
 from pipeline.report import write_report
 
 LOCAL_RUNNERS = (None, 'DirectRunner', 'FnApiRunner')
@@ -37,21 +37,9 @@ class MigrateCheckpoints(beam.PTransform):
     super().__init__()
 
   def expand(self, pairs):
-    # migrate_one turns every failure it knows of into a record; Beam's
-    # dead-letter output catches anything else, so it is reported too.
-    records, dead = (
-        pairs
-        | 'Fan out' >> beam.Reshuffle()
-        | 'Migrate' >> beam.ParDo(MigrateFn(self.spec_text, self.settings))
-        .with_exception_handling(use_subprocess=False))
-    dead_records = dead | 'Dead letters' >> beam.MapTuple(dead_letter_record)
-    return (records, dead_records) | 'All records' >> beam.Flatten()
-
-
-def dead_letter_record(pair, error) -> dict:
-  """The failed record for a pair whose migration raised past migrate_one."""
-  (src, dst), (kind, message, _) = pair, error
-  return record(src, dst, 'failed', error=f'{getattr(kind, "__name__", kind)}: {message}')
+    return (pairs
+            | 'Fan out' >> beam.Reshuffle()
+            | 'Migrate' >> beam.ParDo(MigrateFn(self.spec_text, self.settings)))
 
 
 @dataclasses.dataclass

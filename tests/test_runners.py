@@ -1,0 +1,121 @@
+"""The same `ckpt-surgery run` on Beam's portable path and on Dask, for real.
+
+Fixtures start the services as separate processes, as a cluster would run
+them: a Beam job service and an EXTERNAL worker pool (how Flink and Spark
+run Python), and a Dask scheduler with two worker processes. The spec
+includes a user's `python:` op, so user code crosses the process boundary
+the way a cluster carries it (installed where the workers run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.gcs_server import free_port
+from tests.test_cli import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = """\
+ops:
+  - normalize: {match: '^Dense_1/kernel$'}
+  - python: {fn: 'tests.fix_heads:double_bias'}
+"""
+
+
+def worker_env() -> dict[str, str]:
+  """Workers run the `python` first on PATH, with the user's code importable."""
+  return {**os.environ, 'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+          'PYTHONPATH': REPO}
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+  import socket  # pylint: disable=g-import-not-at-top
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if process.poll() is not None:
+      raise RuntimeError(f'{process.args} exited with {process.returncode}')
+    with socket.socket() as s:
+      if s.connect_ex(('127.0.0.1', port)) == 0:
+        return
+    time.sleep(0.2)
+  raise RuntimeError(f'{process.args} did not listen on {port}')
+
+
+def start(args: list[str], port: int) -> subprocess.Popen:
+  process = subprocess.Popen(args, env=worker_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+  wait_for_port(port, process)
+  return process
+
+
+def stop(*processes: subprocess.Popen) -> None:
+  for process in processes:
+    os.killpg(process.pid, 9)
+    process.wait()
+
+
+@pytest.fixture(scope='module')
+def portable():
+  """A job service and an EXTERNAL worker pool: the Beam options that use them."""
+  job_port, pool_port = free_port(), free_port()
+  job = start([sys.executable, '-m', 'apache_beam.runners.portability.local_job_service_main',
+               f'--port={job_port}'], job_port)
+  pool = start([sys.executable, '-m', 'apache_beam.runners.worker.worker_pool_main',
+                f'--service_port={pool_port}'], pool_port)
+  yield ['--runner=PortableRunner', f'--job_endpoint=localhost:{job_port}',
+         '--environment_type=EXTERNAL', f'--environment_config=localhost:{pool_port}']
+  stop(job, pool)
+
+
+@pytest.fixture(scope='module')
+def dask_cluster():
+  """A Dask scheduler and two single-threaded worker processes."""
+  bin_dir = os.path.dirname(sys.executable)
+  port = free_port()
+  scheduler = start([os.path.join(bin_dir, 'dask'), 'scheduler', '--host', '127.0.0.1',
+                     f'--port={port}', '--no-dashboard'], port)
+  workers = subprocess.Popen(
+      [os.path.join(bin_dir, 'dask'), 'worker', f'tcp://127.0.0.1:{port}', '--nworkers', '2',
+       '--nthreads', '1', '--no-dashboard'],
+      env=worker_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+      start_new_session=True)
+  from distributed import Client  # pylint: disable=g-import-not-at-top
+  with Client(f'tcp://127.0.0.1:{port}', timeout=60) as client:
+    client.wait_for_workers(2, timeout=60)
+  yield ['--runner=apache_beam.runners.dask.dask_runner.DaskRunner',
+         f'--dask_client_address=tcp://127.0.0.1:{port}', '--dask_npartitions=6']
+  stop(scheduler, workers)
+
+
+def run_on(runner_args, inputs, tmp_path):
+  spec = tmp_path / 'spec.yaml'
+  spec.write_text(SPEC)
+  out = tmp_path / 'out'
+  result = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec, *runner_args)
+  assert result.returncode == 0, result.stdout + result.stderr
+  records = [json.loads(l) for l in (out / '_surgery' / 'report.jsonl').read_text().splitlines()]
+  assert [r['status'] for r in records] == ['ok'] * 6
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  before = ocp.PyTreeCheckpointer().restore(inputs / 'run_b')
+  after = ocp.PyTreeCheckpointer().restore(out / 'run_b')
+  np.testing.assert_array_equal(after['params']['Dense_0']['bias'], before['params']['Dense_0']['bias'] * 2)
+  return records
+
+
+def test_portable_runner_as_flink_and_spark_use_it(portable, inputs, tmp_path):
+  records = run_on(portable, inputs, tmp_path)
+  # Beam's local job service runs its FnApiRunner with one SDK worker (it
+  # never reads --direct_num_workers); on Flink or Spark the cluster sets
+  # the parallelism. What this proves: the work ran in the pool's process.
+  assert all(r['worker'].rsplit(':', 1)[1] != str(os.getpid()) for r in records)
+
+
+def test_dask_spreads_the_work_over_its_workers(dask_cluster, inputs, tmp_path):
+  records = run_on(dask_cluster, inputs, tmp_path)
+  assert len({r['worker'] for r in records}) == 2
