@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from apache_beam.options import pipeline_options
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                    help='replace outputs written with a different spec')
   run.add_argument('--allow_nonfinite', action='store_true',
                    help='write outputs even where the surgery made NaN or inf')
+  run.add_argument('--detach', action='store_true',
+                   help='submit the job and exit without waiting (Dataflow, flex templates)')
   plan = commands.add_parser(
       'plan', parents=[common], help='what run would do, from metadata only: per-signature diffs and errors')
   plan.add_argument('--input', required=True, metavar='PATTERN')
@@ -61,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
   demo_cmd.add_argument('--workdir', default='demo')
   demo_cmd.add_argument('--count', type=int, default=6)
   return parser
+
+
+def run_arguments() -> dict[str, argparse.Action]:
+  """`run`'s own options by name (what a flex template must expose)."""
+  commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
+  return {a.dest: a for a in commands.choices['run']._actions if a.dest != 'help'}  # pylint: disable=protected-access
 
 
 def _check_beam_args(beam_args: list[str]) -> None:
@@ -93,7 +102,7 @@ def load_spec(path: str) -> tuple[transforms.Spec, str]:
 
 
 def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
-            beam_args: list[str]) -> int:
+            beam_args: list[str], wait: bool = True) -> int:
   """Discover, run, print the table; the exit code."""
   _check_beam_args(beam_args)
   _, spec_text = load_spec(spec_path)
@@ -103,7 +112,12 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
     raise UsageError(str(e)) from None
   output = discovery.absolute(output)
   print(f'migrating {len(pairs)} checkpoint(s) to {output}', flush=True)
-  run_migration(pairs, spec_text, output, settings, beam_args)
+  started_at = time.time()
+  state = run_migration(pairs, spec_text, output, settings, beam_args, wait, started_at)
+  summary_file = report.report_dir(output) / 'summary.json'
+  if not summary_file.exists() or json.loads(summary_file.read_text())['started_at'] != started_at:
+    print(f'job {state}; its report will be at {report.report_dir(output)}/')
+    return 0
   records, summary = report.read_report(output)
   print(report.format_table(records, summary))
   print(f'report: {report.report_dir(output)}/report.jsonl')
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == 'run':
       settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint)
-      return migrate(args.input, args.output, args.spec, settings, rest)
+      return migrate(args.input, args.output, args.spec, settings, rest, not args.detach)
     if rest:
       raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
     if args.command == 'plan':

@@ -31,6 +31,7 @@ def summarize(records: Iterable[dict[str, Any]], started_at: float) -> dict[str,
       bytes_read=sum(r['bytes_in'] for r in records),
       bytes_written=sum(r['bytes_out'] for r in records),
       seconds=round(time.time() - started_at, 3),
+      started_at=started_at,  # identifies the run that wrote this summary
       checkpoint_seconds=round(sum(r['seconds'] for r in records), 3),
   )
   return summary

@@ -96,11 +96,18 @@ def make_pipeline(beam_args: list[str]) -> beam.Pipeline:
 
 
 def run_migration(pairs: list[tuple[str, str]], spec_text: str, output: str,
-                  settings: Settings, beam_args: list[str]) -> None:
-  """Run the whole job; the report lands under `output`/_surgery."""
-  started_at = time.time()
-  with make_pipeline(beam_args) as p:
-    _ = (p
-         | 'Checkpoints' >> beam.Create(pairs)
-         | 'Migrate checkpoints' >> MigrateCheckpoints(spec_text, settings)
-         | 'Report' >> WriteReport(output, started_at, settings.gcs_endpoint))
+                  settings: Settings, beam_args: list[str], wait: bool = True,
+                  started_at: float | None = None) -> str:
+  """Run the job (or only submit it, without `wait`); its state. The report
+  lands under `output`/_surgery when the job's last step runs, with
+  `started_at` in its summary."""
+  started_at = started_at or time.time()
+  p = make_pipeline(beam_args)
+  _ = (p
+       | 'Checkpoints' >> beam.Create(pairs)
+       | 'Migrate checkpoints' >> MigrateCheckpoints(spec_text, settings)
+       | 'Report' >> WriteReport(output, started_at, settings.gcs_endpoint))
+  result = p.run()
+  if wait:
+    result.wait_until_finish()
+  return str(result.state)
