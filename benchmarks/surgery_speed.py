@@ -1,0 +1,152 @@
+"""Surgery speed: a floor, a baseline and ckpt-surgery, each as a whole process.
+
+A benchmark, not a test. It writes N transformer-like checkpoints (embedding,
+attention and MLP kernels, layer norms; Adam moments that are NOT zeros,
+since zeros compress and flatter every reader), then times, alternating,
+each as a whole process:
+  floor     `cp -r` of the input tree
+  baseline  the seed's loop, as a user writes it from the Flax guide: one
+            process restoring, flattening, normalizing one kernel,
+            unflattening and saving each checkpoint in turn
+  ours      `ckpt-surgery run` with the same surgery (local multi-process runner)
+It prints a table and writes JSON: wall seconds, bytes on disk, peak RSS,
+ours/floor and baseline/ours.
+
+  python -m benchmarks.surgery_speed --counts 8,32 [--layers 3] [--repeat 2] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SPEC = "ops:\n  - normalize: {match: '^layer_0/mlp/kernel_in$'}\n"
+
+SEED_LOOP = r'''
+import sys, os
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import traverse_util
+src, dst = sys.argv[1], sys.argv[2]
+checkpointer = ocp.PyTreeCheckpointer()
+for name in sorted(os.listdir(src)):
+  state = checkpointer.restore(os.path.join(src, name))
+  flat = traverse_util.flatten_dict(state['params'], sep='/')
+  kernel = flat['layer_0/mlp/kernel_in']
+  flat['layer_0/mlp/kernel_in'] = kernel / jnp.linalg.norm(kernel)
+  state['params'] = traverse_util.unflatten_dict(flat, sep='/')
+  checkpointer.save(os.path.join(dst, name), state)
+'''
+
+
+def transformer_params(rng, layers: int, width: int = 256, vocab: int = 2048):
+  def dense(*shape):
+    return (rng.standard_normal(shape, np.float32) / np.sqrt(shape[0])).astype(np.float32)
+  params = {'embed': {'table': dense(vocab, width)}}
+  for i in range(layers):
+    params[f'layer_{i}'] = {
+        'attention': {n: dense(width, width) for n in ('query', 'key', 'value', 'out')},
+        'mlp': {'kernel_in': dense(width, 4 * width), 'kernel_out': dense(4 * width, width)},
+        'norm': {'scale': np.ones(width, np.float32), 'bias': np.zeros(width, np.float32)},
+    }
+  return params
+
+
+def make_inputs(root: str, count: int, layers: int) -> None:
+  """`count` checkpoints {params, opt_state (Adam, moments not zeros), step}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = transformer_params(rng, layers)
+  tx = optax.adam(1e-3)
+  checkpointer = ocp.PyTreeCheckpointer()
+  for i in range(count):
+    state = tx.init(params)
+    noisy = lambda x: x + rng.standard_normal(x.shape).astype(x.dtype) * 1e-3  # pylint: disable=cell-var-from-loop
+    opt_state = (state[0]._replace(mu=jax.tree.map(noisy, state[0].mu),
+                                   nu=jax.tree.map(lambda x: np.abs(noisy(x)), state[0].nu)),) + state[1:]
+    checkpointer.save(os.path.join(root, f'ckpt_{i:04d}'),
+                      {'params': params, 'opt_state': opt_state, 'step': i})
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+  """(wall seconds, peak RSS in bytes of the process and the children it waited for)."""
+  start = time.perf_counter()
+  result = subprocess.run(['/usr/bin/time', '-f', '%M', *cmd], capture_output=True, text=True)
+  seconds = time.perf_counter() - start
+  if result.returncode:
+    raise RuntimeError(f'{cmd[:4]} failed:\n{result.stderr[-2000:]}')
+  return seconds, int(result.stderr.strip().splitlines()[-1]) * 1024
+
+
+def disk_bytes(root: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+
+
+def bench(count: int, layers: int, repeat: int, work: str) -> dict:
+  src = os.path.join(work, f'in_{count}')
+  make_inputs(src, count, layers)
+  spec = os.path.join(work, 'spec.yaml')
+  with open(spec, 'w') as f:
+    f.write(SPEC)
+  runs = {
+      'floor': lambda out: ['cp', '-r', src, out],
+      'baseline': lambda out: [sys.executable, '-c', SEED_LOOP, src, out],
+      'ours': lambda out: [sys.executable, '-m', 'pipeline', 'run', '--input', src + '/*',
+                           '--output', out, '--spec', spec],
+  }
+  times = {k: [] for k in runs}
+  rss = {k: 0 for k in runs}
+  for r in range(repeat):
+    order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternate
+    for name in order:
+      out = os.path.join(work, f'out_{name}')
+      shutil.rmtree(out, ignore_errors=True)
+      if name == 'baseline':
+        os.makedirs(out)
+      seconds, peak = timed(runs[name](out))
+      times[name].append(seconds)
+      rss[name] = max(rss[name], peak)
+      shutil.rmtree(out, ignore_errors=True)
+  best = {k: min(v) for k, v in times.items()}
+  nbytes = disk_bytes(src)
+  shutil.rmtree(src)
+  return {'checkpoints': count, 'bytes': nbytes, 'seconds': best, 'all_seconds': times,
+          'peak_rss': rss, 'ours_over_floor': best['ours'] / best['floor'],
+          'baseline_over_ours': best['baseline'] / best['ours']}
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--counts', default='8,32')
+  parser.add_argument('--layers', type=int, default=3, help='3 layers: about 35 MB per checkpoint')
+  parser.add_argument('--repeat', type=int, default=2)
+  parser.add_argument('--json')
+  args = parser.parse_args(argv)
+  results = []
+  with tempfile.TemporaryDirectory(dir=os.environ.get('BENCH_DIR')) as work:
+    for count in map(int, args.counts.split(',')):
+      results.append(bench(count, args.layers, args.repeat, work))
+  print(f"{'N':>4} {'MB':>7} {'floor s':>8} {'baseline s':>10} {'ours s':>7} "
+        f"{'ours/floor':>10} {'baseline/ours':>13} {'peak RSS MB (floor/base/ours)':>30}")
+  for r in results:
+    s, m = r['seconds'], r['peak_rss']
+    print(f"{r['checkpoints']:>4} {r['bytes'] / 1e6:>7.0f} {s['floor']:>8.2f} {s['baseline']:>10.2f} "
+          f"{s['ours']:>7.2f} {r['ours_over_floor']:>10.2f} {r['baseline_over_ours']:>13.2f} "
+          f"{m['floor'] / 1e6:>10.0f}/{m['baseline'] / 1e6:.0f}/{m['ours'] / 1e6:.0f}")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+if __name__ == '__main__':
+  main()
