@@ -107,24 +107,30 @@ def _tree_metadata(path: epath.Path) -> Any:
   return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
 
 
-def _restore_args(metadata: Any, device: jax.Device) -> Any:
-  """Arrays onto `device`; scalars saved as Python numbers stay Python numbers."""
+def _restore_args(like: Any, device: jax.Device) -> Any:
+  """Arrays onto `device`; scalars saved as Python numbers stay Python numbers.
+
+  `like` is the tree's Orbax metadata, or the tree itself when we wrote it."""
   sharding = jax.sharding.SingleDeviceSharding(device)
+  is_array = lambda x: (isinstance(x, (jax.Array, np.ndarray)) or (
+      isinstance(x, ocp_metadata.ArrayMetadata) and not isinstance(x, ocp_metadata.ScalarMetadata)))
   return jax.tree_util.tree_map(
-      lambda m: ocp.RestoreArgs() if isinstance(m, ocp_metadata.ScalarMetadata)
-      else ocp.ArrayRestoreArgs(sharding=sharding), metadata)
+      lambda x: ocp.ArrayRestoreArgs(sharding=sharding) if is_array(x) else ocp.RestoreArgs(), like)
 
 
-def restore(path: epath.Path, device: jax.Device | None = None
+def restore(path: epath.Path, device: jax.Device | None = None, written: dict[str, Any] | None = None
             ) -> tuple[Layout, dict[str, Any]]:
-  """(layout, items by name) of a checkpoint, arrays on `device` (default: the first)."""
+  """(layout, items by name) of a checkpoint, arrays on `device` (default: the first).
+
+  `written`, the items as we saved them, spares reading the metadata of a
+  checkpoint we just wrote (Orbax opens every array for it)."""
   device = device or jax.devices()[0]
   layout = read_layout(path)
   args = {}
   for name, handler in layout.items:
     if handler in TREE_HANDLERS:
-      restore_args = _restore_args(_tree_metadata(path / name if name else path), device)
-      args[name] = ocp.args.PyTreeRestore(restore_args=restore_args)
+      like = written[name] if written is not None else _tree_metadata(path / name if name else path)
+      args[name] = ocp.args.PyTreeRestore(restore_args=_restore_args(like, device))
     else:
       args[name] = ocp.args.JsonRestore()
   if not layout.is_step:

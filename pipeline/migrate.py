@@ -147,12 +147,12 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       'digest': transforms.digest(prints),
       'checksums': {p: f.checksum for p, f in prints.items()},
   }
-  expected = checkpoint_io.array_specs(new_state)
+  written = layout.split(new_state, items)
   if replace:
     dst.rmtree()
-  checkpoint_io.save(dst, layout, layout.split(new_state, items), provenance)
+  checkpoint_io.save(dst, layout, written, provenance)
   try:
-    verify(dst, expected, prints)
+    verify(dst, written, prints)
   except Exception:
     dst.rmtree()  # committed but wrong (or unreadable): not an output
     raise
@@ -160,16 +160,16 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
           'signature': sig, 'compiled': compiled, 'digest': provenance['digest']}
 
 
-def verify(dst: epath.Path, expected: dict[str, tuple[tuple[int, ...], str]],
-           prints: dict[str, transforms.Fingerprint]) -> None:
-  """Reopen what was committed at dst: its metadata must show the `expected`
-  arrays (path -> shape, dtype), and its arrays read back `prints`' checksums."""
-  _, meta = checkpoint_io.read_metadata(dst)
-  got = checkpoint_io.array_specs(meta)
+def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transforms.Fingerprint]
+           ) -> None:
+  """Reopen what was committed at dst: it must hold the arrays of `written`
+  (the items as saved: paths, shapes, dtypes), reading back `prints`' checksums."""
+  expected = checkpoint_io.array_specs(written)
+  layout, items = checkpoint_io.restore(dst, written=written)
+  got = checkpoint_io.array_specs(items)
   if got != expected:
     differ = sorted(set(got.items()) ^ set(expected.items()))[:3]
     raise VerificationError(f'{dst}: committed arrays differ from what was computed: {differ}')
-  layout, items = checkpoint_io.restore(dst)
   back = transforms.fingerprints(layout.join(items))
   bad = sorted(p for p, f in prints.items() if p not in back or back[p].checksum != f.checksum)
   if bad:

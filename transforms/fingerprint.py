@@ -1,10 +1,13 @@
 """Per-leaf fingerprints: a checksum of each leaf's bits and whether it is finite.
 
-Computed on the device in one jitted pass, before an output is written and
-again on what was read back, so a checkpoint that did not survive the trip
-(or a surgery that made NaNs) is caught. The checksum is two wrapping uint32
-sums over the leaf's bits as words: plain, and weighted by position, so a
-changed or moved word changes it.
+Computed before an output is written and again on what was read back, so a
+checkpoint that did not survive the trip (or a surgery that made NaNs) is
+caught. The checksum is two wrapping uint32 sums over the leaf's bits as
+words: plain, and weighted by position, so a changed or moved word changes it.
+
+It runs in NumPy on the host, a bounded slice at a time: no compilation per
+signature (a jitted pass cost more to compile than to run), and no temporary
+as large as the leaf.
 """
 from __future__ import annotations
 
@@ -13,10 +16,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transforms.surgery import key_path
 
-_WORDS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
+_SLICE = 1 << 22  # words per step: 16 MB of uint32 temporaries at most
 
 
 class Fingerprint(NamedTuple):
@@ -24,30 +29,25 @@ class Fingerprint(NamedTuple):
   finite: bool    # False if any NaN or inf (always True for integers)
 
 
-def _words(x: jax.Array) -> jax.Array:
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  return jax.lax.bitcast_convert_type(x, _WORDS[x.dtype.itemsize]).astype(jnp.uint32).ravel()
-
-
-def _fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  words = _words(x)
-  position = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
-  sums = jnp.stack([words.sum(dtype=jnp.uint32), (words * position).sum(dtype=jnp.uint32)])
-  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
-  return sums, finite
-
-
-_fingerprints = jax.jit(lambda leaves: [_fingerprint(x) for x in leaves])
+def fingerprint(x: Any) -> Fingerprint:
+  """The Fingerprint of one array (a jax.Array is brought to the host)."""
+  flat = np.ascontiguousarray(x).reshape(-1)
+  words = flat.view(_WORDS[flat.dtype.itemsize])
+  plain = weighted = np.uint32(0)
+  for start in range(0, words.size, _SLICE):
+    chunk = words[start:start + _SLICE].astype(np.uint32)
+    position = np.arange(start + 1, start + chunk.size + 1, dtype=np.uint32)
+    plain += chunk.sum(dtype=np.uint32)
+    weighted += (chunk * position).sum(dtype=np.uint32)
+  finite = not jnp.issubdtype(flat.dtype, jnp.inexact) or all(
+      np.isfinite(flat[start:start + _SLICE]).all() for start in range(0, flat.size, _SLICE))
+  return Fingerprint(f'{int(plain):08x}{int(weighted):08x}', bool(finite))
 
 
 def fingerprints(tree: Any) -> dict[str, Fingerprint]:
   """{leaf path: Fingerprint} for every array leaf of `tree`."""
-  pairs = [(key_path(k), x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if isinstance(x, jax.Array)]
-  computed = jax.device_get(_fingerprints([x for _, x in pairs]))
-  return {path: Fingerprint(f'{int(s[0]):08x}{int(s[1]):08x}', bool(ok))
-          for (path, _), (s, ok) in zip(pairs, computed)}
+  return {key_path(k): fingerprint(x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if isinstance(x, (jax.Array, np.ndarray))}
 
 
 def digest(prints: dict[str, Fingerprint]) -> str:
