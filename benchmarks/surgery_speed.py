@@ -9,10 +9,17 @@ each as a whole process:
             process restoring, flattening, normalizing one kernel,
             unflattening and saving each checkpoint in turn
   ours      `ckpt-surgery run` with the same surgery (local multi-process runner)
-It prints a table and writes JSON: wall seconds, bytes on disk, peak RSS,
-ours/floor and baseline/ours.
+  ours      `ckpt-surgery run` with the same surgery (local multi-process
+            runner); the untouched ~94% of the bytes are copied through
+  full      the same with --full_decode: every leaf restored, moved through
+            the device and re-encoded
+It prints a table and writes JSON: wall seconds, bytes on disk, peak RSS of
+the whole process tree, the workers' peak RSS over their idle footprint (from
+summary.json), ours/floor, baseline/ours and baseline/full.
 
-  python -m benchmarks.surgery_speed --counts 8,32 [--layers 3] [--repeat 2] [--json out.json]
+  python -m benchmarks.surgery_speed --counts 8,32,128 [--big] [--repeat 2] [--json out.json]
+
+--big adds one checkpoint of about 1 GB (wider, deeper layers).
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ import time
 
 import numpy as np
 
-SPEC = "ops:\n  - normalize: {match: '^layer_0/mlp/kernel_in$'}\n"
+# Normalizes the first layer's two MLP kernels: ~6% of the bytes (params and Adam moments).
+SPEC = "ops:\n  - normalize: {match: '^layer_0/mlp/kernel_(in|out)$'}\n"
 
 SEED_LOOP = r'''
 import sys, os
@@ -39,8 +47,8 @@ checkpointer = ocp.PyTreeCheckpointer()
 for name in sorted(os.listdir(src)):
   state = checkpointer.restore(os.path.join(src, name))
   flat = traverse_util.flatten_dict(state['params'], sep='/')
-  kernel = flat['layer_0/mlp/kernel_in']
-  flat['layer_0/mlp/kernel_in'] = kernel / jnp.linalg.norm(kernel)
+  for name in ('layer_0/mlp/kernel_in', 'layer_0/mlp/kernel_out'):
+    flat[name] = flat[name] / jnp.linalg.norm(flat[name])
   state['params'] = traverse_util.unflatten_dict(flat, sep='/')
   checkpointer.save(os.path.join(dst, name), state)
 '''
@@ -59,13 +67,13 @@ def transformer_params(rng, layers: int, width: int = 256, vocab: int = 2048):
   return params
 
 
-def make_inputs(root: str, count: int, layers: int) -> None:
+def make_inputs(root: str, count: int, layers: int, width: int = 256) -> None:
   """`count` checkpoints {params, opt_state (Adam, moments not zeros), step}."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  params = transformer_params(rng, layers)
+  params = transformer_params(rng, layers, width)
   tx = optax.adam(1e-3)
   checkpointer = ocp.PyTreeCheckpointer()
   for i in range(count):
@@ -91,20 +99,23 @@ def disk_bytes(root: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
 
 
-def bench(count: int, layers: int, repeat: int, work: str) -> dict:
-  src = os.path.join(work, f'in_{count}')
-  make_inputs(src, count, layers)
+def bench(count: int, layers: int, width: int, repeat: int, work: str) -> dict:
+  src = os.path.join(work, f'in_{count}_{width}')
+  make_inputs(src, count, layers, width)
   spec = os.path.join(work, 'spec.yaml')
   with open(spec, 'w') as f:
     f.write(SPEC)
+  ours = lambda *flags: lambda out: [sys.executable, '-m', 'pipeline', 'run', '--input', src + '/*',
+                                     '--output', out, '--spec', spec, *flags]
   runs = {
       'floor': lambda out: ['cp', '-r', src, out],
       'baseline': lambda out: [sys.executable, '-c', SEED_LOOP, src, out],
-      'ours': lambda out: [sys.executable, '-m', 'pipeline', 'run', '--input', src + '/*',
-                           '--output', out, '--spec', spec],
+      'ours': ours(),
+      'full': ours('--full_decode'),
   }
   times = {k: [] for k in runs}
   rss = {k: 0 for k in runs}
+  worker_rss = {'ours': 0, 'full': 0}
   for r in range(repeat):
     order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternate
     for name in order:
@@ -115,33 +126,46 @@ def bench(count: int, layers: int, repeat: int, work: str) -> dict:
       seconds, peak = timed(runs[name](out))
       times[name].append(seconds)
       rss[name] = max(rss[name], peak)
+      if name in worker_rss:
+        with open(os.path.join(out, '_surgery', 'summary.json')) as f:
+          summary = json.load(f)
+        assert summary['ok'] == count, summary
+        worker_rss[name] = max(worker_rss[name], summary['peak_rss_over_idle'])
       shutil.rmtree(out, ignore_errors=True)
   best = {k: min(v) for k, v in times.items()}
   nbytes = disk_bytes(src)
   shutil.rmtree(src)
   return {'checkpoints': count, 'bytes': nbytes, 'seconds': best, 'all_seconds': times,
-          'peak_rss': rss, 'ours_over_floor': best['ours'] / best['floor'],
-          'baseline_over_ours': best['baseline'] / best['ours']}
+          'peak_rss': rss, 'worker_peak_rss_over_idle': worker_rss,
+          'worker_rss_over_checkpoint': {k: v / (nbytes / count) for k, v in worker_rss.items()},
+          'ours_over_floor': best['ours'] / best['floor'],
+          'baseline_over_ours': best['baseline'] / best['ours'],
+          'baseline_over_full': best['baseline'] / best['full']}
 
 
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--counts', default='8,32')
   parser.add_argument('--layers', type=int, default=3, help='3 layers: about 35 MB per checkpoint')
+  parser.add_argument('--big', action='store_true', help='add one checkpoint of about 1 GB')
   parser.add_argument('--repeat', type=int, default=2)
   parser.add_argument('--json')
   args = parser.parse_args(argv)
+  cases = [(int(n), args.layers, 256) for n in args.counts.split(',') if n]
+  if args.big:
+    cases.append((1, 6, 1024))  # 6 layers of width 1024: about 1 GB with Adam's moments
   results = []
   with tempfile.TemporaryDirectory(dir=os.environ.get('BENCH_DIR')) as work:
-    for count in map(int, args.counts.split(',')):
-      results.append(bench(count, args.layers, args.repeat, work))
-  print(f"{'N':>4} {'MB':>7} {'floor s':>8} {'baseline s':>10} {'ours s':>7} "
-        f"{'ours/floor':>10} {'baseline/ours':>13} {'peak RSS MB (floor/base/ours)':>30}")
+    for count, layers, width in cases:
+      results.append(bench(count, layers, width, args.repeat, work))
+  print(f"{'N':>4} {'MB':>6} {'floor s':>8} {'baseline s':>10} {'ours s':>7} {'full s':>7} "
+        f"{'ours/floor':>10} {'base/ours':>9} {'base/full':>9}  worker RSS over idle / ckpt (ours, full)")
   for r in results:
-    s, m = r['seconds'], r['peak_rss']
-    print(f"{r['checkpoints']:>4} {r['bytes'] / 1e6:>7.0f} {s['floor']:>8.2f} {s['baseline']:>10.2f} "
-          f"{s['ours']:>7.2f} {r['ours_over_floor']:>10.2f} {r['baseline_over_ours']:>13.2f} "
-          f"{m['floor'] / 1e6:>10.0f}/{m['baseline'] / 1e6:.0f}/{m['ours'] / 1e6:.0f}")
+    s, w = r['seconds'], r['worker_rss_over_checkpoint']
+    print(f"{r['checkpoints']:>4} {r['bytes'] / 1e6:>6.0f} {s['floor']:>8.2f} {s['baseline']:>10.2f} "
+          f"{s['ours']:>7.2f} {s['full']:>7.2f} {r['ours_over_floor']:>10.2f} "
+          f"{r['baseline_over_ours']:>9.2f} {r['baseline_over_full']:>9.2f}  "
+          f"{w['ours']:.2f}, {w['full']:.2f}")
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=2)

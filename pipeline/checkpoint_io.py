@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import metadata as ocp_metadata
 
 import transforms
+from pipeline import copy_through
 
 PROVENANCE_KEY = 'ckpt_surgery'
 TREE_HANDLERS = {
@@ -104,33 +105,53 @@ def read_layout(path: epath.Path) -> Layout:
 
 
 def _tree_metadata(path: epath.Path) -> Any:
-  return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  """Orbax's metadata of one tree: `.tree` of leaf metadata, `.use_zarr3`."""
+  return ocp.PyTreeCheckpointer().metadata(path).item_metadata
 
 
-def _restore_args(like: Any, device: jax.Device) -> Any:
-  """Arrays onto `device`; scalars saved as Python numbers stay Python numbers.
+def item_metadata(path: epath.Path, layout: Layout) -> dict[str, Any]:
+  """{tree item name: Orbax's metadata of that tree} (Orbax opens every array for it)."""
+  return {name: _tree_metadata(path / name if name else path) for name in layout.trees}
 
-  `like` is the tree's Orbax metadata, or the tree itself when we wrote it."""
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  is_array = lambda x: (isinstance(x, (jax.Array, np.ndarray)) or (
-      isinstance(x, ocp_metadata.ArrayMetadata) and not isinstance(x, ocp_metadata.ScalarMetadata)))
+
+def skipped(x: Any) -> bool:
+  """A leaf not to restore: a placeholder, or an array whose bytes are copied."""
+  return x is ocp.PLACEHOLDER or isinstance(x, copy_through.StoredArray)
+
+
+def is_array(x: Any) -> bool:
+  """An array leaf of a restored tree, or its metadata (not a saved Python scalar)."""
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or (
+      isinstance(x, ocp_metadata.ArrayMetadata) and not isinstance(x, ocp_metadata.ScalarMetadata))
+
+
+def _restore_args(like: Any, devices: list[jax.Device]) -> Any:
+  """Arrays placed as transforms.placement says; scalars saved as Python
+  numbers stay Python numbers; skipped leaves are not read."""
   return jax.tree_util.tree_map(
-      lambda x: ocp.ArrayRestoreArgs(sharding=sharding) if is_array(x) else ocp.RestoreArgs(), like)
+      lambda x: ocp.ArrayRestoreArgs(sharding=transforms.placement(x.shape, x.dtype, devices))
+      if is_array(x) and not skipped(x) else ocp.RestoreArgs(), like)
 
 
-def restore(path: epath.Path, device: jax.Device | None = None, written: dict[str, Any] | None = None
-            ) -> tuple[Layout, dict[str, Any]]:
-  """(layout, items by name) of a checkpoint, arrays on `device` (default: the first).
+def restore(path: epath.Path, like: dict[str, Any] | None = None,
+            devices: list[jax.Device] | None = None) -> tuple[Layout, dict[str, Any]]:
+  """(layout, items by name) of a checkpoint, its arrays on `devices` (default:
+  this worker's local devices, large arrays spread over them).
 
-  `written`, the items as we saved them, spares reading the metadata of a
-  checkpoint we just wrote (Orbax opens every array for it)."""
-  device = device or jax.devices()[0]
+  `like` gives each tree item's metadata (from `item_metadata`) or the items as
+  we saved them, sparing Orbax's metadata pass; its `skipped` leaves are
+  restored as placeholders."""
+  devices = devices or jax.local_devices()
   layout = read_layout(path)
+  like = like if like is not None else {n: m.tree for n, m in item_metadata(path, layout).items()}
   args = {}
   for name, handler in layout.items:
     if handler in TREE_HANDLERS:
-      like = written[name] if written is not None else _tree_metadata(path / name if name else path)
-      args[name] = ocp.args.PyTreeRestore(restore_args=_restore_args(like, device))
+      tree = like[name]
+      partial = any(skipped(x) for x in jax.tree_util.tree_leaves(tree))
+      item = jax.tree_util.tree_map(
+          lambda x: ocp.PLACEHOLDER if skipped(x) else x, tree) if partial else None
+      args[name] = ocp.args.PyTreeRestore(item=item, restore_args=_restore_args(tree, devices))
     else:
       args[name] = ocp.args.JsonRestore()
   if not layout.is_step:
@@ -140,18 +161,32 @@ def restore(path: epath.Path, device: jax.Device | None = None, written: dict[st
   return layout, dict(restored.items())
 
 
+def _tree_handler(name: str) -> Any:
+  handler = _HANDLERS[name]()
+  if name == 'StandardCheckpointHandler':
+    # Its type check would refuse the stand-ins it passes on to Orbax's array
+    # handler, which copies their stored bytes (see copy_through).
+    handler._supported_types = (*handler._supported_types, copy_through.StoredArray)  # pylint: disable=protected-access
+  return handler
+
+
 def save(path: epath.Path, layout: Layout, items: dict[str, Any],
          provenance: dict[str, Any]) -> None:
-  """Write `items` at `path` with Orbax's atomic commit, in `layout`."""
+  """Write `items` at `path` with Orbax's atomic commit, in `layout`.
+  StoredArray leaves are written by copying their stored bytes."""
+  if any(isinstance(x, copy_through.StoredArray) for x in jax.tree_util.tree_leaves(items)):
+    copy_through.install()
   custom = {PROVENANCE_KEY: provenance}
   if not layout.is_step:
     (name, handler), = layout.items
-    checkpointer = ocp.Checkpointer(_HANDLERS[handler]())
+    checkpointer = ocp.Checkpointer(_tree_handler(handler))
     checkpointer.save(path, args=TREE_HANDLERS[handler](items[name]), custom_metadata=custom)
     return
   args = {n: TREE_HANDLERS[h](items[n]) if h in TREE_HANDLERS else ocp.args.JsonSave(items[n])
           for n, h in layout.items}
-  ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+  handlers = {n: _tree_handler(h) if h in TREE_HANDLERS else ocp.JsonCheckpointHandler()
+              for n, h in layout.items}
+  ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)).save(
       path, args=ocp.args.Composite(**args), custom_metadata=custom)
 
 
@@ -166,14 +201,19 @@ def read_provenance(path: epath.Path) -> dict[str, Any] | None:
 def read_metadata(path: epath.Path) -> tuple[Layout, Any]:
   """(layout, the state's tree of leaf metadata: shape and dtype, no array bytes)."""
   layout = read_layout(path)
-  trees = {name: _tree_metadata(path / name if name else path) for name in layout.trees}
-  return layout, layout.join(trees)
+  return layout, layout.join({n: m.tree for n, m in item_metadata(path, layout).items()})
 
 
 def array_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  """{leaf path: (shape, dtype)} of the arrays in a restored tree or in its
-  Orbax metadata alike (numbers saved as Python scalars are not arrays)."""
+  """{leaf path: (shape, dtype)} of the arrays in a restored tree, in its
+  Orbax metadata or in its abstract form alike (numbers saved as Python
+  scalars are not arrays; skipped leaves are not counted)."""
   return {transforms.key_path(k): (tuple(x.shape), np.dtype(x.dtype).name)
-          for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-          if isinstance(x, jax.Array) or (isinstance(x, ocp_metadata.ArrayMetadata)
-                                          and not isinstance(x, ocp_metadata.ScalarMetadata))}
+          for k, x in jax.tree_util.tree_flatten_with_path(tree)[0] if is_array(x) and not skipped(x)}
+
+
+def abstract(tree: Any) -> Any:
+  """`tree` with its arrays replaced by their shape, dtype and sharding."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      if isinstance(x, jax.Array) else x, tree)

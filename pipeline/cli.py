@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                    help='replace outputs written with a different spec')
   run.add_argument('--allow_nonfinite', action='store_true',
                    help='write outputs even where the surgery made NaN or inf')
+  run.add_argument('--full_decode', action='store_true',
+                   help='restore, move through the device and rewrite every leaf, even those '
+                        'the surgery leaves untouched (default: carry their stored bytes over)')
   run.add_argument('--detach', action='store_true',
                    help='submit the job and exit without waiting (Dataflow, flex templates)')
   plan = commands.add_parser(
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
   storage.configure(getattr(args, 'gcs_endpoint', None))
   try:
     if args.command == 'run':
-      settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint)
+      settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint, args.full_decode)
       return migrate(args.input, args.output, args.spec, settings, rest, not args.detach)
     if rest:
       raise UsageError(f'unrecognized arguments: {" ".join(rest)}')

@@ -55,8 +55,9 @@ def describe(path: str) -> str:
   out = [f'{path}  ({kind}; {len(rows)} arrays, {sum(r[3] for r in rows):,} bytes)']
   provenance = checkpoint_io.read_provenance(ckpt)
   if provenance:
-    shown = {k: v for k, v in provenance.items() if k not in ('spec', 'checksums')}
+    shown = {k: v for k, v in provenance.items() if k not in ('spec', 'checksums', 'carried')}
     shown['checksums'] = f"{len(provenance.get('checksums', {}))} leaves"
+    shown['carried'] = f"{len(provenance.get('carried', []))} leaves (stored bytes copied)"
     out.append('provenance: ' + json.dumps(shown, sort_keys=True))
     out.append('spec: ' + json.dumps(provenance.get('spec'), sort_keys=True))
   header = ('path', 'shape', 'dtype', 'bytes', 'role')

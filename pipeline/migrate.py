@@ -14,15 +14,18 @@ import datetime
 import importlib.metadata
 import logging
 import os
+import resource
 import socket
 import time
 from typing import Any
 
 import apache_beam as beam
+import jax
+import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, lease, storage
+from pipeline import checkpoint_io, copy_through, lease, storage
 
 log = logging.getLogger('ckpt_surgery')
 METRICS = 'ckpt_surgery'
@@ -59,12 +62,13 @@ class Settings:
   overwrite: bool = False        # replace outputs written with another spec
   allow_nonfinite: bool = False  # write outputs with NaN or inf
   gcs_endpoint: str | None = None  # a GCS emulator, for workers to use too
+  full_decode: bool = False      # restore and rewrite every leaf, even untouched ones
 
 
 def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
   base = {'src': src, 'dst': dst, 'status': status, 'error': None, 'bytes_in': 0,
           'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False, 'attempts': 1,
-          'digest': None,
+          'digest': None, 'bytes_carried': 0,
           'worker': f'{socket.gethostname()}:{os.getpid()}'}
   return {**base, **fields}
 
@@ -123,15 +127,57 @@ class VerificationError(RuntimeError):
   """What was committed is not what was computed; the output was removed."""
 
 
+def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
+                  surgery: transforms.Surgery) -> tuple[dict[str, Any], Any, str, bool] | None:
+  """(restored items, migrated state, signature, compiled) with every leaf
+  the surgery leaves untouched as a StoredArray, restoring only what the
+  computed leaves read; None where copy-through does not apply: nothing
+  untouched, a scalar among params and opt_state, or zarr3 input (our
+  outputs are zarr2, so its chunks would not fit)."""
+  if any(m.use_zarr3 for m in meta.values()):
+    return None
+  tree_meta, rest_meta = surgery.split(layout.join({n: m.tree for n, m in meta.items()}))
+  leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
+  if not all(checkpoint_io.is_array(x) for x in leaves):
+    return None
+  devices = jax.local_devices()
+  place = lambda m: transforms.placement(m.shape, m.dtype, devices)
+  route, sig, compiled = surgery.route(treedef.unflatten(
+      [jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m)) for m in leaves]))
+  rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
+  if not route.carried and not rest_arrays:
+    return None
+  ocdbt = {}  # item directory -> whether it is an OCDBT tree
+  def stand_in(m):
+    if m.directory not in ocdbt:
+      ocdbt[m.directory] = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(m.directory))
+    return copy_through.stored_array(m, ocdbt[m.directory], place(m))
+  needed = set(route.needed)
+  like = {**jax.tree_util.tree_map(
+              lambda m: ocp.PLACEHOLDER if checkpoint_io.is_array(m) else m, rest_meta),
+          **treedef.unflatten([m if i in needed else ocp.PLACEHOLDER for i, m in enumerate(leaves)])}
+  _, items = checkpoint_io.restore(src, like=layout.split(like, {}))
+  tree, rest = surgery.split(layout.join(items))
+  restored = treedef.flatten_up_to(tree)
+  new_tree = route.assemble(route.compiled([restored[i] for i in route.needed]),
+                            [stand_in(leaves[j]) for _, j in sorted(route.carried.items())])
+  rest = jax.tree_util.tree_map(lambda x, m: stand_in(m) if x is ocp.PLACEHOLDER else x,
+                                rest, rest_meta)
+  return items, {**rest, **new_tree}, transforms.signature_id(sig), compiled
+
+
 def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
            settings: Settings, replace: bool = False) -> dict[str, Any]:
   """Restore, operate, check, save, verify. With `replace`, the old output at
   dst is removed only once the new state is computed and checked, so an input
   that cannot be read or migrated leaves the old output as it was."""
-  layout, items = checkpoint_io.restore(src)
-  state = layout.join(items)
-  bytes_in = transforms.tree_bytes(state)
-  new_state, sig, compiled = surgery(state)
+  layout = checkpoint_io.read_layout(src)
+  meta = checkpoint_io.item_metadata(src, layout)
+  migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery)
+  if migrated is None:
+    _, items = checkpoint_io.restore(src, like={n: m.tree for n, m in meta.items()})
+    migrated = (items, *surgery(layout.join(items)))
+  items, new_state, sig, compiled = migrated
   prints = transforms.fingerprints(new_state)
   nonfinite = sorted(p for p, f in prints.items() if not f.finite)
   if nonfinite and not settings.allow_nonfinite:
@@ -139,6 +185,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
         f'the surgery made non-finite values (NaN or inf) in {len(nonfinite)} leaf(s): '
         f'{", ".join(nonfinite[:5])}{" ..." if len(nonfinite) > 5 else ""}; '
         'pass --allow_nonfinite to write them anyway')
+  carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(new_state)[0]
+             if isinstance(x, copy_through.StoredArray)}
   spec = surgery.spec
   provenance = {
       'src': str(src), 'spec_hash': spec.hash, 'spec': spec.canonical,
@@ -146,32 +194,64 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'digest': transforms.digest(prints),
       'checksums': {p: f.checksum for p, f in prints.items()},
+      'carried': sorted(carried),  # stored bytes copied, values never decoded
   }
+  arrays_in = [x for x in jax.tree_util.tree_leaves([m.tree for m in meta.values()])
+               if checkpoint_io.is_array(x)]
+  done = {'status': 'ok', 'bytes_in': transforms.tree_bytes(arrays_in),
+          'bytes_out': transforms.tree_bytes(new_state),
+          'bytes_carried': transforms.tree_bytes(list(carried.values())),
+          'signature': sig, 'compiled': compiled, 'digest': provenance['digest']}
   written = layout.split(new_state, items)
+  del migrated, items, new_state  # so that saving can drop the arrays as it goes
   if replace:
     dst.rmtree()
   checkpoint_io.save(dst, layout, written, provenance)
+  written = checkpoint_io.abstract(written)  # verification reads the arrays back in batches
   try:
     verify(dst, written, prints)
   except Exception:
     dst.rmtree()  # committed but wrong (or unreadable): not an output
     raise
-  return {'status': 'ok', 'bytes_in': bytes_in, 'bytes_out': transforms.tree_bytes(new_state),
-          'signature': sig, 'compiled': compiled, 'digest': provenance['digest']}
+  return done
+
+
+VERIFY_BATCH_BYTES = 256 << 20  # read back at most this much at once: memory stays bounded
 
 
 def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transforms.Fingerprint]
            ) -> None:
   """Reopen what was committed at dst: it must hold the arrays of `written`
-  (the items as saved: paths, shapes, dtypes), reading back `prints`' checksums."""
+  (the items as saved, arrays or their abstract form), reading back
+  `prints`' checksums, and the stored chunks of its StoredArrays as copied.
+  Arrays are read back a batch of VERIFY_BATCH_BYTES at a time."""
   expected = checkpoint_io.array_specs(written)
-  layout, items = checkpoint_io.restore(dst, written=written)
-  got = checkpoint_io.array_specs(items)
+  batches, size = [set()], 0
+  for path, (shape, dtype) in expected.items():
+    if size >= VERIFY_BATCH_BYTES:
+      batches, size = batches + [set()], 0
+    batches[-1].add(path)
+    size += transforms.tree_bytes(jax.ShapeDtypeStruct(shape, dtype))
+  got, back = {}, {}
+  for batch in batches:
+    like = jax.tree_util.tree_map_with_path(
+        lambda k, x, batch=batch: ocp.PLACEHOLDER if checkpoint_io.is_array(x) and
+        transforms.key_path(k) not in batch else x, written)
+    layout, items = checkpoint_io.restore(dst, like=like)
+    got.update(checkpoint_io.array_specs(items))
+    back.update(transforms.fingerprints(layout.join(items)))
+    del items  # before the next batch
   if got != expected:
     differ = sorted(set(got.items()) ^ set(expected.items()))[:3]
     raise VerificationError(f'{dst}: committed arrays differ from what was computed: {differ}')
-  back = transforms.fingerprints(layout.join(items))
   bad = sorted(p for p, f in prints.items() if p not in back or back[p].checksum != f.checksum)
+  for name, tree in written.items():
+    names = dict(jax.tree_util.tree_flatten_with_path(ocp.tree.get_param_names(tree))[0])
+    stored = [(names[k], x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if isinstance(x, copy_through.StoredArray)]
+    if stored:
+      sums = copy_through.stored_checksums(str(dst / name if name else dst), [n for n, _ in stored])
+      bad += [f'{name}:{n}' for (n, x), got_sum in zip(stored, sums) if got_sum != x.checksum]
   if bad:
     raise VerificationError(f'{dst}: committed data differ from what was computed in {bad[:5]}')
 
@@ -200,6 +280,11 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
                 seconds=time.perf_counter() - start, attempts=attempt)
 
 
+def peak_rss() -> int:
+  """This process's peak resident set so far, in bytes."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
+
+
 class MigrateFn(beam.DoFn):
   """Migrates each (src, dst) pair; yields its record and counts it in metrics.
 
@@ -217,6 +302,7 @@ class MigrateFn(beam.DoFn):
     storage.configure(self.settings.gcs_endpoint)
     self.surgery = surgery_for(self.spec_text)
     show_progress()
+    self.idle_rss = peak_rss()  # the worker's own footprint before any checkpoint
 
   def process(self, pair):
     src, dst = pair
@@ -224,6 +310,7 @@ class MigrateFn(beam.DoFn):
       rec = migrate_one(src, dst, self.surgery, self.settings)
     except Exception as e:  # a bug past migrate_one's own handling
       rec = record(src, dst, 'failed', error=f'{type(e).__name__}: {e}')
+    rec['peak_rss_over_idle'] = peak_rss() - self.idle_rss
     beam.metrics.Metrics.counter(METRICS, rec['status']).inc()
     beam.metrics.Metrics.counter(METRICS, 'bytes_read').inc(rec['bytes_in'])
     beam.metrics.Metrics.counter(METRICS, 'bytes_written').inc(rec['bytes_out'])

@@ -30,6 +30,8 @@ def summarize(records: Iterable[dict[str, Any]], started_at: float) -> dict[str,
       signatures=len({r['signature'] for r in records if r['signature']}),
       bytes_read=sum(r['bytes_in'] for r in records),
       bytes_written=sum(r['bytes_out'] for r in records),
+      bytes_carried=sum(r.get('bytes_carried', 0) for r in records),  # of bytes_written: copied, not re-encoded
+      peak_rss_over_idle=max((r.get('peak_rss_over_idle', 0) for r in records), default=0),  # of any worker
       seconds=round(time.time() - started_at, 3),
       started_at=started_at,  # identifies the run that wrote this summary
       checkpoint_seconds=round(sum(r['seconds'] for r in records), 3),
@@ -74,5 +76,5 @@ def format_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
       f"{summary['ok']} ok, {summary['skipped']} skipped, {summary['failed']} failed; "
       f"{summary['compilations']} compilation(s) for {summary['signatures']} signature(s); "
       f"read {size(summary['bytes_read'])}, wrote {size(summary['bytes_written'])} "
-      f"in {summary['seconds']:.1f}s")
+      f"({size(summary['bytes_carried'])} of it copied through) in {summary['seconds']:.1f}s")
   return '\n'.join(lines)

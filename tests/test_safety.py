@@ -137,8 +137,8 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
 
   def corrupting_save(path, layout, items, provenance):
     state = layout.join(items)
-    kernel = state['params']['Dense_0']['kernel']
-    state['params']['Dense_0']['kernel'] = kernel.at[0, 0].add(1.0)
+    kernel = state['params']['Dense_1']['kernel']  # the leaf the seed's surgery computes
+    state['params']['Dense_1']['kernel'] = kernel.at[0, 0].add(1.0)
     real_save(path, layout, layout.split(state, items), provenance)
 
   monkeypatch.setattr(checkpoint_io, 'save', corrupting_save)
@@ -146,7 +146,7 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
                             migrate.surgery_for(SEED_SPEC), attempts=1)
   assert rec['status'] == 'failed' and 'VerificationError' in rec['error']
-  assert 'params/Dense_0/kernel' in rec['error']
+  assert 'params/Dense_1/kernel' in rec['error']
   assert sorted(p.name for p in (tmp_path / 'o').iterdir()) == []
 
 
@@ -155,7 +155,8 @@ def test_provenance_records_the_digest(inputs, tmp_path):
   migrate._SURGERIES.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), migrate.surgery_for(SEED_SPEC))
   provenance = checkpoint_io.read_provenance(epath.Path(tmp_path / 'o' / 'run_b'))
-  assert provenance['digest'] == rec['digest'] and len(provenance['checksums']) > 10
+  assert provenance['digest'] == rec['digest'] and provenance['checksums']
+  assert len(provenance['checksums']) + len(provenance['carried']) > 10
   assert {'src', 'spec_hash', 'spec', 'version', 'time'} <= set(provenance)
   shown = cli('inspect', tmp_path / 'o' / 'run_b').stdout
   assert f'"digest": "{rec["digest"]}"' in shown and 'leaves"' in shown
@@ -182,13 +183,16 @@ def committed(out) -> set[str]:
 
 
 def assert_whole(dst: epath.Path) -> None:
-  """dst reads back with exactly the checksums its provenance recorded."""
+  """dst reads back with exactly the checksums its provenance recorded for
+  the leaves it computed, and holds the leaves it carried."""
   import transforms
   from pipeline import checkpoint_io
-  recorded = checkpoint_io.read_provenance(dst)['checksums']
+  provenance = checkpoint_io.read_provenance(dst)
+  recorded = provenance['checksums']
   layout, items = checkpoint_io.restore(dst)
   back = transforms.fingerprints(layout.join(items))
-  assert {p: f.checksum for p, f in back.items()} == recorded
+  assert set(back) == set(recorded) | set(provenance['carried'])
+  assert {p: back[p].checksum for p in recorded} == recorded
 
 
 @pytest.mark.parametrize('kill_when', ['before the first commit', 'between commits', 'mid-write'])

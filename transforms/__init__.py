@@ -6,12 +6,13 @@ from transforms.fingerprint import Fingerprint, digest, fingerprints
 from transforms.mirrors import find_mirrors
 from transforms.ops import OPS, Op, SurgeryError
 from transforms.paths import flatten, unflatten
+from transforms.placement import placement
 from transforms.spec import Spec, SpecError, load_spec, parse_spec
 from transforms.plan import Change, Plan, plan
-from transforms.surgery import Surgery, key_path, signature, signature_id, tree_bytes
+from transforms.surgery import Route, Surgery, key_path, signature, signature_id, tree_bytes
 
 __all__ = [
-    'Change', 'Fingerprint', 'OPS', 'Op', 'Plan', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',
-    'digest', 'find_mirrors', 'fingerprints', 'flatten', 'key_path', 'load_spec', 'parse_spec', 'plan', 'signature',
-    'signature_id', 'tree_bytes', 'unflatten',
+    'Change', 'Fingerprint', 'OPS', 'Op', 'Plan', 'Route', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',
+    'digest', 'find_mirrors', 'fingerprints', 'flatten', 'key_path', 'load_spec', 'parse_spec', 'placement', 'plan',
+    'signature', 'signature_id', 'tree_bytes', 'unflatten',
 ]

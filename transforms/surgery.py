@@ -9,6 +9,10 @@ donated, so the old arrays are not held beside the new ones.
 
 Only the params and opt_state go through the compiled function; everything
 else in the state (step, rng, batch stats) passes through untouched.
+
+`route` is the same surgery traced once more to find what it does NOT do:
+an output leaf that is an input leaf (untouched, or only renamed) needs no
+computing, reading or writing, and its stored bytes can be carried over.
 """
 from __future__ import annotations
 
@@ -18,7 +22,11 @@ import warnings
 from typing import Any, Mapping, NamedTuple
 
 import jax
+import jax.extend as jex
 import numpy as np
+# The one private JAX name we use: dead-code elimination of a traced jaxpr,
+# which finds the inputs that the computed outputs read.
+from jax._src.interpreters.partial_eval import dce_jaxpr
 
 from transforms import mirrors, paths
 from transforms.ops import STALE, Context, StateOp, SurgeryError, apply_to_mirror
@@ -98,6 +106,27 @@ class Migrated(NamedTuple):
   compiled: bool   # whether this call compiled the surgery
 
 
+class Route(NamedTuple):
+  """What the surgery does to each leaf of one signature, proven by tracing it.
+
+  A carried output *is* an input leaf (untouched or renamed): nothing about
+  it needs computing. The computed outputs read only the `needed` inputs;
+  `compiled` maps those to the computed outputs, in output order.
+  """
+  out_treedef: Any
+  carried: dict[int, int]     # output leaf index -> the input leaf index it is
+  needed: tuple[int, ...]     # input leaf indices the computed outputs read
+  compiled: Any               # [needed input leaves] -> [computed output leaves]
+
+  def assemble(self, computed: list[Any], carried: list[Any]) -> Any:
+    """The output tree from the computed leaves and, for each carried output
+    in order, what stands for it (`carried[k]` for the k-th carried output)."""
+    computed, carried = iter(computed), iter(carried)
+    return self.out_treedef.unflatten(
+        [next(carried) if i in self.carried else next(computed)
+         for i in range(self.out_treedef.num_leaves)])
+
+
 class _View:
   """The params as a flat dict and each opt_state mirror as one, while ops run."""
 
@@ -125,10 +154,11 @@ class Surgery:
     self.spec = spec
     self.optimizer = spec.optimizer.make() if spec.optimizer else None
     self._compiled: dict[Signature, Any] = {}
+    self._routes: dict[Signature, Route] = {}
 
   @property
   def compilations(self) -> int:
-    return len(self._compiled)
+    return len(self._compiled) + len(self._routes)
 
   def split(self, state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what the surgery changes: params and opt_state, the rest of the state)."""
@@ -190,3 +220,29 @@ class Surgery:
     tree = jax.device_put(tree)
     compiled, sig, fresh = self.compiled_for(tree)
     return Migrated({**rest, **compiled(tree)}, signature_id(sig), fresh)
+
+  def route(self, tree: dict[str, Any]) -> tuple[Route, Signature, bool]:
+    """(the Route of this tree's signature, the signature, whether it was
+    compiled now). `tree` may be abstract: anything with shape and dtype."""
+    sig = signature(tree)
+    if sig in self._routes:
+      return self._routes[sig], sig, False
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if isinstance(
+        s := getattr(x, 'sharding', None), jax.sharding.Sharding) else None) for x in leaves]
+    closed, out_shape = jax.make_jaxpr(
+        lambda flat: self.apply(treedef.unflatten(flat)), return_shape=True)(abstract)
+    jaxpr = closed.jaxpr
+    inputs = {v: i for i, v in enumerate(jaxpr.invars)}
+    carried = {o: inputs[v] for o, v in enumerate(jaxpr.outvars)
+               if isinstance(v, jex.core.Var) and v in inputs}
+    pruned, used = dce_jaxpr(jaxpr, [o not in carried for o in range(len(jaxpr.outvars))])
+    needed = tuple(i for i, u in enumerate(used) if u)
+    compute = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(pruned, closed.consts))
+    with warnings.catch_warnings():
+      warnings.filterwarnings('ignore', 'Some donated buffers were not usable')
+      compiled = jax.jit(lambda xs: compute(*xs), donate_argnums=0).lower(
+          [abstract[i] for i in needed]).compile()
+    route = Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled)
+    self._routes[sig] = route
+    return route, sig, True

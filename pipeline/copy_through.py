@@ -1,0 +1,178 @@
+"""Copy-through: a leaf the surgery does not touch keeps its stored bytes.
+
+`Surgery.route` proves which output leaves are input leaves (untouched, or
+only renamed). Such a leaf is not restored, not moved through a device and
+not re-encoded: it is a `StoredArray`, the place of its chunks in the source
+checkpoint, and the output is still written by Orbax, whose handler for
+`jax.Array` we extend. For a StoredArray it copies the array's zarr chunks
+key by key from the source's store to the output's (OCDBT or one directory
+per array, either way round), reading no value, and records the same
+sharding and array metadata Orbax records for an array it wrote. So the
+output is an ordinary Orbax checkpoint, and Orbax restores it exactly as it
+restores the full path's output.
+
+Verification cannot checksum values it never decoded: a StoredArray's
+checksum is over its stored chunks (keys and bytes) as copied, compared with
+the output's chunks read back after the commit.
+
+This leans on Orbax internals (its tensorstore spec builders, the sharding
+and array-metadata writers), so `pyproject.toml` bounds orbax-checkpoint's
+version, and tests/test_copy_through.py pins the behaviour.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import zlib
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from orbax.checkpoint import future as ocp_future
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.multihost import multihost
+from orbax.checkpoint._src.serialization import jax_array_handlers, ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+
+@dataclasses.dataclass(eq=False)
+class StoredArray:
+  """An array to be written by copying its stored chunks from `directory`
+  (a checkpoint tree's directory) where Orbax named it `name`."""
+  directory: str
+  name: str
+  use_ocdbt: bool
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  chunk_shape: tuple[int, ...]
+  sharding: jax.sharding.Sharding  # what the output records, as for a restored array
+  checksum: str | None = None      # of the chunks, once copied
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def stored_array(meta: Any, use_ocdbt: bool, sharding: jax.sharding.Sharding) -> StoredArray:
+  """The StoredArray of a leaf from its Orbax ArrayMetadata."""
+  chunks = meta.storage.chunk_shape if meta.storage and meta.storage.chunk_shape else meta.shape
+  return StoredArray(str(meta.directory), meta.name, use_ocdbt, tuple(meta.shape),
+                     np.dtype(meta.dtype), tuple(chunks), sharding)
+
+
+_TRANSACTION_BYTES = 64 << 20  # copy in batches: concurrent reads, few commits, bounded memory
+
+
+async def _open_root(directory: str, use_ocdbt: bool) -> ts.KvStore:
+  """The key-value store of a checkpoint tree's arrays (its OCDBT database, or its directory)."""
+  return await ts.KvStore.open(ts_utils.build_kvstore_tspec(directory, use_ocdbt=use_ocdbt),
+                               context=ts_utils.get_ts_context(use_ocdbt=use_ocdbt))
+
+
+def _checksum(chunks: dict[bytes, bytes]) -> str:
+  crc = 0
+  for key in sorted(chunks):
+    crc = zlib.crc32(chunks[key], zlib.crc32(key + len(chunks[key]).to_bytes(8, 'little'), crc))
+  return f'stored:{crc:08x}'
+
+
+async def _read_array(root: ts.KvStore, name: str) -> dict[bytes, bytes]:
+  """Every stored key (relative to the array) and value of array `name`."""
+  store = root / f'{name}/'
+  keys = await store.list()
+  values = await asyncio.gather(*(store.read(k) for k in keys))
+  return {k: v.value for k, v in zip(keys, values)}
+
+
+def stored_checksums(directory: str, names: Sequence[str]) -> list[str]:
+  """The checksums of arrays `names`' stored chunks in the checkpoint tree at `directory`."""
+  async def read_all():
+    root = await _open_root(directory, ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(directory)))
+    return [_checksum(await _read_array(root, n)) for n in names]
+  return asyncio.run(read_all())
+
+
+class CopyThroughArrayHandler(ocp.type_handlers.ArrayHandler):
+  """Orbax's jax.Array handler, which also writes StoredArrays by copying.
+
+  One instance serves both types, so each save hands it its arrays and its
+  StoredArrays in one call: the copies then append their array metadata after
+  the arrays' own, instead of racing them for the same file.
+  """
+
+  def __init__(self):
+    super().__init__(array_metadata_store=array_metadata_store.Store())
+
+  async def serialize(self, values: Sequence[Any], infos: Sequence[Any],
+                      args: Sequence[ocp.SaveArgs] | None = None) -> list[Any]:
+    args = args or [ocp.SaveArgs()] * len(values)
+    stored = [isinstance(v, StoredArray) for v in values]
+    pick = lambda seq, want: [x for x, s in zip(seq, stored) if s == want]
+    futures = []
+    if not all(stored):
+      futures = list(await super().serialize(pick(values, False), pick(infos, False),
+                                             pick(args, False)))
+    if any(stored):
+      futures.append(ocp_future.CommitFutureAwaitingContractedSignals(
+          self._copy(pick(values, True), pick(infos, True), pick(args, True), list(futures)),
+          name='copy_through'))
+    return futures
+
+  async def _copy(self, values: list[StoredArray], infos: list[Any], args: list[Any],
+                  after: list[Any]) -> None:
+    for f in after:  # the arrays' writes, and their array metadata, first
+      await asyncio.to_thread(f.result)
+    sources: dict[tuple[str, bool], ts.KvStore] = {}
+    for value in values:
+      if (value.directory, value.use_ocdbt) not in sources:
+        sources[value.directory, value.use_ocdbt] = await _open_root(value.directory, value.use_ocdbt)
+    await asyncio.gather(*(info.await_path_creation() for info in infos))
+    writes = []
+    for value, info, arg in zip(values, infos, args):
+      use_ocdbt = bool(info.is_ocdbt_checkpoint)
+      writes.append(ts_utils.build_array_write_spec(
+          info=info, arg=arg, global_shape=value.shape, local_shape=value.shape,
+          dtype=value.dtype, use_ocdbt=use_ocdbt, metadata_key=self._metadata_key,
+          process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt)))
+    # The store Orbax writes this save's arrays to (its process's OCDBT, or files).
+    spec = writes[0].json['kvstore']
+    target = await ts.KvStore.open({**spec, 'path': spec['path'][:-len(infos[0].name)]},
+                                   context=infos[0].ts_context)
+
+    async def copy(value, info, txn):
+      chunks = await _read_array(sources[value.directory, value.use_ocdbt], value.name)
+      store = target.with_transaction(txn) / f'{info.name}/'
+      await asyncio.gather(*(store.write(k, v) for k, v in chunks.items()))
+      value.checksum = _checksum(chunks)
+
+    batches, size = [[]], 0
+    for pair in zip(values, infos):
+      if size >= _TRANSACTION_BYTES:
+        batches, size = batches + [[]], 0
+      batches[-1].append(pair)
+      size += pair[0].nbytes
+    for batch in batches:
+      txn = ts.Transaction()
+      await asyncio.gather(*(copy(value, info, txn) for value, info in batch))
+      await txn.commit_async()
+    metadatas = [dataclasses.replace(w.metadata, chunk_shape=v.chunk_shape)
+                 for w, v in zip(writes, values)]
+    await jax_array_handlers._async_serialize_shardings(  # pylint: disable=protected-access
+        [v.sharding for v in values], infos, primary_host=self._primary_host)
+    if self._array_metadata_store is not None:
+      await self._array_metadata_store.write(
+          checkpoint_dir=infos[0].parent_dir, array_metadatas=metadatas,
+          process_index=multihost.process_index())
+
+
+def install() -> None:
+  """Make Orbax write StoredArrays: one handler for them and for jax.Array
+  (for arrays it is Orbax's own). Idempotent; affects this process only."""
+  if isinstance(ocp.type_handlers.get_type_handler(jax.Array), CopyThroughArrayHandler):
+    return
+  handler = CopyThroughArrayHandler()
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  ocp.type_handlers.register_type_handler(StoredArray, handler, override=True)

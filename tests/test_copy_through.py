@@ -1,0 +1,157 @@
+"""Copy-through: untouched leaves keep their stored bytes, and the output is
+an ordinary Orbax checkpoint that restores bit-identical to the full path's,
+whatever Orbax format the input used."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from pipeline import checkpoint_io, copy_through, migrate
+from tests.conftest import mlp, trained
+from transforms import flatten
+
+# Dense_0 only renamed, every mirror kept: one computed leaf, Dense_1/kernel.
+SPEC = """ops:
+  - rename: {match: '^Dense_0/', to: 'Linear_0/'}
+  - normalize: {match: '^Dense_1/kernel$'}
+"""
+
+
+def state():
+  params, opt_state = trained(optax.adam(1e-2), mlp((3, 4, 2)))
+  return {'params': params, 'opt_state': opt_state, 'step': 3,
+          'batch_stats': {'mean': jnp.arange(4.0)}}
+
+
+def write(path, layout: str, use_ocdbt: bool) -> None:
+  """One input checkpoint: a PyTree or Standard tree, or a CheckpointManager
+  step with params, opt_state and a JSON item."""
+  tree = state()
+  if layout == 'pytree':
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)).save(path, tree)
+  elif layout == 'standard':
+    ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt)).save(
+        path, args=ocp.args.StandardSave(tree))
+  else:
+    handler = ocp.CompositeCheckpointHandler(
+        params=ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt),
+        opt_state=ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt), meta=ocp.JsonCheckpointHandler())
+    ocp.Checkpointer(handler).save(path, args=ocp.args.Composite(
+        params=ocp.args.PyTreeSave(tree['params']), opt_state=ocp.args.PyTreeSave(tree['opt_state']),
+        meta=ocp.args.JsonSave({'step': 3})))
+
+
+def restored_bits(path, layout: str) -> dict[str, bytes]:
+  """Every leaf's bytes, as plain Orbax restores the checkpoint (no arguments)."""
+  if layout == 'step':
+    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path)
+    tree = {name: restored[name] for name in ('params', 'opt_state', 'meta')}
+  else:
+    tree = ocp.PyTreeCheckpointer().restore(path)
+  out = {}
+  for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    assert isinstance(leaf, (jax.Array, int)), (keys, type(leaf))  # jax.Array, as the full path writes
+    out[jax.tree_util.keystr(keys)] = np.asarray(leaf).tobytes()
+  return out
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+  """The names of the arrays Orbax decodes, as they are decoded."""
+  names = []
+  real = ocp.type_handlers.ArrayHandler.deserialize
+
+  async def spy(self, infos, args=None):
+    names.extend(info.name for info in infos)
+    return await real(self, infos, args)
+
+  monkeypatch.setattr(ocp.type_handlers.ArrayHandler, 'deserialize', spy)
+  return names
+
+
+@pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'no_ocdbt'])
+@pytest.mark.parametrize('layout', ['pytree', 'standard', 'step'])
+def test_copy_through_restores_bit_identical_to_the_full_path(tmp_path, layout, use_ocdbt, decoded):
+  src = tmp_path / 'in'
+  write(src, layout, use_ocdbt)
+  migrate._SURGERIES.clear()
+  surgery = migrate.surgery_for(SPEC)
+  full = migrate.migrate_one(str(src), str(tmp_path / 'full'), surgery,
+                             migrate.Settings(full_decode=True))
+  assert full['status'] == 'ok', full['error']
+  assert full['bytes_carried'] == 0
+  decoded.clear()
+  carried = migrate.migrate_one(str(src), str(tmp_path / 'carried'), surgery)
+  assert carried['status'] == 'ok', carried['error']
+  # Only the normalized kernel was decoded: from the input, then read back.
+  assert sorted(set(decoded)) == ['Dense_1.kernel' if layout == 'step' else 'params.Dense_1.kernel']
+  kernel_bytes = 4 * 2 * 4
+  assert carried['bytes_carried'] == carried['bytes_out'] - kernel_bytes > 0
+  assert restored_bits(tmp_path / 'carried', layout) == restored_bits(tmp_path / 'full', layout)
+  assert 'params/Linear_0/kernel' in checkpoint_io.read_provenance(tmp_path / 'carried')['carried']
+
+
+def test_typed_restore_of_a_copied_through_output(tmp_path):
+  """The user's own restore, with their optimizer's abstract state, works."""
+  src, dst = tmp_path / 'in', tmp_path / 'out'
+  write(src, 'standard', True)
+  migrate._SURGERIES.clear()
+  assert migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC))['status'] == 'ok'
+  before = state()
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {
+      **before, 'params': {'Linear_0': before['params']['Dense_0'], 'Dense_1': before['params']['Dense_1']}})
+  abstract['opt_state'] = jax.eval_shape(optax.adam(1e-2).init, abstract['params'])
+  after = ocp.StandardCheckpointer().restore(dst, abstract)
+  assert isinstance(after['opt_state'][0], optax.ScaleByAdamState)
+  np.testing.assert_array_equal(after['params']['Linear_0']['kernel'], before['params']['Dense_0']['kernel'])
+  np.testing.assert_array_equal(after['opt_state'][0].nu['Linear_0']['bias'],
+                                before['opt_state'][0].nu['Dense_0']['bias'])
+
+
+def test_a_surgery_that_touches_every_param_carries_only_the_rest(tmp_path, decoded):
+  src = tmp_path / 'in'
+  write(src, 'pytree', True)
+  migrate._SURGERIES.clear()
+  everything = "ops: [{scale: {match: '.*', by: 2.0}}, {drop_optimizer: {}}]"
+  rec = migrate.migrate_one(str(src), str(tmp_path / 'out'), migrate.surgery_for(everything))
+  assert rec['status'] == 'ok', rec['error']
+  # batch_stats lies outside the surgery: still carried.
+  assert rec['bytes_carried'] == 4 * 4
+  assert 'params.Dense_0.kernel' in decoded
+
+
+def test_a_carried_leaf_that_does_not_read_back_as_copied_fails_and_is_removed(tmp_path, monkeypatch):
+  src, out = tmp_path / 'in', tmp_path / 'out'
+  write(src, 'pytree', False)
+  real = copy_through.stored_checksums
+  monkeypatch.setattr(copy_through, 'stored_checksums',
+                      lambda d, names: ['stored:00000000'] + real(d, names)[1:])
+  migrate._SURGERIES.clear()
+  rec = migrate.migrate_one(str(src), str(out / 'x'), migrate.surgery_for(SPEC), attempts=1)
+  assert rec['status'] == 'failed' and 'VerificationError' in rec['error']
+  assert list(out.iterdir()) == []
+
+
+def test_route_proves_what_is_untouched():
+  """The traced surgery: renamed leaves and untouched mirrors are inputs as
+  they were; the computed output reads only its own input."""
+  from transforms import Surgery, load_spec  # pylint: disable=g-import-not-at-top
+  tree = {'params': mlp((3, 4, 2))}
+  tree['opt_state'] = optax.adam(1e-2).init(tree['params'])
+  surgery = Surgery(load_spec(SPEC))
+  route, _, compiled = surgery.route(tree)
+  leaves = jax.tree_util.tree_leaves(tree)
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  assert compiled and [paths[i] for i in route.needed] == ["['params']['Dense_1']['kernel']"]
+  assert len(route.carried) == len(leaves) - 1
+  expected = surgery(jax.tree_util.tree_map(jnp.array, tree)).state
+  got = route.assemble(route.compiled([jnp.array(leaves[i]) for i in route.needed]),
+                       [leaves[j] for _, j in sorted(route.carried.items())])
+  assert flatten(got['params']).keys() == flatten(expected['params']).keys()
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(got),
+                                                  jax.tree_util.tree_leaves(expected)))
+  assert surgery.route(tree)[2] is False  # once per signature
