@@ -47,8 +47,8 @@ checkpointer = ocp.PyTreeCheckpointer()
 for name in sorted(os.listdir(src)):
   state = checkpointer.restore(os.path.join(src, name))
   flat = traverse_util.flatten_dict(state['params'], sep='/')
-  for name in ('layer_0/mlp/kernel_in', 'layer_0/mlp/kernel_out'):
-    flat[name] = flat[name] / jnp.linalg.norm(flat[name])
+  for path in ('layer_0/mlp/kernel_in', 'layer_0/mlp/kernel_out'):
+    flat[path] = flat[path] / jnp.linalg.norm(flat[path])
   state['params'] = traverse_util.unflatten_dict(flat, sep='/')
   checkpointer.save(os.path.join(dst, name), state)
 '''

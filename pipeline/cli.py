@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument('--full_decode', action='store_true',
                    help='restore, move through the device and rewrite every leaf, even those '
                         'the surgery leaves untouched (default: carry their stored bytes over)')
+  run.add_argument('--checkpoints_in_flight', type=_at_least_one, default=2, metavar='N',
+                   help='checkpoints each worker holds at once: while one is written the next '
+                        'is read (default 2; 1 halves the memory a worker needs)')
   run.add_argument('--detach', action='store_true',
                    help='submit the job and exit without waiting (Dataflow, flex templates)')
   plan = commands.add_parser(
@@ -67,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
   demo_cmd.add_argument('--workdir', default='demo')
   demo_cmd.add_argument('--count', type=int, default=6)
   return parser
+
+
+def _at_least_one(text: str) -> int:
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of at least 1')
+  return int(text)
 
 
 def run_arguments() -> dict[str, argparse.Action]:
@@ -147,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
   storage.configure(getattr(args, 'gcs_endpoint', None))
   try:
     if args.command == 'run':
-      settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint, args.full_decode)
+      settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint, args.full_decode,
+                          args.checkpoints_in_flight)
       return migrate(args.input, args.output, args.spec, settings, rest, not args.detach)
     if rest:
       raise UsageError(f'unrecognized arguments: {" ".join(rest)}')

@@ -140,7 +140,7 @@ class CopyThroughArrayHandler(ocp.type_handlers.ArrayHandler):
     # The store Orbax writes this save's arrays to (its process's OCDBT, or files).
     spec = writes[0].json['kvstore']
     target = await ts.KvStore.open({**spec, 'path': spec['path'][:-len(infos[0].name)]},
-                                   context=infos[0].ts_context)
+                                   context=ts_utils.get_ts_context(use_ocdbt=bool(infos[0].is_ocdbt_checkpoint)))
 
     async def copy(value, info, txn):
       chunks = await _read_array(sources[value.directory, value.use_ocdbt], value.name)

@@ -97,3 +97,29 @@ def test_failure_is_a_record_and_leaves_nothing(inputs, tmp_path, breakage):
   if breakage == 'spec does not fit':
     assert "ops[0] (drop): match '^Embed/' matched no param path" in rec['error']
   assert leftovers(tmp_path / 'out') == []
+
+
+def test_a_worker_reads_the_next_checkpoint_while_it_writes_the_last(monkeypatch):
+  """MigrateFn keeps two checkpoints in flight and hands every record out,
+  the last ones from finish_bundle."""
+  import threading
+  import time
+  spans = []
+
+  def slow_migrate(src, dst, surgery_, settings):
+    start = time.perf_counter()
+    time.sleep(0.3)
+    spans.append((src, start, time.perf_counter(), threading.get_ident()))
+    return migrate.record(src, dst, 'ok')
+
+  monkeypatch.setattr(migrate, 'migrate_one', slow_migrate)
+  fn = migrate.MigrateFn(SCALE_SPEC, migrate.Settings())
+  fn.setup()
+  fn.start_bundle()
+  out = [rec for i in range(3) for rec in fn.process((f'in/{i}', f'out/{i}'))]
+  out += [wv.value for wv in fn.finish_bundle()]
+  fn.teardown()
+  assert sorted(r['src'] for r in out) == ['in/0', 'in/1', 'in/2']
+  assert all(r['peak_rss_over_idle'] >= 0 for r in out)
+  spans = {src: (start, end) for src, start, end, _ in spans}
+  assert spans['in/1'][0] < spans['in/0'][1]  # the second began before the first ended

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import warnings
 from typing import Any, Mapping, NamedTuple
 
@@ -91,6 +92,14 @@ def fill_from_init(opt_state: Any, fresh: Any) -> Any:
   return filled
 
 
+def _compile_donating(fn: Any, arg: Any) -> Any:
+  """`fn` jitted with its argument donated, compiled for `arg` (arrays or abstract)."""
+  with warnings.catch_warnings():
+    # Donation is best effort: a leaf whose shape changes cannot reuse its buffer.
+    warnings.filterwarnings('ignore', 'Some donated buffers were not usable')
+    return jax.jit(fn, donate_argnums=0).lower(arg).compile()
+
+
 class OpTrace(NamedTuple):
   """What one op did while tracing: how many params it matched (None for
   whole-state ops) and which it only renamed."""
@@ -155,6 +164,7 @@ class Surgery:
     self.optimizer = spec.optimizer.make() if spec.optimizer else None
     self._compiled: dict[Signature, Any] = {}
     self._routes: dict[Signature, Route] = {}
+    self._compiling = threading.Lock()  # a worker's threads share one compilation per signature
 
   @property
   def compilations(self) -> int:
@@ -204,14 +214,11 @@ class Surgery:
   def compiled_for(self, tree: dict[str, Any]) -> tuple[Any, Signature, bool]:
     """(the compiled surgery for this tree, its signature, whether it was compiled now)."""
     sig = signature(tree)
-    if sig in self._compiled:
-      return self._compiled[sig], sig, False
-    with warnings.catch_warnings():
-      # Donation is best effort: a leaf whose shape changes cannot reuse its buffer.
-      warnings.filterwarnings('ignore', 'Some donated buffers were not usable')
-      compiled = jax.jit(self.apply, donate_argnums=0).lower(tree).compile()
-    self._compiled[sig] = compiled
-    return compiled, sig, True
+    with self._compiling:
+      if sig in self._compiled:
+        return self._compiled[sig], sig, False
+      self._compiled[sig] = _compile_donating(self.apply, tree)
+      return self._compiled[sig], sig, True
 
   def __call__(self, state: Any) -> Migrated:
     """The migrated state, its input's signature, whether this call compiled.
@@ -225,8 +232,13 @@ class Surgery:
     """(the Route of this tree's signature, the signature, whether it was
     compiled now). `tree` may be abstract: anything with shape and dtype."""
     sig = signature(tree)
-    if sig in self._routes:
-      return self._routes[sig], sig, False
+    with self._compiling:
+      if sig in self._routes:
+        return self._routes[sig], sig, False
+      self._routes[sig] = self._trace_route(tree)
+      return self._routes[sig], sig, True
+
+  def _trace_route(self, tree: dict[str, Any]) -> Route:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if isinstance(
         s := getattr(x, 'sharding', None), jax.sharding.Sharding) else None) for x in leaves]
@@ -239,10 +251,5 @@ class Surgery:
     pruned, used = dce_jaxpr(jaxpr, [o not in carried for o in range(len(jaxpr.outvars))])
     needed = tuple(i for i, u in enumerate(used) if u)
     compute = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(pruned, closed.consts))
-    with warnings.catch_warnings():
-      warnings.filterwarnings('ignore', 'Some donated buffers were not usable')
-      compiled = jax.jit(lambda xs: compute(*xs), donate_argnums=0).lower(
-          [abstract[i] for i in needed]).compile()
-    route = Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled)
-    self._routes[sig] = route
-    return route, sig, True
+    compiled = _compile_donating(lambda xs: compute(*xs), [abstract[i] for i in needed])
+    return Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled)
