@@ -1,6 +1,4 @@
 """`python -m pipeline` is `ckpt-surgery`."""
-import sys
+from pipeline.cli import command
 
-from pipeline.cli import main
-
-sys.exit(main())
+command()

@@ -176,18 +176,17 @@ def save(path: epath.Path, layout: Layout, items: dict[str, Any],
   StoredArray leaves are written by copying their stored bytes."""
   if any(isinstance(x, copy_through.StoredArray) for x in jax.tree_util.tree_leaves(items)):
     copy_through.install()
-  custom = {PROVENANCE_KEY: provenance}
   if not layout.is_step:
-    (name, handler), = layout.items
-    checkpointer = ocp.Checkpointer(_tree_handler(handler))
-    checkpointer.save(path, args=TREE_HANDLERS[handler](items[name]), custom_metadata=custom)
-    return
-  args = {n: TREE_HANDLERS[h](items[n]) if h in TREE_HANDLERS else ocp.args.JsonSave(items[n])
-          for n, h in layout.items}
-  handlers = {n: _tree_handler(h) if h in TREE_HANDLERS else ocp.JsonCheckpointHandler()
-              for n, h in layout.items}
-  ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)).save(
-      path, args=ocp.args.Composite(**args), custom_metadata=custom)
+    (name, handler_name), = layout.items
+    handler, args = _tree_handler(handler_name), TREE_HANDLERS[handler_name](items[name])
+  else:
+    handler = ocp.CompositeCheckpointHandler(**{
+        n: _tree_handler(h) if h in TREE_HANDLERS else ocp.JsonCheckpointHandler()
+        for n, h in layout.items})
+    args = ocp.args.Composite(**{
+        n: TREE_HANDLERS[h](items[n]) if h in TREE_HANDLERS else ocp.args.JsonSave(items[n])
+        for n, h in layout.items})
+  ocp.Checkpointer(handler).save(path, args=args, custom_metadata={PROVENANCE_KEY: provenance})
 
 
 def read_provenance(path: epath.Path) -> dict[str, Any] | None:

@@ -171,3 +171,15 @@ def main(argv: list[str] | None = None) -> int:
   except UsageError as e:
     print(f'ckpt-surgery: error: {e}', file=sys.stderr)
     return USAGE_ERROR
+
+
+def command() -> None:
+  """The `ckpt-surgery` program: main(), then exit without Python's
+  interpreter teardown, which unloads JAX, Orbax and Beam for about 0.75 s
+  (measured) and does nothing a finished command needs. Output is flushed
+  first."""
+  code = main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.shutdown()
+  os._exit(code)  # pylint: disable=protected-access

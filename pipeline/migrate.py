@@ -214,7 +214,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
           'bytes_carried': transforms.tree_bytes(list(carried.values())),
           'signature': sig, 'compiled': compiled, 'digest': provenance['digest']}
   written = layout.split(new_state, items)
-  del migrated, items, new_state  # so that saving can drop the arrays as it goes
+  del migrated, items, new_state  # `written` holds the only references: dropped after saving
   if replace:
     dst.rmtree()
   checkpoint_io.save(dst, layout, written, provenance)
