@@ -149,8 +149,10 @@ def test_route_proves_what_is_untouched():
   assert compiled and [paths[i] for i in route.needed] == ["['params']['Dense_1']['kernel']"]
   assert len(route.carried) == len(leaves) - 1
   expected = surgery(jax.tree_util.tree_map(jnp.array, tree)).state
-  got = route.assemble(route.compiled([jnp.array(leaves[i]) for i in route.needed]),
+  needed = [jnp.array(leaves[i]) for i in route.needed]
+  got = route.assemble(route.compiled(needed),
                        [leaves[j] for _, j in sorted(route.carried.items())])
+  assert all(x.is_deleted() for x in needed)  # donated: not held beside the output
   assert flatten(got['params']).keys() == flatten(expected['params']).keys()
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(got),
                                                   jax.tree_util.tree_leaves(expected)))
