@@ -207,7 +207,7 @@ def array_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   """{leaf path: (shape, dtype)} of the arrays in a restored tree, in its
   Orbax metadata or in its abstract form alike (numbers saved as Python
   scalars are not arrays; skipped leaves are not counted)."""
-  return {transforms.key_path(k): (tuple(x.shape), np.dtype(x.dtype).name)
+  return {transforms.key_path(k): (tuple(x.shape), str(x.dtype))
           for k, x in jax.tree_util.tree_flatten_with_path(tree)[0] if is_array(x) and not skipped(x)}
 
 

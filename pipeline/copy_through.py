@@ -129,6 +129,12 @@ class CopyThroughArrayHandler(ocp.type_handlers.ArrayHandler):
     for value in values:
       if (value.directory, value.use_ocdbt) not in sources:
         sources[value.directory, value.use_ocdbt] = await _open_root(value.directory, value.use_ocdbt)
+    # What makes stored bits more than an array (a typed PRNG key's impl) rides along.
+    ext_metadata = {}
+    for directory in {v.directory for v in values}:
+      recorded = await array_metadata_store.Store().read(epath.Path(directory)) or {}
+      ext_metadata.update({(directory, m.param_name): m.ext_metadata
+                           for metas in recorded.values() for m in metas if m.ext_metadata})
     await asyncio.gather(*(info.await_path_creation() for info in infos))
     writes = []
     for value, info, arg in zip(values, infos, args):
@@ -136,7 +142,8 @@ class CopyThroughArrayHandler(ocp.type_handlers.ArrayHandler):
       writes.append(ts_utils.build_array_write_spec(
           info=info, arg=arg, global_shape=value.shape, local_shape=value.shape,
           dtype=value.dtype, use_ocdbt=use_ocdbt, metadata_key=self._metadata_key,
-          process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt)))
+          process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt),
+          ext_metadata=ext_metadata.get((value.directory, value.name))))
     # The store Orbax writes this save's arrays to (its process's OCDBT, or files).
     spec = writes[0].json['kvstore']
     target = await ts.KvStore.open({**spec, 'path': spec['path'][:-len(infos[0].name)]},

@@ -238,11 +238,12 @@ def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transform
   Arrays are read back a batch of VERIFY_BATCH_BYTES at a time."""
   expected = checkpoint_io.array_specs(written)
   batches, size = [set()], 0
-  for path, (shape, dtype) in expected.items():
-    if size >= VERIFY_BATCH_BYTES:
-      batches, size = batches + [set()], 0
-    batches[-1].add(path)
-    size += transforms.tree_bytes(jax.ShapeDtypeStruct(shape, dtype))
+  for k, x in jax.tree_util.tree_flatten_with_path(written)[0]:
+    if checkpoint_io.is_array(x) and not checkpoint_io.skipped(x):
+      if size >= VERIFY_BATCH_BYTES:
+        batches, size = batches + [set()], 0
+      batches[-1].add(transforms.key_path(k))
+      size += transforms.tree_bytes(x)
   got, back = {}, {}
   for batch in batches:
     like = jax.tree_util.tree_map_with_path(

@@ -157,3 +157,17 @@ def test_route_proves_what_is_untouched():
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(got),
                                                   jax.tree_util.tree_leaves(expected)))
   assert surgery.route(tree)[2] is False  # once per signature
+
+
+@pytest.mark.parametrize('full_decode', [False, True], ids=['copy_through', 'full_decode'])
+def test_a_typed_prng_key_stays_a_key(tmp_path, full_decode):
+  """Orbax stores a typed key as its bits plus the key's impl: both paths keep it a key."""
+  src, dst = tmp_path / 'in', tmp_path / 'out'
+  ocp.PyTreeCheckpointer().save(src, {'params': mlp(), 'rng': jax.random.key(7), 'step': 1})
+  migrate._SURGERIES.clear()
+  rec = migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC),
+                            migrate.Settings(full_decode=full_decode))
+  assert rec['status'] == 'ok', rec['error']
+  rng = ocp.PyTreeCheckpointer().restore(dst)['rng']
+  assert jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  assert np.array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(7)))

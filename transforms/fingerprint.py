@@ -31,6 +31,8 @@ class Fingerprint(NamedTuple):
 
 def fingerprint(x: Any) -> Fingerprint:
   """The Fingerprint of one array (a jax.Array is brought to the host)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)  # a typed key: its bits
   flat = np.ascontiguousarray(x).reshape(-1)
   words = flat.view(_WORDS[flat.dtype.itemsize])
   plain = weighted = np.uint32(0)

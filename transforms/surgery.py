@@ -45,7 +45,7 @@ def signature(tree: Any) -> Signature:
 def tree_bytes(tree: Any) -> int:
   """Bytes of every array leaf (shape x itemsize): arrays, abstract arrays or
   Orbax's array metadata alike."""
-  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+  return sum(math.prod(x.shape) * x.dtype.itemsize
              for x in jax.tree_util.tree_leaves(tree)
              if hasattr(x, 'shape') and hasattr(x, 'dtype'))
 
