@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import zlib
 from typing import Any, Sequence
 
@@ -175,11 +176,16 @@ class CopyThroughArrayHandler(ocp.type_handlers.ArrayHandler):
           process_index=multihost.process_index())
 
 
+_INSTALLING = threading.Lock()
+
+
 def install() -> None:
   """Make Orbax write StoredArrays: one handler for them and for jax.Array
-  (for arrays it is Orbax's own). Idempotent; affects this process only."""
-  if isinstance(ocp.type_handlers.get_type_handler(jax.Array), CopyThroughArrayHandler):
-    return
-  handler = CopyThroughArrayHandler()
-  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-  ocp.type_handlers.register_type_handler(StoredArray, handler, override=True)
+  (for arrays it is Orbax's own). Idempotent and thread-safe; affects this
+  process only."""
+  with _INSTALLING:
+    if isinstance(ocp.type_handlers.get_type_handler(jax.Array), CopyThroughArrayHandler):
+      return
+    handler = CopyThroughArrayHandler()
+    ocp.type_handlers.register_type_handler(StoredArray, handler, override=True)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)

@@ -37,8 +37,11 @@ from pipeline import checkpoint_io, copy_through, lease, storage
 log = logging.getLogger('ckpt_surgery')
 METRICS = 'ckpt_surgery'
 _SURGERIES: dict[str, transforms.Surgery] = {}  # one per spec per process
-# One checkpoint at a time reads and operates; another may write meanwhile.
+# One checkpoint at a time reads and operates, and one at a time saves: the
+# next one's read overlaps the last one's save (and Orbax's handlers are
+# shared by every save in the process).
 _READING = threading.Lock()
+_SAVING = threading.Lock()
 
 
 def show_progress() -> None:
@@ -217,7 +220,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
   if replace:
     dst.rmtree()
-  checkpoint_io.save(dst, layout, written, provenance)
+  with _SAVING:
+    checkpoint_io.save(dst, layout, written, provenance)
   written = checkpoint_io.abstract(written)  # verification reads the arrays back in batches
   try:
     verify(dst, written, prints)
