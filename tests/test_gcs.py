@@ -49,6 +49,8 @@ def test_gs_to_gs_with_spec_on_gs(gcs_samples, bucket, tmp_path):
   assert result.returncode == 0, result.stderr
   records, summary = report(out)
   assert (summary['ok'], summary['failed']) == (4, 0)
+  # Copy-through on GCS too: all but the normalized kernel carried as stored bytes.
+  assert 0 < summary['bytes_carried'] < summary['bytes_written']
   assert sorted(r['dst'] for r in records) == [
       out + '/run_a/1', out + '/run_a/2', out + '/run_b', out + '/run_c']
   assert seed_applied(gcs_samples + '/run_b', out + '/run_b')
