@@ -48,6 +48,7 @@ def _plan_one(surgery: transforms.Surgery, meta: Any) -> dict[str, Any]:
       'changes': [c._asdict() for c in result.changes],
       'bytes_before': result.bytes_before,
       'bytes_after': result.bytes_after,
+      'bytes_untouched': result.bytes_untouched,
   }
 
 
@@ -72,6 +73,8 @@ def format_plan(result: dict[str, Any]) -> str:
     before, after = group['bytes_before'], group['bytes_after']
     lines.append('  bytes: ' + ', '.join(
         f'{k} {report.size(before[k])} -> {report.size(after[k])}' for k in before))
+    lines.append(f"  untouched: {report.size(group['bytes_untouched'])} of {report.size(after['total'])}, "
+                 'copied through as stored bytes (unless --full_decode)')
   if result['unreadable']:
     lines.append(f"unreadable: {len(result['unreadable'])} checkpoint(s) would FAIL")
     lines += [f"  {u['src']}: {u['error']}" for u in result['unreadable']]

@@ -58,7 +58,8 @@ def test_plan_reads_no_array_bytes_and_groups_by_signature(inputs, tmp_path):
 def test_plan_predicts_what_run_writes(inputs, tmp_path):
   src, dst = inputs / 'run_b', tmp_path / 'out'
   migrate._SURGERIES.clear()
-  assert migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC))['status'] == 'ok'
+  rec = migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC))
+  assert rec['status'] == 'ok'
   predicted = transforms.plan(transforms.Surgery(transforms.load_spec(SPEC)),
                               checkpoint_io.read_metadata(epath.Path(src))[1])
   before = transforms.flatten(checkpoint_io.read_metadata(epath.Path(src))[1]['params'])
@@ -77,6 +78,8 @@ def test_plan_predicts_what_run_writes(inputs, tmp_path):
   untouched = set(before) - {c.path for c in predicted.changes}
   assert all(before[p].shape == after[p].shape for p in untouched)
   assert predicted.bytes_after['total'] == transforms.tree_bytes(checkpoint_io.read_metadata(epath.Path(dst))[1])
+  # What plan calls untouched is what run copied through (plan also counts the saved step number).
+  assert predicted.bytes_untouched - rec['bytes_carried'] == 8 and rec['bytes_carried'] > 0
 
 
 def test_plan_reports_failures_as_run_meets_them(inputs, tmp_path):

@@ -4,7 +4,8 @@
 array is read or computed, and every error `run` would meet (a rule matching
 nothing, a shape that does not fit, an optimizer state that does not match the
 optimizer) is met here the same way. The diff follows each param leaf from its
-old path to its new one through the renames the ops report.
+old path to its new one through the renames the ops report; the untouched
+bytes are those `run` copies through as stored bytes.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Plan(NamedTuple):
   changes: list[Change]
   bytes_before: dict[str, int]   # params, opt_state, total
   bytes_after: dict[str, int]
+  bytes_untouched: int           # of bytes_after['total']: output leaves that are input leaves
 
 
 def abstract(tree: Any) -> Any:
@@ -77,4 +79,7 @@ def plan(surgery: Surgery, state: Any) -> Plan:
   out = jax.eval_shape(functools.partial(surgery.apply, trace=trace), tree)
   key = surgery.spec.params
   changes = param_changes(paths.flatten(tree[key]), paths.flatten(out[key]), trace)
-  return Plan(trace, changes, _bytes(tree, rest, surgery), _bytes(out, rest, surgery))
+  _, out_shape, carried = surgery.trace(tree)
+  outputs = jax.tree_util.tree_leaves(out_shape)
+  untouched = tree_bytes([outputs[o] for o in carried]) + tree_bytes(rest)
+  return Plan(trace, changes, _bytes(tree, rest, surgery), _bytes(out, rest, surgery), untouched)

@@ -92,6 +92,13 @@ def fill_from_init(opt_state: Any, fresh: Any) -> Any:
   return filled
 
 
+def _abstract_leaves(tree: Any) -> tuple[list[jax.ShapeDtypeStruct], Any]:
+  """(the tree's leaves as shape, dtype and sharding where they have one, its treedef)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if isinstance(
+      s := getattr(x, 'sharding', None), jax.sharding.Sharding) else None) for x in leaves], treedef
+
+
 def _compile_donating(fn: Any, arg: Any) -> Any:
   """`fn` jitted with its argument donated, compiled for `arg` (arrays or abstract)."""
   with warnings.catch_warnings():
@@ -238,18 +245,23 @@ class Surgery:
       self._routes[sig] = self._trace_route(tree)
       return self._routes[sig], sig, True
 
-  def _trace_route(self, tree: dict[str, Any]) -> Route:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if isinstance(
-        s := getattr(x, 'sharding', None), jax.sharding.Sharding) else None) for x in leaves]
+  def trace(self, tree: dict[str, Any]) -> tuple[Any, Any, dict[int, int]]:
+    """(the surgery's closed jaxpr on this tree's leaves, its output shapes,
+    {output leaf index: the input leaf index it is}). No array is read."""
+    abstract, treedef = _abstract_leaves(tree)
     closed, out_shape = jax.make_jaxpr(
         lambda flat: self.apply(treedef.unflatten(flat)), return_shape=True)(abstract)
-    jaxpr = closed.jaxpr
-    inputs = {v: i for i, v in enumerate(jaxpr.invars)}
-    carried = {o: inputs[v] for o, v in enumerate(jaxpr.outvars)
+    inputs = {v: i for i, v in enumerate(closed.jaxpr.invars)}
+    carried = {o: inputs[v] for o, v in enumerate(closed.jaxpr.outvars)
                if isinstance(v, jex.core.Var) and v in inputs}
+    return closed, out_shape, carried
+
+  def _trace_route(self, tree: dict[str, Any]) -> Route:
+    closed, out_shape, carried = self.trace(tree)
+    jaxpr = closed.jaxpr
     pruned, used = dce_jaxpr(jaxpr, [o not in carried for o in range(len(jaxpr.outvars))])
     needed = tuple(i for i, u in enumerate(used) if u)
     compute = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(pruned, closed.consts))
+    abstract, _ = _abstract_leaves(tree)  # with their shardings, which avals lack
     compiled = _compile_donating(lambda xs: compute(*xs), [abstract[i] for i in needed])
     return Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled)
