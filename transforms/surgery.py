@@ -24,7 +24,6 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.extend as jex
-import numpy as np
 # The one private JAX name we use: dead-code elimination of a traced jaxpr,
 # which finds the inputs that the computed outputs read.
 from jax._src.interpreters.partial_eval import dce_jaxpr
