@@ -114,6 +114,11 @@ def item_metadata(path: epath.Path, layout: Layout) -> dict[str, Any]:
   return {name: _tree_metadata(path / name if name else path) for name in layout.trees}
 
 
+def trees(meta: dict[str, Any]) -> dict[str, Any]:
+  """{tree item name: its tree of leaf metadata}, from `item_metadata`."""
+  return {name: m.tree for name, m in meta.items()}
+
+
 def skipped(x: Any) -> bool:
   """A leaf not to restore: a placeholder, or an array whose bytes are copied."""
   return x is ocp.PLACEHOLDER or isinstance(x, copy_through.StoredArray)
@@ -143,7 +148,7 @@ def restore(path: epath.Path, like: dict[str, Any] | None = None,
   restored as placeholders."""
   devices = devices or jax.local_devices()
   layout = read_layout(path)
-  like = like if like is not None else {n: m.tree for n, m in item_metadata(path, layout).items()}
+  like = like if like is not None else trees(item_metadata(path, layout))
   args = {}
   for name, handler in layout.items:
     if handler in TREE_HANDLERS:
@@ -200,7 +205,7 @@ def read_provenance(path: epath.Path) -> dict[str, Any] | None:
 def read_metadata(path: epath.Path) -> tuple[Layout, Any]:
   """(layout, the state's tree of leaf metadata: shape and dtype, no array bytes)."""
   layout = read_layout(path)
-  return layout, layout.join({n: m.tree for n, m in item_metadata(path, layout).items()})
+  return layout, layout.join(trees(item_metadata(path, layout)))
 
 
 def array_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:

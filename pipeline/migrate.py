@@ -149,7 +149,7 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
   outputs are zarr2, so its chunks would not fit)."""
   if any(m.use_zarr3 for m in meta.values()):
     return None
-  tree_meta, rest_meta = surgery.split(layout.join({n: m.tree for n, m in meta.items()}))
+  tree_meta, rest_meta = surgery.split(layout.join(checkpoint_io.trees(meta)))
   leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
   if not all(checkpoint_io.is_array(x) for x in leaves):
     return None
@@ -189,7 +189,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
     meta = checkpoint_io.item_metadata(src, layout)
     migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery)
     if migrated is None:
-      _, items = checkpoint_io.restore(src, like={n: m.tree for n, m in meta.items()})
+      _, items = checkpoint_io.restore(src, like=checkpoint_io.trees(meta))
       migrated = (items, *surgery(layout.join(items)))
   items, new_state, sig, compiled = migrated
   prints = transforms.fingerprints(new_state)
@@ -210,7 +210,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       'checksums': {p: f.checksum for p, f in prints.items()},
       'carried': sorted(carried),  # stored bytes copied, values never decoded
   }
-  arrays_in = [x for x in jax.tree_util.tree_leaves([m.tree for m in meta.values()])
+  arrays_in = [x for x in jax.tree_util.tree_leaves(checkpoint_io.trees(meta))
                if checkpoint_io.is_array(x)]
   done = {'status': 'ok', 'bytes_in': transforms.tree_bytes(arrays_in),
           'bytes_out': transforms.tree_bytes(new_state),
