@@ -125,7 +125,8 @@ def skipped(x: Any) -> bool:
 
 
 def is_array(x: Any) -> bool:
-  """An array leaf of a restored tree, or its metadata (not a saved Python scalar)."""
+  """An array leaf of a restored tree, its metadata or its abstract form (not a
+  saved Python scalar, nor a skipped leaf)."""
   return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or (
       isinstance(x, ocp_metadata.ArrayMetadata) and not isinstance(x, ocp_metadata.ScalarMetadata))
 
@@ -135,7 +136,7 @@ def _restore_args(like: Any, devices: list[jax.Device]) -> Any:
   numbers stay Python numbers; skipped leaves are not read."""
   return jax.tree_util.tree_map(
       lambda x: ocp.ArrayRestoreArgs(sharding=transforms.placement(x.shape, x.dtype, devices))
-      if is_array(x) and not skipped(x) else ocp.RestoreArgs(), like)
+      if is_array(x) else ocp.RestoreArgs(), like)
 
 
 def restore(path: epath.Path, like: dict[str, Any] | None = None,
@@ -213,7 +214,7 @@ def array_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   Orbax metadata or in its abstract form alike (numbers saved as Python
   scalars are not arrays; skipped leaves are not counted)."""
   return {transforms.key_path(k): (tuple(x.shape), str(x.dtype))
-          for k, x in jax.tree_util.tree_flatten_with_path(tree)[0] if is_array(x) and not skipped(x)}
+          for k, x in jax.tree_util.tree_flatten_with_path(tree)[0] if is_array(x)}
 
 
 def abstract(tree: Any) -> Any:

@@ -243,7 +243,7 @@ def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transform
   expected = checkpoint_io.array_specs(written)
   batches, size = [set()], 0
   for k, x in jax.tree_util.tree_flatten_with_path(written)[0]:
-    if checkpoint_io.is_array(x) and not checkpoint_io.skipped(x):
+    if checkpoint_io.is_array(x):
       if size >= VERIFY_BATCH_BYTES:
         batches, size = batches + [set()], 0
       batches[-1].add(transforms.key_path(k))
