@@ -17,7 +17,7 @@ def param_paths(params):
 def test_adam_has_mu_and_nu():
   params = mlp()
   _, opt_state = trained(optax.adam(1e-3), params)
-  assert find_mirrors(param_paths(params), opt_state) == [(0, 1), (0, 2)]
+  assert [m.location for m in find_mirrors(param_paths(params), opt_state)] == [(0, 1), (0, 2)]
 
 
 def test_sgd_momentum_and_inject_hyperparams():
@@ -26,7 +26,7 @@ def test_sgd_momentum_and_inject_hyperparams():
   _, opt_state = trained(tx, params)
   # The hyperparameters are scalars, not mirrors; the trace is.
   found = find_mirrors(param_paths(params), opt_state)
-  assert [mirrors.get_at(opt_state, loc) for loc in found] == [opt_state.inner_state[0].trace]
+  assert [mirrors.get_at(opt_state, m.location) for m in found] == [opt_state.inner_state[0].trace]
 
 
 def test_masked_mirror_is_a_subset_with_none_leaves(tmp_path):
@@ -39,7 +39,7 @@ def test_masked_mirror_is_a_subset_with_none_leaves(tmp_path):
   for tree in (opt_state, restored['opt_state']):
     found = find_mirrors(param_paths(params), tree)
     assert len(found) == 3  # mu, nu (masked) and the momentum trace
-    mu = flatten(mirrors.get_at(tree, found[0]))
+    mu = flatten(mirrors.get_at(tree, found[0].location))
     assert set(mu) <= param_paths(params)
 
 
@@ -73,4 +73,4 @@ def test_every_planted_mirror_is_found(params, data):
   mirror = unflatten({p: None if data.draw(st.booleans()) else flat[p] for p in subset}) \
       if len(subset) > 1 else unflatten({p: flat[p] for p in subset})
   state = [{'count': 3, 'hyper': {'lr_zz_': 0.1}}, {'inner': (mirror, 'tag')}]
-  assert find_mirrors(set(flat), state) == [(1, 'inner', 0)]
+  assert [m.location for m in find_mirrors(set(flat), state)] == [(1, 'inner', 0)]

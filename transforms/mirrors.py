@@ -7,47 +7,179 @@ longer resumes. We find them by structure, not by knowing optax's classes, so
 that every optimizer works, restored typed (NamedTuples) or without a target
 (dicts, lists, and None where optax keeps a `MaskedNode` or `EmptyState`).
 
-A mirror is the outermost dict in opt_state whose leaf paths are all param
-paths: a subset is fine (masked states), None leaves count as present.
+A mirror is the outermost mapping in opt_state whose leaf paths are all
+param paths of one sub-tree of the params (its `base`: '' for the whole
+params, `fast` for lookahead's fast weights), where a placeholder may also
+stand at a module path: optax keeps a masked-out sub-tree (a prefix label or
+mask, `{'backbone': 'frozen'}`) as one `MaskedNode` at `backbone`. While ops
+run, such a placeholder is expanded into one `Hole` per param beneath it, so
+that every op sees leaf paths only; `collapse` puts one placeholder back at
+the sub-tree its params ended up in, or fails naming it.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any, Collection
+from typing import Any, Collection, NamedTuple
 
 from transforms import paths
 
 Location = tuple[Any, ...]  # keys from the opt_state root down to a mirror
 
 
-def _children(node: Any) -> list[tuple[Any, Any]]:
+class MirrorError(ValueError):
+  """A mirror cannot follow the params; the message names it."""
+
+
+class Mirror(NamedTuple):
+  location: Location
+  base: str                       # the params sub-tree it shadows ('' = all)
+  label: str                      # 'opt_state/0/mu', for messages
+  ambiguous: tuple[str, ...] = ()  # other sub-trees it could shadow as well
+
+
+def is_placeholder(x: Any) -> bool:
+  """What optax's MaskedNode and EmptyState are stored as: None (restored
+  without a target), the empty NamedTuple itself (typed), or an empty dict
+  (read from Flax msgpack)."""
+  return x is None or (isinstance(x, tuple) and hasattr(x, '_fields') and not x._fields) or (
+      isinstance(x, Mapping) and not x)
+
+
+def _children(node: Any) -> list[tuple[Any, str, Any]]:
+  """(key, its name for messages, child) of a container."""
   if isinstance(node, Mapping):
-    return list(node.items())
+    return [(k, str(k), v) for k, v in node.items()]
+  if hasattr(node, '_fields'):  # NamedTuple: a field name reads better than an index
+    return [(i, name, v) for i, (name, v) in enumerate(zip(node._fields, node))]
   if isinstance(node, (tuple, list)):
-    return list(enumerate(node))
+    return [(i, str(i), v) for i, v in enumerate(node)]
   return []
 
 
-def _is_mirror(node: Any, param_paths: Collection[str]) -> bool:
-  if not isinstance(node, Mapping):
-    return False
-  leaf_paths = paths.flatten(node)
-  return bool(leaf_paths) and all(p in param_paths for p in leaf_paths)
+def _fits(flat: paths.Flat, base: str, params: Collection[str], modules: Collection[str]) -> bool:
+  for q, v in flat.items():
+    full = paths.join(base, q)
+    if full not in params and not (is_placeholder(v) and full in modules):
+      return False
+  return True
 
 
-def find_mirrors(param_paths: Collection[str], opt_state: Any) -> list[Location]:
-  """Locations of every mirror of the params in `opt_state`, outermost first."""
-  found: list[Location] = []
+def _bases(node: Any, params: Collection[str], modules: Collection[str]) -> list[str]:
+  """The params sub-trees `node` mirrors: [''] for all of the params."""
+  if not isinstance(node, Mapping) or not node:
+    return []
+  flat = paths.flatten(node)
+  if _fits(flat, '', params, modules):
+    return ['']
+  held = next((q for q, v in flat.items() if not is_placeholder(v)), None)
+  if held is None:
+    return []
+  if len(flat) < 2:
+    return []  # one leaf under some module is no evidence (NNX wraps `count` as {'value': ...})
+  suffix = paths.SEP + held
+  candidates = [p[:-len(suffix)] for p in params if p.endswith(suffix)]
+  # A sub-tree mirror shadows all of its sub-tree, as lookahead's moments do.
+  return [b for b in candidates if _fits(flat, b, params, modules) and
+          len(expand({paths.join(b, q): x for q, x in flat.items()}, params, '')) ==
+          sum(paths.under(p, b) for p in params)]
 
-  def visit(node: Any, loc: Location) -> None:
-    if _is_mirror(node, param_paths):
-      found.append(loc)
-      return
-    for key, child in _children(node):
-      visit(child, loc + (key,))
 
-  visit(opt_state, ())
+def nodes(tree: Any) -> dict[str, Any]:
+  """Every node of a pytree by its path (NamedTuple fields by name), leaves too."""
+  found = {}
+
+  def visit(node: Any, path: str) -> None:
+    found[path] = node
+    for _, name, child in _children(node):
+      visit(child, paths.join(path, paths.escape(name)))
+
+  visit(tree, '')
   return found
+
+
+def find_mirrors(param_paths: Collection[str], opt_state: Any, root: str = 'opt_state'
+                 ) -> list[Mirror]:
+  """Every mirror of the params (or of a sub-tree of them) in `opt_state`,
+  outermost first. Where several sub-trees fit (lookahead's `fast` and
+  `slow` have the same paths), the one named in the mirror's own keys wins
+  (`fast_state`); with none named, all are kept in `ambiguous`."""
+  params = set(param_paths)
+  modules = paths.modules(params)
+  found: list[Mirror] = []
+
+  def visit(node: Any, loc: Location, names: tuple[str, ...]) -> None:
+    bases = _bases(node, params, modules)
+    if bases:
+      named = [b for b in bases if b and any(paths.parts(b)[-1] in n for n in names)]
+      chosen = named if len(named) == 1 else bases
+      found.append(Mirror(loc, chosen[0], paths.SEP.join((root, *names)), tuple(chosen[1:])))
+      return
+    for key, name, child in _children(node):
+      visit(child, loc + (key,), names + (name,))
+
+  visit(opt_state, (), ())
+  return found
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Hole:
+  """Stands, in an expanded mirror, for each param beneath a placeholder.
+  Every param of one placeholder holds the same Hole (not a pytree: it never
+  reaches JAX)."""
+  value: Any   # the placeholder as stored (None, MaskedNode, EmptyState)
+  depth: int   # how many levels the placeholder sits above its params' common prefix
+  label: str   # where it was, for messages
+
+
+def _common_prefix(keys: list[str]) -> str:
+  split = [paths.parts(k) for k in keys]
+  common = []
+  for level in zip(*split):
+    if len(set(level)) != 1:
+      break
+    common.append(level[0])
+  return paths.SEP.join(common)
+
+
+def expand(flat: paths.Flat, params: Collection[str], label: str) -> paths.Flat:
+  """A mirror's entries (full param paths) with each placeholder at a module
+  path replaced by a Hole at every param beneath it."""
+  out: paths.Flat = {}
+  for path, value in flat.items():
+    if path in params or not is_placeholder(value):
+      out[path] = value
+      continue
+    members = [p for p in params if paths.under(p, path)]
+    depth = len(paths.parts(_common_prefix(members))) - len(paths.parts(path))
+    hole = Hole(value, depth, f'{label}/{path}')
+    out.update({p: hole for p in members})
+  return out
+
+
+def collapse(flat: paths.Flat, params: Collection[str]) -> paths.Flat:
+  """The inverse of `expand` after the ops: each Hole's params (where the ops
+  moved them) go back under one placeholder, at the sub-tree that holds
+  exactly them, the same number of levels above them as before."""
+  groups: dict[int, tuple[Hole, list[str]]] = {}
+  out: paths.Flat = {}
+  for path, value in flat.items():
+    if isinstance(value, Hole):
+      groups.setdefault(id(value), (value, []))[1].append(path)
+    else:
+      out[path] = value
+  for hole, members in groups.values():
+    common = paths.parts(_common_prefix(members))
+    root = paths.SEP.join(common[:len(common) - hole.depth]) if len(common) > hole.depth else ''
+    beneath = {p for p in params if paths.under(p, root)} if root else set()
+    if beneath != set(members):
+      strays = sorted(beneath ^ set(members))[:3]
+      raise MirrorError(
+          f'the masked-out sub-tree {hole.label} no longer maps onto one sub-tree of the '
+          f'params after the surgery (it would need to cover exactly {sorted(members)[:3]}..., '
+          f'but {strays} differ); an optimizer state cannot say which of them are masked')
+    out[root] = hole.value
+  return out
 
 
 def get_at(tree: Any, loc: Location) -> Any:

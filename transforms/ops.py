@@ -21,12 +21,14 @@ import dataclasses
 import importlib
 import re
 import zlib
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from transforms import paths
+from transforms.mirrors import Hole
 from transforms.paths import Flat
 
 
@@ -67,7 +69,8 @@ def initialize(init: str, seed: int, path: str, shape, dtype) -> jax.Array:
 class Op:
   """Base of every op: how it treats the optimizer-state mirrors."""
   name: ClassVar[str]
-  structural: ClassVar[bool]     # changes keys or shapes: mirrors must follow
+  structural: ClassVar[bool]     # changes keys or shapes: mirrors and collections must follow
+  moves_only: ClassVar[bool] = False      # only moves or removes leaves (rename, drop)
   changes_shapes: ClassVar[bool] = False  # mirror leaves must then be param-shaped
   creates_leaves: ClassVar[bool] = False  # with an optimizer, its init fills their entries
   default_mode: ClassVar[str] = ''
@@ -126,7 +129,12 @@ class LeafOp(MatchOp):
 
   def apply(self, flat, selected, mirror=False):
     chosen = set(selected)
-    new = {p: self.leaf(x, p, mirror) if p in chosen and carried(x) else x
+    if not mirror:
+      for p in chosen:
+        if not is_array(flat[p]) and not is_empty(flat[p]):
+          raise SurgeryError(f'{p!r} is a {type(flat[p]).__name__}, not an array, so {self.name} '
+                             'cannot change it (narrow the match to leave it out)')
+    new = {p: self.leaf(x, p, mirror) if p in chosen and is_array(x) else x
            for p, x in flat.items()}
     return new, list(selected)
 
@@ -136,6 +144,7 @@ class Rename(MatchOp):
   """Replace the matched part of each selected path: `to` may use \\1 groups."""
   name: ClassVar[str] = 'rename'
   structural: ClassVar[bool] = True
+  moves_only: ClassVar[bool] = True
   to: str
 
   def apply(self, flat, selected, mirror=False):
@@ -162,6 +171,7 @@ class Drop(MatchOp):
   """Remove the selected leaves."""
   name: ClassVar[str] = 'drop'
   structural: ClassVar[bool] = True
+  moves_only: ClassVar[bool] = True
 
   def apply(self, flat, selected, mirror=False):
     chosen = set(selected)
@@ -293,6 +303,11 @@ class Pad(ShapeOp):
     base = (jnp.zeros(shape, x.dtype) if mirror or self.init == 'zeros'
             else initialize(self.init, self.seed, path, shape, x.dtype))
     return jax.lax.dynamic_update_slice_in_dim(base, x, 0, axis)
+
+  def grow(self, x, path):
+    """A mirror entry whose new slots the optimizer's init fills (its init
+    need not be zeros: COCOB starts at 1e-8, schedule-free at the params)."""
+    return Grown(x, check_axis(x, self.axis, path))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -482,9 +497,27 @@ class Stale:
 STALE = Stale()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Grown:
+  """A mirror entry padded along `axis`: its old values stay at the start, the
+  optimizer's init of the new params gives the rest."""
+  value: Any
+  axis: int
+
+
+def is_array(x: Any) -> bool:
+  """An array leaf, concrete or traced or abstract."""
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')
+
+
+def is_empty(x: Any) -> bool:
+  """An empty sub-tree, kept as a leaf of its own (see paths.flatten)."""
+  return isinstance(x, Mapping) and not x
+
+
 def carried(x: Any) -> bool:
-  """A mirror entry with a value: not masked (None) and not stale."""
-  return x is not None and x is not STALE
+  """A mirror entry with a value: an array, not masked, stale or waiting for init."""
+  return is_array(x)
 
 
 def zero(flat: Flat, selected: Sequence[str]) -> Flat:
@@ -520,17 +553,22 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
   if mode == 'keep':
     return mirror
   present = [p for p in selected if p in mirror]
-  if op.changes_shapes:
-    mirror = dict(mirror)
-    for p in present:
-      x = mirror[p]
-      if carried(x) and tuple(x.shape) != tuple(params[p].shape):
-        if not can_rebuild:
-          raise SurgeryError(
-              f'{where} leaf {p!r} has shape {tuple(x.shape)}, not its param\'s '
-              f'{tuple(params[p].shape)}, so it cannot follow; give the spec an '
-              "'optimizer:' section to rebuild it from the optimizer's init")
-        mirror[p] = STALE
+  mirror = dict(mirror)
+  for p in present:
+    x = mirror[p]
+    if isinstance(x, Grown) and not op.moves_only:
+      mirror[p] = STALE  # padded, then changed again: init rebuilds it whole
+    elif op.changes_shapes and x is not None and not isinstance(x, (Hole, Stale, Grown)) and (
+        not is_array(x) or tuple(x.shape) != tuple(params[p].shape)):
+      held = f'has shape {tuple(x.shape)}' if is_array(x) else f'is a {type(x).__name__}'
+      if not can_rebuild:
+        raise SurgeryError(
+            f'{where} leaf {p!r} {held}, not its param\'s '
+            f'{tuple(params[p].shape)} array, so it cannot follow; give the spec an '
+            "'optimizer:' section to rebuild it from the optimizer's init")
+      mirror[p] = STALE
+  if can_rebuild and hasattr(op, 'grow') and mode == 'follow':
+    return {**mirror, **{p: op.grow(mirror[p], p) for p in present if carried(mirror[p])}}
   if op.creates_leaves and not can_rebuild:
     _require_full_copy(mirror, params, where)
   if mode == 'follow' or op.structural:

@@ -28,8 +28,9 @@ import jax.extend as jex
 # which finds the inputs that the computed outputs read.
 from jax._src.interpreters.partial_eval import dce_jaxpr
 
-from transforms import mirrors, paths
-from transforms.ops import STALE, Context, StateOp, SurgeryError, apply_to_mirror
+from transforms import guard, mirrors, paths
+from transforms.ops import (STALE, Context, Grown, MatchOp, Op, Reinit, StateOp, SurgeryError,
+                            apply_to_mirror)
 from transforms.spec import Spec
 
 Signature = tuple[Any, tuple[tuple[tuple[int, ...], str], ...]]
@@ -66,24 +67,44 @@ def _check_tree(flat: paths.Flat, what: str) -> None:
 
 def key_path(keys: tuple[Any, ...]) -> str:
   """A jax key path as 'a/0/mu': NamedTuple fields, dict keys and list indices
-  alike, so a typed state and its target-less restore give the same paths."""
-  return paths.SEP.join(
-      str(next(getattr(k, a) for a in ('name', 'key', 'idx') if hasattr(k, a))) for k in keys)
+  alike, so a typed state and its target-less restore give the same paths.
+  Keys are escaped as param paths are (see `paths`)."""
+  return paths.SEP.join(paths.escape(
+      next(getattr(k, a) for a in ('name', 'key', 'idx') if hasattr(k, a))) for k in keys)
+
+
+def _leaf_paths(tree: Any) -> dict[str, Any]:
+  return {key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def fill_from_init(opt_state: Any, fresh: Any) -> Any:
-  """opt_state with its STALE leaves taken from `fresh` (the optimizer's init
-  of the new params; None where init holds nothing there, as a masked leaf),
-  then checked leaf by leaf against it: paths, shapes, dtypes."""
-  fresh_leaves = {key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+  """opt_state with what only the optimizer knows taken from `fresh` (its
+  init of the new params): STALE leaves whole, the new slots of Grown ones.
+  Then checked leaf by leaf against it: paths, shapes, dtypes."""
+  fresh_leaves, fresh_nodes = _leaf_paths(fresh), mirrors.nodes(fresh)
+
+  def fill(k, x):
+    want = fresh_leaves.get(key_path(k))
+    if x is STALE:
+      return fresh_nodes.get(key_path(k))  # a leaf, or a sub-tree (SM3's list per param)
+    if isinstance(x, Grown):
+      fits = want is not None and want.ndim == x.value.ndim and all(
+          n == m or i == x.axis for i, (n, m) in enumerate(zip(want.shape, x.value.shape)))
+      return (jax.lax.dynamic_update_slice_in_dim(want, x.value.astype(want.dtype), 0, x.axis)
+              if fits else want)
+    return x
+
   filled = jax.tree_util.tree_map_with_path(
-      lambda k, x: fresh_leaves.get(key_path(k)) if x is STALE else x, opt_state)
-  ours = {key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(filled)[0]}
+      fill, opt_state, is_leaf=lambda x: x is STALE or isinstance(x, Grown))
+  ours = _leaf_paths(filled)
   for path in sorted(set(ours) | set(fresh_leaves)):
     got, want = ours.get(path), fresh_leaves.get(path)
-    if got is None or want is None:
-      where = 'is missing from' if got is None else 'is not in'
-      raise SurgeryError(f"opt_state leaf {path!r} {where} the optimizer's init of the new params")
+    if got is None:
+      raise SurgeryError(f"the migrated opt_state lacks leaf {path!r}, which the optimizer's "
+                         'init of the new params has')
+    if want is None:
+      raise SurgeryError(f"the migrated opt_state has leaf {path!r}, which the optimizer's "
+                         'init of the new params does not have')
     if (tuple(got.shape), got.dtype) != (tuple(want.shape), want.dtype):
       raise SurgeryError(
           f'opt_state leaf {path!r} is {got.dtype}{list(got.shape)}, the optimizer\'s init of '
@@ -143,21 +164,62 @@ class Route(NamedTuple):
 
 
 class _View:
-  """The params as a flat dict and each opt_state mirror as one, while ops run."""
+  """The params as a flat dict, each opt_state mirror and each collection as
+  one keyed by full param paths, while ops run; `close` puts them back."""
 
   def __init__(self, tree: dict[str, Any], ctx: Context):
     self.tree, self.ctx = tree, ctx
     self.params = paths.flatten(tree[ctx.params])
-    self.locations = mirrors.find_mirrors(self.params.keys(), tree.get(ctx.opt_state))
-    self.shadows = [paths.flatten(mirrors.get_at(tree[ctx.opt_state], loc))
-                    for loc in self.locations]
+    opt_state = tree.get(ctx.opt_state)
+    self.mirrors = mirrors.find_mirrors(self.params.keys(), opt_state, ctx.opt_state or 'state')
+    self.shadows = [
+        mirrors.expand({paths.join(m.base, q): x for q, x in
+                        paths.flatten(mirrors.get_at(opt_state, m.location)).items()},
+                       self.params, m.label)
+        for m in self.mirrors]
+    self.collections = {k: paths.flatten(v) for k, v in tree.items()
+                        if k not in (ctx.params, ctx.opt_state)}
+
+  def follow(self, op: Op, selected: list[str], before: paths.Flat, can_rebuild: bool) -> None:
+    """Apply `op`, which the params took at `selected`, to every mirror and,
+    if it is structural, to every collection (matched by its own paths)."""
+    for m in self.mirrors:
+      if m.ambiguous and any(paths.under(p, b) for p in selected for b in (m.base, *m.ambiguous)):
+        raise SurgeryError(
+            f'{m.label} mirrors one of the sub-trees {[m.base, *m.ambiguous]} of the params and '
+            'nothing tells which; this op changes them, so the mirror cannot follow')
+    self.shadows = [apply_to_mirror(op, shadow, selected, before, can_rebuild, m.label)
+                    for m, shadow in zip(self.mirrors, self.shadows)]
+    if op.structural and isinstance(op, MatchOp):
+      self.collections = {k: op.apply(flat, paths.matching(op.pattern, flat))[0]
+                          for k, flat in self.collections.items()}
+
+  def bases(self) -> list[str]:
+    """Where each mirror's base is after the ops (a renamed `fast/` moves it)."""
+    out = []
+    for m, shadow in zip(self.mirrors, self.shadows):
+      keys = [paths.parts(p) for p in shadow]
+      depth = len(paths.parts(m.base))
+      tops = {tuple(k[:depth]) for k in keys}
+      if len(tops) > 1:
+        raise SurgeryError(f'{m.label} mirrored {m.base!r}, but the surgery spread its params over '
+                           f'{sorted(paths.SEP.join(t) for t in tops)[:3]}')
+      out.append(paths.SEP.join(tops.pop()) if tops else m.base)
+    return out
 
   def close(self) -> dict[str, Any]:
-    out = {**self.tree, self.ctx.params: paths.unflatten(self.params)}
+    """The tree with the ops' results; fails naming a mirror that cannot go back."""
+    out = {**self.tree, self.ctx.params: paths.unflatten(self.params),
+           **{k: paths.unflatten(flat) for k, flat in self.collections.items()}}
     if self.ctx.opt_state in out:
       opt_state = out[self.ctx.opt_state]
-      for loc, m in zip(self.locations, self.shadows):
-        opt_state = mirrors.replace_at(opt_state, loc, paths.unflatten(m))
+      for m, base, shadow in zip(self.mirrors, self.bases(), self.shadows):
+        try:
+          flat = mirrors.collapse(shadow, self.params.keys())
+        except mirrors.MirrorError as e:
+          raise SurgeryError(str(e)) from None
+        relative = {p[len(base) + 1:] if base else p: x for p, x in flat.items()}
+        opt_state = mirrors.replace_at(opt_state, m.location, paths.unflatten(relative))
       out[self.ctx.opt_state] = opt_state
     return out
 
@@ -177,45 +239,101 @@ class Surgery:
     return len(self._compiled) + len(self._routes)
 
   def split(self, state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what the surgery changes: params and opt_state, the rest of the state)."""
-    if not isinstance(state, Mapping) or self.spec.params not in state:
-      keys = list(state) if isinstance(state, Mapping) else type(state).__name__
-      raise SurgeryError(f'the state has no {self.spec.params!r} key (it has {keys})')
-    keys = (self.spec.params, self.spec.opt_state)
-    return ({k: state[k] for k in keys if k in state},
+    """(what the surgery changes, the rest of the state).
+
+    What it changes: the params, the optimizer state, and every collection
+    beside the params keyed by their module paths (`batch_stats`). With
+    `params: ''` the params are the whole state but the optimizer state (as
+    NNX's guide saves a model). Decided from the keys alone, so metadata and
+    arrays split alike."""
+    params, opt_state = self.spec.params, self.spec.opt_state
+    if not isinstance(state, Mapping):
+      raise SurgeryError(f'the state is a {type(state).__name__}, not a mapping of params and '
+                         'optimizer state')
+    if params == '':
+      return ({'': {k: v for k, v in state.items() if k != opt_state},
+               **({opt_state: state[opt_state]} if opt_state in state else {})}, {})
+    if params not in state:
+      raise SurgeryError(
+          f"the state has no {params!r} key (it has {list(state)}): set the spec's 'params:' "
+          "to the key that holds the params, or to '' when the params are the whole state "
+          "(as NNX's guide saves a model)")
+    if not isinstance(state[params], Mapping):
+      raise SurgeryError(f"the state's {params!r} is a {type(state[params]).__name__}, not a "
+                         'mapping of names to arrays')
+    param_paths = paths.flatten(state[params])
+    keys = {params, opt_state} | {k for k, v in state.items()
+                                  if k not in (params, opt_state) and
+                                  guard.is_collection(v, param_paths)}
+    return ({k: v for k, v in state.items() if k in keys},
             {k: v for k, v in state.items() if k not in keys})
+
+  def join(self, tree: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `split`: the whole state from the surgery's output and the rest."""
+    if self.spec.params == '':
+      return {**tree[''], **{k: v for k, v in tree.items() if k != ''}}
+    return {**rest, **tree}
 
   def apply(self, tree: dict[str, Any], trace: list[OpTrace] | None = None
             ) -> dict[str, Any]:
-    """The pure surgery on {params, opt_state}: what gets traced and compiled.
+    """The pure surgery on what `split` gives: what gets traced and compiled.
+    The guard checks its result before it is returned.
 
     `trace`, when given, gets one OpTrace per op (what `plan` reports).
     """
     ctx = Context(self.spec.params, self.spec.opt_state, self.optimizer)
     view = _View(tree, ctx)
+    before = dict(view.params)
+    lineage = guard.Lineage({p: p for p in view.params}, set())
     for index, op in enumerate(self.spec.ops):
       try:
         if isinstance(op, StateOp):
-          view = _View(op.transform(view.close(), ctx), ctx)
+          view = _View(op.transform(self._settle(view.close(), ctx), ctx), ctx)
           if trace is not None:
             trace.append(OpTrace(index, op.name, None, {}))
           continue
         selected = op.select(view.params)
-        before = view.params
-        view.params, produced = op.apply(before, selected)
+        current = view.params
+        view.params, produced = op.apply(current, selected)
+        renamed = op.renamed(selected, produced)
+        lineage.moved.update({o: renamed.get(n, n) for o, n in lineage.moved.items()})
+        fresh = {renamed.get(p, p) for p in lineage.fresh}
+        if isinstance(op, Reinit) and op.mirror_mode != 'keep':
+          fresh |= set(produced)
+        lineage.fresh.clear()
+        lineage.fresh.update(fresh)
         if trace is not None:
-          trace.append(OpTrace(index, op.name, len(selected), op.renamed(selected, produced)))
-        view.shadows = [
-            apply_to_mirror(op, m, selected, before, self.optimizer is not None,
-                            paths.SEP.join(map(str, (ctx.opt_state, *loc))))
-            for loc, m in zip(view.locations, view.shadows)]
+          trace.append(OpTrace(index, op.name, len(selected), renamed))
+        view.follow(op, selected, current, self.optimizer is not None)
       except SurgeryError as e:
         raise SurgeryError(f'ops[{index}] ({op.name}): {e}') from None
     _check_tree(view.params, 'after the surgery')
-    out = view.close()
-    if self.optimizer is not None and ctx.opt_state in out:
-      out[ctx.opt_state] = fill_from_init(out[ctx.opt_state], self.optimizer.init(out[ctx.params]))
+    bases = view.bases()
+    out = self._settle(view.close(), ctx)
+    try:
+      guard.check_opt_state(before, view.params, tree.get(ctx.opt_state), out.get(ctx.opt_state),
+                            list(zip(view.mirrors, bases)), lineage, ctx.opt_state,
+                            rebuilt=self.optimizer is not None)
+      for name, flat in view.collections.items():
+        guard.check_collection(name, before, view.params, flat)
+    except guard.GuardError as e:
+      raise SurgeryError(f'guard: {e}') from None
     return out
+
+  def _settle(self, tree: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """With `optimizer:`, fill what only it knows from its init of the params
+    and prove one update type-checks; without, the tree as it is."""
+    if self.optimizer is None or ctx.opt_state not in tree:
+      return tree
+    fresh = self.optimizer.init(tree[ctx.params])
+    filled = fill_from_init(tree[ctx.opt_state], fresh)
+    typed = jax.tree_util.tree_structure(fresh).unflatten(
+        [_leaf_paths(filled)[p] for p in _leaf_paths(fresh)])
+    try:
+      guard.check_update(self.optimizer, tree[ctx.params], typed)
+    except guard.GuardError as e:
+      raise SurgeryError(f'guard: {e}') from None
+    return {**tree, ctx.opt_state: filled}
 
   def compiled_for(self, tree: dict[str, Any]) -> tuple[Any, Signature, bool]:
     """(the compiled surgery for this tree, its signature, whether it was compiled now)."""
@@ -232,7 +350,7 @@ class Surgery:
     tree, rest = self.split(state)
     tree = jax.device_put(tree)
     compiled, sig, fresh = self.compiled_for(tree)
-    return Migrated({**rest, **compiled(tree)}, signature_id(sig), fresh)
+    return Migrated(self.join(compiled(tree), rest), signature_id(sig), fresh)
 
   def route(self, tree: dict[str, Any]) -> tuple[Route, Signature, bool]:
     """(the Route of this tree's signature, the signature, whether it was

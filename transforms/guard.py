@@ -1,0 +1,165 @@
+"""The guard: proof, before anything is written, that a migrated state is consistent.
+
+The surgery changes the params and, through the mirrors it found, the
+optimizer state and the collections beside the params. The guard does not
+trust that bookkeeping: it looks at the result. After the ops it checks
+
+  - every mirror still fits the params it shadows: each entry at a param path
+    (or a masked-out placeholder at a module path), with the param's shape
+    wherever the param changed shape;
+  - no leaf anywhere in opt_state still sits at a param path that the surgery
+    renamed or dropped (a mirror nobody recognised), where no param still
+    ends with that path;
+  - no mirror entry of a param that `reinit` replaced is an input leaf carried
+    over unchanged (a stale moment that would even restore);
+  - no leaf of a collection (`batch_stats`) sits under a module the surgery
+    renamed or dropped, or keeps the old shape of a param of its module that
+    changed shape;
+  - with the spec's `optimizer:`, that one update with zero gradients
+    type-checks on the result (the state matched the optimizer's init before).
+
+It runs inside the traced surgery on shapes and on the identity of leaves, so
+`plan` meets the same failures `run` does, and each names the leaf and what
+was expected. Staleness is proven by identity: an output leaf that *is* an
+input leaf was carried, whatever its value.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Collection, NamedTuple
+
+import jax
+
+from transforms import mirrors, paths
+
+
+class GuardError(ValueError):
+  """The migrated state is not consistent; the message names the leaf."""
+
+
+class Lineage(NamedTuple):
+  """What the ops did to the param paths, followed op by op."""
+  moved: dict[str, str]   # every input param path -> where it is now (itself if untouched)
+  fresh: set[str]         # params (current paths) whose mirror entries must not be carried
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+  from transforms.surgery import key_path  # pylint: disable=g-import-not-at-top
+  return [(key_path(k), x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _suffixes(path: str) -> list[str]:
+  keys = paths.parts(path)
+  return [paths.SEP.join(keys[i:]) for i in range(len(keys))]
+
+
+def _windows(path: str) -> list[str]:
+  """Every run of whole keys in a path: a leaf sits at a param path when one of
+  them is it (SM3 keeps a list per param: `mu/Dense_0/kernel/0`)."""
+  keys = paths.parts(path)
+  return [paths.SEP.join(keys[i:j]) for i in range(len(keys)) for j in range(i + 1, len(keys) + 1)]
+
+
+def _entries(node: Any) -> list[tuple[str, Any]]:
+  return list(paths.flatten(node).items()) if isinstance(node, Mapping) and node else []
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+  return tuple(x.shape) if hasattr(x, 'shape') else None
+
+
+def check_opt_state(before: paths.Flat, after: paths.Flat, opt_state_in: Any, opt_state_out: Any,
+                    found: list[tuple[mirrors.Mirror, str]], lineage: Lineage, label: str,
+                    rebuilt: bool) -> None:
+  """The checks on opt_state. `found` pairs each input mirror with the base
+  it shadows after the ops; `rebuilt`: the optimizer's init filled and
+  checked what could not follow."""
+  new_params, new_modules = set(after), paths.modules(after)
+  came_from = {n: o for o, n in lineage.moved.items()}
+  # Mirrors still fit their params.
+  for mirror, base in found:
+    try:
+      node = mirrors.get_at(opt_state_out, mirror.location)
+    except (KeyError, IndexError, TypeError):
+      continue  # a whole-state op replaced the optimizer state
+    for q, x in _entries(node):
+      p = paths.join(base, q)
+      if p not in new_params:
+        if mirrors.is_placeholder(x) and p in new_modules:
+          continue
+        raise GuardError(f'{mirror.label}/{q} is not a param path after the surgery '
+                         f'(the params under {base or "the root"!r} are {sorted(new_params)[:3]}...)')
+      if rebuilt or mirrors.is_placeholder(x):
+        continue
+      old = came_from.get(p)
+      changed = old is None or _shape(before[old]) != _shape(after[p])
+      if changed and _shape(x) != _shape(after[p]):
+        raise GuardError(f'{mirror.label}/{q} has shape {_shape(x)}, but its param {p!r} is now '
+                         f'{_shape(after[p])}')
+  # No leaf sits at a param path that is gone (where no param still ends so).
+  gone = {o: n for o, n in lineage.moved.items() if n not in new_params}
+  alive = {s for p in new_params for s in _suffixes(p)}
+  stale = {s: o for o in gone for s in _suffixes(o) if s not in alive and
+           (len(paths.parts(s)) > 1 or s == o)}
+  moved = {o: n for o, n in lineage.moved.items() if o != n}
+  for path, _ in _leaves(opt_state_out):
+    for s in _windows(path):
+      if s in stale:
+        o = stale[s]
+        fate = f'renamed to {moved[o]!r}' if moved.get(o) in new_params else 'dropped or merged'
+        raise GuardError(f'{label}/{path} still sits at param path {o!r}, which the surgery {fate}')
+  # Entries of re-initialised params are not the old moments.
+  carried_in = {id(x) for _, x in _leaves(opt_state_in)}
+  for mirror, base in found:
+    try:
+      node = mirrors.get_at(opt_state_out, mirror.location)
+    except (KeyError, IndexError, TypeError):
+      continue
+    for q, x in _entries(node):
+      p = paths.join(base, q)
+      if p in lineage.fresh and hasattr(x, 'shape') and id(x) in carried_in:
+        raise GuardError(f'{mirror.label}/{q} is the old optimizer state of {p!r}, which the '
+                         "surgery re-initialised (it would resume from stale moments); use "
+                         "opt_state: zero or follow on the op, or 'keep' to mean it")
+
+
+def check_collection(name: str, before: paths.Flat, after: paths.Flat,
+                     collection: paths.Flat) -> None:
+  """A collection keyed by module paths follows the modules of the params."""
+  old_modules, new_modules = paths.modules(before), paths.modules(after)
+  for path, x in collection.items():
+    keys = paths.parts(path)
+    module = next((paths.SEP.join(keys[:i]) for i in range(len(keys) - 1, 0, -1)
+                   if paths.SEP.join(keys[:i]) in old_modules), None)
+    if module is None:
+      continue  # not keyed by a module of the params
+    if module not in new_modules:
+      raise GuardError(f'{name}/{path} sits under module {module!r}, which the surgery renamed or '
+                       f'dropped: a rule that renames or drops the module must match {name} too '
+                       f'(rules match every collection by the same paths)')
+    own = [p for p in before if paths.parts(p)[:-1] == paths.parts(module)]
+    resized = {_shape(before[p]) for p in own if p in after and _shape(before[p]) != _shape(after[p])}
+    now = {_shape(after[p]) for p in after if paths.parts(p)[:-1] == paths.parts(module)}
+    if _shape(x) in resized and _shape(x) not in now:
+      raise GuardError(f'{name}/{path} keeps shape {_shape(x)}, but the params of module '
+                       f'{module!r} changed shape to {sorted(now)}: widen or narrow it with them '
+                       '(a rule matching the module matches the collection too)')
+
+
+def check_update(optimizer: Any, params: Any, opt_state: Any) -> None:
+  """One update with zero gradients type-checks on (params, opt_state), the
+  latter in the optimizer's own structure."""
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  try:
+    jax.eval_shape(optimizer.update, shapes, opt_state, shapes)
+  except Exception as e:  # whatever optax says is the reason
+    raise GuardError(f"one step of the spec's optimizer fails on the migrated state: "
+                     f'{type(e).__name__}: {e}') from None
+
+
+def is_collection(tree: Any, params: Collection[str]) -> bool:
+  """A sub-tree beside the params keyed by their module paths (`batch_stats`)."""
+  if not isinstance(tree, Mapping) or not tree:
+    return False
+  modules = paths.modules(params)
+  return any(paths.SEP.join(paths.parts(p)[:-1]) in modules for p in paths.flatten(tree))
