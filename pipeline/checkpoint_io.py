@@ -1,10 +1,16 @@
-"""Read and write one checkpoint, every byte through Orbax.
+"""Read and write one checkpoint, every byte through Orbax (legacy Flax msgpack inputs aside).
 
 A checkpoint is either one tree (a directory Orbax's PyTree/Standard handler
 wrote) or a `CheckpointManager` step: a directory of items, each with its own
 handler, recorded in `_CHECKPOINT_METADATA`. We keep that layout: the output
 of a step is a step with the same items and handlers, so the user's
 `CheckpointManager` restores it as it restored the input.
+
+A legacy Flax checkpoint (one file written by `flax.serialization.to_bytes`
+or by `flax.training.checkpoints.save_checkpoint` without Orbax) is read
+whole with `flax.serialization.msgpack_restore`, and its output is an
+ordinary single-tree PyTree checkpoint. It has no metadata apart from its
+arrays: what needs shapes (`read_metadata`) reads the whole file.
 
 The state the surgery sees is the tree itself, or, for a step, its one tree
 item, or a dict of its tree items by name when there are several (items
@@ -21,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from flax import serialization
 import orbax.checkpoint as ocp
 from orbax.checkpoint import metadata as ocp_metadata
 
@@ -45,12 +52,14 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """How a checkpoint directory stores its state.
+  """How a checkpoint (a directory, or a Flax msgpack file) stores its state.
 
   `items` maps item name -> handler class name; a single-tree checkpoint has
-  one item named '' (the directory itself).
+  one item named '' (the directory itself). `msgpack`: the checkpoint is a
+  Flax msgpack file, one tree, written out as a PyTree checkpoint.
   """
   items: tuple[tuple[str, str], ...]
+  msgpack: bool = False
 
   @property
   def is_step(self) -> bool:
@@ -84,11 +93,38 @@ def is_checkpoint(path: epath.Path) -> bool:
           and ocp.utils.is_checkpoint_finalized(path))
 
 
+_MAP_KEY_AT = {0xde: 3, 0xdf: 5}  # map16, map32 -> where the first key starts
+
+
+def _is_str_header(byte: int) -> bool:
+  return 0xa0 <= byte <= 0xbf or byte in (0xd9, 0xda, 0xdb)  # fixstr, str8, str16, str32
+
+
+def is_msgpack(path: epath.Path) -> bool:
+  """A file that begins as `flax.serialization.to_bytes` writes a state: a
+  msgpack map (fixmap, map16 or map32) whose first key is a string. Reads
+  its first 6 bytes only; the string key tells it from other files that
+  begin with a map byte by chance (a TFRecord event file can)."""
+  if not path.is_file():
+    return False
+  with path.open('rb') as f:
+    head = f.read(6)
+  if not head:
+    return False
+  key = 1 if 0x81 <= head[0] <= 0x8f else _MAP_KEY_AT.get(head[0])
+  return key is not None and len(head) > key and _is_str_header(head[key])
+
+
 def read_layout(path: epath.Path) -> Layout:
   if not (path / '_CHECKPOINT_METADATA').exists():
     if (path / '_METADATA').exists():  # written by a bare PyTree handler
       return Layout(items=(('', 'PyTreeCheckpointHandler'),))
-    raise CheckpointError(f'{path}: not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA)')
+    if is_msgpack(path):
+      return Layout(items=(('', 'PyTreeCheckpointHandler'),), msgpack=True)
+    if not path.exists():
+      raise CheckpointError(f'{path}: does not exist')
+    raise CheckpointError(f'{path}: not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA) '
+                          'nor a Flax msgpack file')
   handlers = ocp_metadata.get_step_metadata(path).item_handlers
   if isinstance(handlers, str) or handlers is None:
     name = _handler_name(handlers or 'PyTreeCheckpointHandler')
@@ -139,6 +175,31 @@ def _restore_args(like: Any, devices: list[jax.Device]) -> Any:
       if is_array(x) else ocp.RestoreArgs(), like)
 
 
+def _sequences(node: Any) -> Any:
+  """`node` with every dict keyed '0', '1', ... turned back into a list.
+
+  `to_bytes` writes tuples and lists (optax's chain state, say) as such
+  dicts, and NamedTuples as dicts by field name. With
+  lists, the state is what Orbax restores without a target from a save of
+  the typed state, so the output restores typed too, with the optimizer's
+  abstract state as target."""
+  if not isinstance(node, dict):
+    return node
+  children = {k: _sequences(v) for k, v in node.items()}
+  if children and list(children) == [str(i) for i in range(len(children))]:
+    return list(children.values())
+  return children
+
+
+def read_msgpack(path: epath.Path) -> Any:
+  """The state in a Flax msgpack file: nested dicts and lists of numpy arrays
+  and Python scalars (see `_sequences`)."""
+  try:
+    return _sequences(serialization.msgpack_restore(path.read_bytes()))
+  except ValueError as e:  # msgpack's errors are ValueErrors
+    raise CheckpointError(f'{path}: not a readable Flax msgpack checkpoint: {e}') from None
+
+
 def restore(path: epath.Path, like: dict[str, Any] | None = None,
             devices: list[jax.Device] | None = None) -> tuple[Layout, dict[str, Any]]:
   """(layout, items by name) of a checkpoint, its arrays on `devices` (default:
@@ -146,9 +207,13 @@ def restore(path: epath.Path, like: dict[str, Any] | None = None,
 
   `like` gives each tree item's metadata (from `item_metadata`) or the items as
   we saved them, sparing Orbax's metadata pass; its `skipped` leaves are
-  restored as placeholders."""
+  restored as placeholders. A msgpack file is read whole; `like` is not used."""
   devices = devices or jax.local_devices()
   layout = read_layout(path)
+  if layout.msgpack:
+    return layout, {'': jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, transforms.placement(x.shape, x.dtype, devices))
+        if isinstance(x, np.ndarray) else x, read_msgpack(path))}
   like = like if like is not None else trees(item_metadata(path, layout))
   args = {}
   for name, handler in layout.items:
@@ -204,8 +269,14 @@ def read_provenance(path: epath.Path) -> dict[str, Any] | None:
 
 
 def read_metadata(path: epath.Path) -> tuple[Layout, Any]:
-  """(layout, the state's tree of leaf metadata: shape and dtype, no array bytes)."""
+  """(layout, the state's tree of leaf metadata: shape and dtype, no array
+  bytes; for a msgpack file, which holds no metadata, its arrays' abstract
+  form, from reading the whole file)."""
   layout = read_layout(path)
+  if layout.msgpack:
+    return layout, jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, np.ndarray) else x,
+        read_msgpack(path))
   return layout, layout.join(trees(item_metadata(path, layout)))
 
 

@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from etils import epath
 
 import transforms
-from pipeline import demo, discovery, inspection, plan, report, storage
+from pipeline import checkpoint_io, demo, discovery, inspection, plan, report, storage
 from pipeline.migrate import Settings
 from pipeline.run import run_migration
 
@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
       'run', parents=[common], help='migrate every checkpoint PATTERN names',
       epilog='Every other --option is a Beam pipeline option (--runner, ...).')
   run.add_argument('--input', required=True, metavar='PATTERN',
-                   help='checkpoint directories or CheckpointManager roots; globs allowed')
+                   help='checkpoint directories, CheckpointManager roots or legacy Flax '
+                        'msgpack files; globs allowed')
   run.add_argument('--output', required=True, metavar='PREFIX')
   run.add_argument('--spec', required=True, metavar='SPEC.yaml')
   run.add_argument('--overwrite', action='store_true',
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
   plan.add_argument('--json', action='store_true', help='print the plan as JSON')
   inspect = commands.add_parser('inspect', parents=[common], help='print a checkpoint tree from its metadata')
   inspect.add_argument('checkpoint')
+  inspect.add_argument('--spec', metavar='SPEC.yaml',
+                       help='take the params and opt_state keys from this spec '
+                            '(default: params, opt_state)')
   demo_cmd = commands.add_parser('demo', help='make sample checkpoints and migrate them')
   demo_cmd.add_argument('--workdir', default='demo')
   demo_cmd.add_argument('--count', type=int, default=6)
@@ -148,6 +152,17 @@ def show_plan(pattern: str, spec_path: str, as_json: bool) -> int:
   return 1 if result['would_fail'] else 0
 
 
+def show_checkpoint(path: str, spec_path: str | None) -> int:
+  """Print one checkpoint's tree; exit 1 if it cannot be read."""
+  spec = load_spec(spec_path)[0] if spec_path else transforms.Spec(ops=())  # its default keys
+  try:
+    print(inspection.describe(path, spec.params, spec.opt_state))
+  except checkpoint_io.CheckpointError as e:
+    print(f'ckpt-surgery: error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   # Our output is the progress lines and the table; libraries speak up on errors.
   logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
@@ -164,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == 'plan':
       return show_plan(args.input, args.spec, args.json)
     if args.command == 'inspect':
-      print(inspection.describe(args.checkpoint))
-      return 0
+      return show_checkpoint(args.checkpoint, args.spec)
     pattern, output, spec = demo.prepare(args.workdir, args.count)
     return migrate(pattern, output, spec, Settings(), [])
   except UsageError as e:

@@ -1,15 +1,20 @@
 """Find the committed checkpoints a pattern names, and where each one goes.
 
 PATTERN is a local path or gs:// URL with globs. Each match is a checkpoint
-directory or a `CheckpointManager` root, whose committed steps are all taken.
-Temporary (`*.orbax-checkpoint-tmp-*`) and uncommitted directories are never
-taken. Each checkpoint lands at PREFIX + its path relative to the pattern's
-fixed prefix: the part before the first glob character, cut back to its
-last '/'.
+directory, a `CheckpointManager` root, whose committed steps are all taken,
+or a legacy Flax msgpack file (recognised by its first bytes, whatever its
+name). A directory that is neither holds legacy checkpoints when it has
+msgpack files named `<prefix><step>` (what `flax.training.checkpoints`
+writes: `checkpoint_100`); each of those is taken, in step order, as a
+root's steps are. Temporary (`*.orbax-checkpoint-tmp-*`, Flax's
+`<prefix>tmp`) and uncommitted checkpoints are never taken. Each checkpoint
+lands at PREFIX + its path relative to the pattern's fixed prefix: the part
+before the first glob character, cut back to its last '/'.
 """
 from __future__ import annotations
 
 import os
+import re
 
 from etils import epath
 import orbax.checkpoint as ocp
@@ -17,6 +22,7 @@ import orbax.checkpoint as ocp
 from pipeline import checkpoint_io, storage
 
 GLOB_CHARS = '*?['
+MSGPACK_STEP = re.compile(r'.*?(\d+)')  # a Flax checkpoint file's name: prefix, step
 
 
 class DiscoveryError(ValueError):
@@ -36,16 +42,31 @@ def fixed_prefix(pattern: str) -> str:
 
 
 def expand(pattern: str) -> list[epath.Path]:
-  """The directories a pattern names."""
+  """The directories and files a pattern names."""
   prefix = fixed_prefix(pattern)
   rest = pattern[len(prefix):]
   if not any(c in GLOB_CHARS for c in rest):
     path = epath.Path(pattern)
-    return [path] if path.is_dir() else []
+    return [path] if path.exists() else []
   base = epath.Path(prefix)
   if not base.is_dir():
     return []
-  return sorted((p for p in base.glob(rest) if p.is_dir()), key=str)
+  return sorted(base.glob(rest), key=str)
+
+
+def _is_msgpack_checkpoint(path: epath.Path) -> bool:
+  """A Flax msgpack file, and not the temporary of an unfinished Flax save."""
+  return not path.name.endswith('tmp') and checkpoint_io.is_msgpack(path)
+
+
+def _msgpack_steps(path: epath.Path) -> list[epath.Path]:
+  """The Flax msgpack files named `<prefix><step>` in directory `path`, by step."""
+  steps = {}
+  for child in path.iterdir():
+    match = MSGPACK_STEP.fullmatch(child.name)
+    if match and _is_msgpack_checkpoint(child):
+      steps[child] = int(match[1])
+  return sorted(steps, key=lambda c: (steps[c], c.name))
 
 
 def checkpoints_in(path: epath.Path) -> list[epath.Path]:
@@ -55,14 +76,38 @@ def checkpoints_in(path: epath.Path) -> list[epath.Path]:
   directory that Orbax counts as finalized but that holds no checkpoint is
   broken, not absent: it is taken, so that the run reports it as failed.
   (`is_checkpoint` refuses temporary directories; a root is not asked, since
-  on GCS any directory without a commit file looks temporary.)
+  on GCS any directory without a commit file looks temporary.) A directory
+  that is neither yields its Flax msgpack checkpoint files.
   """
+  if not path.is_dir():
+    return [path] if _is_msgpack_checkpoint(path) else []
   if checkpoint_io.is_checkpoint(path):
     return [path]
   steps = ocp.utils.checkpoint_steps_paths(path)
-  if not any(checkpoint_io.is_checkpoint(s) for s in steps):
-    return []  # not a CheckpointManager root (an unfinished checkpoint, say)
-  return sorted(steps, key=lambda s: ocp.step.step_from_checkpoint_name(s.name))
+  if any(checkpoint_io.is_checkpoint(s) for s in steps):
+    return sorted(steps, key=lambda s: ocp.step.step_from_checkpoint_name(s.name))
+  return _msgpack_steps(path)  # [] for an unfinished checkpoint, or any other directory
+
+
+def why_nothing(pattern: str) -> str:
+  """Why `pattern` names no checkpoint, for the common cases."""
+  matched = expand(pattern)
+  if not matched:
+    missing = pattern if not any(c in GLOB_CHARS for c in pattern) else fixed_prefix(pattern)
+    return f'{missing} does not exist' if not epath.Path(missing).exists() else 'nothing matches it'
+  if len(matched) > 1:
+    return (f'{len(matched)} paths match it, none an Orbax checkpoint, CheckpointManager root '
+            'or Flax msgpack file')
+  path, = matched
+  if not path.is_dir():
+    if checkpoint_io.is_msgpack(path):
+      return f'{path} is the temporary file of an unfinished Flax save'
+    return (f'{path} is a file but not a Flax msgpack checkpoint '
+            '(it does not begin with a msgpack map keyed by strings)')
+  if (path / '_CHECKPOINT_METADATA').exists() or (path / '_METADATA').exists():
+    return f'{path} is an uncommitted (temporary or unfinished) checkpoint'
+  return (f'{path} exists but holds no _CHECKPOINT_METADATA or _METADATA, no committed step '
+          'directories and no Flax msgpack checkpoint files')
 
 
 def destination(src: str, pattern: str, output: str) -> str:
@@ -92,7 +137,7 @@ def discover(pattern: str, output: str | None = None) -> list[tuple[str, str | N
     raise DiscoveryError(str(e)) from None
   sources = [str(c) for d in expand(pattern) for c in checkpoints_in(d)]
   if not sources:
-    raise DiscoveryError(f'no committed checkpoint matches {pattern}')
+    raise DiscoveryError(f'no committed checkpoint matches {pattern}: {why_nothing(pattern)}')
   if output is None:
     return [(s, None) for s in sources]
   output = absolute(output)

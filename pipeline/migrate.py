@@ -166,9 +166,9 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
       ocdbt[m.directory] = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(m.directory))
     return copy_through.stored_array(m, ocdbt[m.directory], place(m))
   needed = set(route.needed)
-  like = {**jax.tree_util.tree_map(
-              lambda m: ocp.PLACEHOLDER if checkpoint_io.is_array(m) else m, rest_meta),
-          **treedef.unflatten([m if i in needed else ocp.PLACEHOLDER for i, m in enumerate(leaves)])}
+  like = surgery.join(
+      treedef.unflatten([m if i in needed else ocp.PLACEHOLDER for i, m in enumerate(leaves)]),
+      jax.tree_util.tree_map(lambda m: ocp.PLACEHOLDER if checkpoint_io.is_array(m) else m, rest_meta))
   _, items = checkpoint_io.restore(src, like=layout.split(like, {}))
   tree, rest = surgery.split(layout.join(items))
   restored = treedef.flatten_up_to(tree)
@@ -176,7 +176,7 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
                             [stand_in(leaves[j]) for _, j in sorted(route.carried.items())])
   rest = jax.tree_util.tree_map(lambda x, m: stand_in(m) if x is ocp.PLACEHOLDER else x,
                                 rest, rest_meta)
-  return items, {**rest, **new_tree}, transforms.signature_id(sig), compiled
+  return items, surgery.join(new_tree, rest), transforms.signature_id(sig), compiled
 
 
 def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
@@ -186,11 +186,17 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   that cannot be read or migrated leaves the old output as it was."""
   with _READING:
     layout = checkpoint_io.read_layout(src)
-    meta = checkpoint_io.item_metadata(src, layout)
-    migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery)
-    if migrated is None:
-      _, items = checkpoint_io.restore(src, like=checkpoint_io.trees(meta))
+    if layout.msgpack:  # one file, read once and whole: no metadata, no stored chunks to copy
+      _, items = checkpoint_io.restore(src)
+      trees_in = checkpoint_io.abstract(items)  # taken before the surgery donates the arrays
       migrated = (items, *surgery(layout.join(items)))
+    else:
+      meta = checkpoint_io.item_metadata(src, layout)
+      trees_in = checkpoint_io.trees(meta)
+      migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery)
+      if migrated is None:
+        _, items = checkpoint_io.restore(src, like=trees_in)
+        migrated = (items, *surgery(layout.join(items)))
   items, new_state, sig, compiled = migrated
   prints = transforms.fingerprints(new_state)
   nonfinite = sorted(p for p, f in prints.items() if not f.finite)
@@ -210,8 +216,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       'checksums': {p: f.checksum for p, f in prints.items()},
       'carried': sorted(carried),  # stored bytes copied, values never decoded
   }
-  arrays_in = [x for x in jax.tree_util.tree_leaves(checkpoint_io.trees(meta))
-               if checkpoint_io.is_array(x)]
+  arrays_in = [x for x in jax.tree_util.tree_leaves(trees_in) if checkpoint_io.is_array(x)]
   done = {'status': 'ok', 'bytes_in': transforms.tree_bytes(arrays_in),
           'bytes_out': transforms.tree_bytes(new_state),
           'bytes_carried': transforms.tree_bytes(list(carried.values())),

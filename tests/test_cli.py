@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from flax import serialization
 
 from pipeline.demo import SEED_SPEC
+from tests.conftest import mlp
 
 
 def cli(*args, cwd=None):
@@ -99,6 +101,22 @@ def test_inspect_shows_params_and_mirrors(inputs):
   assert rows['opt_state/0/mu/Dense_1/kernel'].endswith('mirror')
   assert rows['opt_state/0/nu/Conv_0/bias'].endswith('mirror')
   assert not rows['opt_state/0/count'].endswith(('param', 'mirror'))
+
+
+def test_inspect_takes_a_relative_path_and_the_spec_keys(inputs, tmp_path):
+  result = cli('inspect', 'in/run_b', cwd=inputs.parent)  # Orbax refuses relative paths: made absolute
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith(f"{inputs / 'run_b'}  (single tree;")
+  (tmp_path / 'other_keys').write_bytes(serialization.to_bytes({'weights': mlp(), 'step': 1}))
+  spec = tmp_path / 'keys.yaml'
+  spec.write_text("params: weights\nops: [{scale: {match: kernel, by: 2.0}}]\n")
+  for args, role in [((), []), (('--spec', spec), ['param'])]:
+    result = cli('inspect', tmp_path / 'other_keys', *args)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    assert rows['weights/Dense_0/kernel'] == ['(3,', '4)', 'float32', '48', *role]
+  result = cli('inspect', tmp_path / 'nowhere')
+  assert result.returncode == 1 and f"error: {tmp_path / 'nowhere'}: does not exist" in result.stderr
 
 
 def test_inspect_shows_provenance(inputs, tmp_path, spec):

@@ -51,3 +51,25 @@ def test_nothing_matched_and_overlap_are_refused(inputs, tmp_path):
     discover(str(inputs / '*'), str(inputs / 'run_a'))
   with pytest.raises(DiscoveryError, match='overlaps input'):
     discover(str(inputs / '*'), str(inputs / 'run_b' / 'v2'))
+
+
+def test_nothing_matched_says_why(inputs, tmp_path):
+  def why(pattern):
+    with pytest.raises(DiscoveryError, match='no committed checkpoint matches') as e:
+      discover(str(pattern))
+    return str(e.value).split(': ', 1)[1]
+  assert why(tmp_path / 'nowhere') == f"{tmp_path / 'nowhere'} does not exist"
+  assert why(tmp_path / 'nowhere' / '*') == f"{tmp_path / 'nowhere'}/ does not exist"
+  (tmp_path / 'empty').mkdir()
+  assert why(tmp_path / 'empty') == (
+      f"{tmp_path / 'empty'} exists but holds no _CHECKPOINT_METADATA or _METADATA, "
+      'no committed step directories and no Flax msgpack checkpoint files')
+  assert why(tmp_path / 'empty' / '*') == 'nothing matches it'
+  (tmp_path / 'notes.txt').write_text('hello')
+  assert why(tmp_path / 'notes.txt') == (
+      f"{tmp_path / 'notes.txt'} is a file but not a Flax msgpack checkpoint "
+      '(it does not begin with a msgpack map keyed by strings)')
+  (inputs / 'run_b' / 'commit_success.txt').unlink()
+  (inputs / 'run_b').rename(inputs / 'run_b.orbax-checkpoint-tmp-7')
+  assert why(inputs / 'run_b.orbax-checkpoint-tmp-7') == (
+      f"{inputs / 'run_b.orbax-checkpoint-tmp-7'} is an uncommitted (temporary or unfinished) checkpoint")

@@ -3,6 +3,7 @@
 Nothing in here imports Beam or touches files: `pipeline` does that.
 """
 from transforms.fingerprint import Fingerprint, digest, fingerprints
+from transforms.guard import is_collection
 from transforms.mirrors import find_mirrors
 from transforms.ops import OPS, Op, SurgeryError
 from transforms.paths import flatten, unflatten
@@ -13,6 +14,6 @@ from transforms.surgery import Route, Surgery, key_path, signature, signature_id
 
 __all__ = [
     'Change', 'Fingerprint', 'OPS', 'Op', 'Plan', 'Route', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',
-    'digest', 'find_mirrors', 'fingerprints', 'flatten', 'key_path', 'load_spec', 'parse_spec', 'placement', 'plan',
+    'digest', 'find_mirrors', 'fingerprints', 'flatten', 'is_collection', 'key_path', 'load_spec', 'parse_spec', 'placement', 'plan',
     'signature', 'signature_id', 'tree_bytes', 'unflatten',
 ]
