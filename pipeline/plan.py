@@ -1,7 +1,8 @@
 """`ckpt-surgery plan`: what `run` would do, from each checkpoint's metadata.
 
 No array bytes are read: Orbax's metadata gives every leaf's shape and dtype,
-and `transforms.plan` runs the surgery on those. Checkpoints of one signature
+and `transforms.plan` runs the surgery on those. (A legacy Flax msgpack file
+has no metadata: it is read whole for its shapes.) Checkpoints of one signature
 are planned once and grouped. The result is plain data (`--json` prints it);
 `format_plan` makes the text.
 """
@@ -49,6 +50,7 @@ def _plan_one(surgery: transforms.Surgery, meta: Any) -> dict[str, Any]:
       'bytes_before': result.bytes_before,
       'bytes_after': result.bytes_after,
       'bytes_untouched': result.bytes_untouched,
+      'roles': result.roles,
   }
 
 
@@ -65,6 +67,7 @@ def format_plan(result: dict[str, Any]) -> str:
     for op in group['ops']:
       matched = '' if op['matched'] is None else f"matched {op['matched']}"
       lines.append(f"  {op['op']:<{op_width}}  {matched}".rstrip())
+    lines += [f'  {where}: {role}' for where, role in group['roles'].items()]
     width = max((len(c['path']) for c in group['changes']), default=0)
     lines += [f"  {c['kind']:<9} {c['path']:<{width}}  {'-> ' if c['kind'] == 'renamed' else ''}"
               f"{c['detail']}" for c in group['changes']]
@@ -74,7 +77,7 @@ def format_plan(result: dict[str, Any]) -> str:
     lines.append('  bytes: ' + ', '.join(
         f'{k} {report.size(before[k])} -> {report.size(after[k])}' for k in before))
     lines.append(f"  untouched: {report.size(group['bytes_untouched'])} of {report.size(after['total'])}, "
-                 'copied through as stored bytes (unless --full_decode)')
+                 'copied through as stored bytes (unless --full_decode, or read from a Flax msgpack file)')
   if result['unreadable']:
     lines.append(f"unreadable: {len(result['unreadable'])} checkpoint(s) would FAIL")
     lines += [f"  {u['src']}: {u['error']}" for u in result['unreadable']]

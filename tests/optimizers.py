@@ -36,3 +36,11 @@ FACTORIES = {
         }, labels)),
 }
 globals().update(FACTORIES)
+
+
+def frozen_backbone():
+  """The fine-tuning recipe with prefix labels (tests.doc_checkpoints.multi_transform_prefix),
+  its labels a function of the params so it fits the migrated ones too."""
+  return optax.multi_transform(
+      {'frozen': optax.set_to_zero(), 'train': optax.adamw(1e-3)},
+      lambda params: {k: 'frozen' if k in ('backbone', 'encoder') else 'train' for k in params})

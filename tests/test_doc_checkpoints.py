@@ -97,6 +97,20 @@ def test_prefix_labels_and_masks_follow_a_widening(tmp_path, build):
   assert step_is_finite(case['tx'], out['params'], out['opt_state'])
 
 
+def test_prefix_labels_with_the_optimizer_given(tmp_path):
+  """With `optimizer:`, the output is checked against its init: the placeholder
+  sits where init puts it, and a rename of the prefix key still migrates."""
+  case = docs.multi_transform_prefix(tmp_path)
+  optimizer = "optimizer: {factory: 'tests.optimizers:frozen_backbone'}\n"
+  rec = run(case['path'], tmp_path / 'out', WIDEN_BACKBONE_AND_HEAD + optimizer)
+  assert rec['status'] == 'ok', rec['error']
+  out = restore(case, tmp_path / 'out', case['new_target'](widened(case['params'])))
+  assert_by_hand(out, case['saved'])
+  rec = run(case['path'], tmp_path / 'renamed',
+            optimizer + "ops: [{rename: {match: '^backbone/', to: 'encoder/'}}]")
+  assert rec['status'] == 'ok', rec['error']
+
+
 def test_reinit_under_prefix_labels_zeroes_the_moments(tmp_path):
   case = docs.multi_transform_prefix(tmp_path)
   rec = run(case['path'], tmp_path / 'out', "ops: [{reinit: {match: '^head/', init: zeros}}]")
@@ -272,4 +286,20 @@ def test_sm3_list_moments_follow_renames_and_fail_shape_changes_by_name(tmp_path
   rec = run(case['path'], tmp_path / 'out3', WIDEN_BACKBONE_AND_HEAD + 'optimizer: {factory: optax.sm3, kwargs: {learning_rate: 0.01}}\n')
   assert rec['status'] == 'ok', rec['error']
   out = restore(case, tmp_path / 'out3', case['new_target'](widened(case['params'])))
+  assert step_is_finite(case['tx'], out['params'], out['opt_state'])
+
+
+@pytest.mark.parametrize('build', [docs.msgpack_to_bytes, docs.msgpack_legacy_checkpoints],
+                         ids=lambda f: f.__name__)
+def test_msgpack_inputs_with_prefix_masks_migrate_to_orbax(tmp_path, build):
+  """Flax msgpack keeps a MaskedNode as {} (to_bytes of the prefix-masked chain):
+  the same placeholder, the same surgery, an Orbax output."""
+  case = build(tmp_path)
+  rec = run(case['path'], tmp_path / 'out', WIDEN_BACKBONE_AND_HEAD)
+  assert rec['status'] == 'ok', rec['error']
+  new_params = widened(case['params'])
+  out = ocp.PyTreeCheckpointer().restore(tmp_path / 'out', args=ocp.args.PyTreeRestore(
+      item=case['new_target'](new_params),
+      restore_args=ocp.checkpoint_utils.construct_restore_args(case['new_target'](new_params))))
+  assert_by_hand(out, case['saved'])
   assert step_is_finite(case['tx'], out['params'], out['opt_state'])

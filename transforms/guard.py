@@ -97,7 +97,7 @@ def check_opt_state(before: paths.Flat, after: paths.Flat, opt_state_in: Any, op
         raise GuardError(f'{mirror.label}/{q} has shape {_shape(x)}, but its param {p!r} is now '
                          f'{_shape(after[p])}')
   # No leaf sits at a param path that is gone (where no param still ends so).
-  gone = {o: n for o, n in lineage.moved.items() if n not in new_params}
+  gone = [o for o in lineage.moved if o not in new_params]
   alive = {s for p in new_params for s in _suffixes(p)}
   stale = {s: o for o in gone for s in _suffixes(o) if s not in alive and
            (len(paths.parts(s)) > 1 or s == o)}

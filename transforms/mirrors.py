@@ -116,7 +116,7 @@ def find_mirrors(param_paths: Collection[str], opt_state: Any, root: str = 'opt_
       found.append(Mirror(loc, chosen[0], paths.SEP.join((root, *names)), tuple(chosen[1:])))
       return
     for key, name, child in _children(node):
-      visit(child, loc + (key,), names + (name,))
+      visit(child, loc + (key,), names + (paths.escape(name),))
 
   visit(opt_state, (), ())
   return found

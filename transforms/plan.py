@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from transforms import paths
+from transforms import mirrors, paths
 from transforms.surgery import OpTrace, Surgery, tree_bytes
 
 
@@ -31,6 +31,7 @@ class Plan(NamedTuple):
   bytes_before: dict[str, int]   # params, opt_state, total
   bytes_after: dict[str, int]
   bytes_untouched: int           # of bytes_after['total']: output leaves that are input leaves
+  roles: dict[str, str]          # each mirror and collection of the input -> what it follows
 
 
 def abstract(tree: Any) -> Any:
@@ -41,6 +42,8 @@ def abstract(tree: Any) -> Any:
 
 
 def _describe(leaf: Any) -> str:
+  if not hasattr(leaf, 'shape'):  # a list or an empty sub-tree the ops carry untouched
+    return type(leaf).__name__
   return f'{tuple(leaf.shape)} {np.dtype(leaf.dtype)}'
 
 
@@ -63,6 +66,8 @@ def param_changes(before: paths.Flat, after: paths.Flat, trace: list[OpTrace]) -
       continue
     if cur != old:
       changes.append(Change('renamed', old, cur))
+    if not hasattr(before[old], 'shape'):
+      continue
     if tuple(before[old].shape) != tuple(after[cur].shape):
       changes.append(Change('reshaped', cur, f'{tuple(before[old].shape)} -> {tuple(after[cur].shape)}'))
     if np.dtype(before[old].dtype) != np.dtype(after[cur].dtype):
@@ -82,4 +87,16 @@ def plan(surgery: Surgery, state: Any) -> Plan:
   _, out_shape, carried = surgery.trace(tree)
   outputs = jax.tree_util.tree_leaves(out_shape)
   untouched = tree_bytes([outputs[o] for o in carried]) + tree_bytes(rest)
-  return Plan(trace, changes, _bytes(tree, rest, surgery), _bytes(out, rest, surgery), untouched)
+  return Plan(trace, changes, _bytes(tree, rest, surgery), _bytes(out, rest, surgery), untouched,
+              roles(surgery, tree))
+
+
+def roles(surgery: Surgery, tree: dict[str, Any]) -> dict[str, str]:
+  """{'opt_state/0/mu': 'mirror of the params', 'batch_stats': 'collection', ...}:
+  what the surgery will change beside the params, found as `run` finds it."""
+  spec = surgery.spec
+  params = paths.flatten(tree[spec.params])
+  found = {m.label: 'mirror of ' + (f'{m.base}/' if m.base else 'the params') +
+           (f' (or {", ".join(m.ambiguous)})' if m.ambiguous else '')
+           for m in mirrors.find_mirrors(params, tree.get(spec.opt_state), spec.opt_state)}
+  return {**found, **{k: 'collection' for k in tree if k not in (spec.params, spec.opt_state)}}
