@@ -303,3 +303,22 @@ def test_msgpack_inputs_with_prefix_masks_migrate_to_orbax(tmp_path, build):
       restore_args=ocp.checkpoint_utils.construct_restore_args(case['new_target'](new_params))))
   assert_by_hand(out, case['saved'])
   assert step_is_finite(case['tx'], out['params'], out['opt_state'])
+
+
+def test_inspect_and_plan_show_what_follows_the_params(tmp_path):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from pipeline import checkpoint_io, inspection, plan  # pylint: disable=g-import-not-at-top
+  from transforms import load_spec  # pylint: disable=g-import-not-at-top
+  bn = docs.linen_trainstate_batch_stats(tmp_path)
+  ahead = docs.lookahead(tmp_path)
+  roles = {}
+  for src in (bn['step_path'], ahead['path']):
+    _, meta = checkpoint_io.read_metadata(epath.Path(src))
+    roles.update({row[0]: row[4] for row in inspection.leaf_rows(meta)})
+  assert roles['batch_stats/BatchNorm_0/mean'] == 'collection'
+  assert roles['opt_state/0/mu/BatchNorm_0/scale'] == 'mirror'
+  assert roles['opt_state/fast_state/0/nu/head/kernel'] == 'mirror of fast/'
+  result = plan.plan_checkpoints([bn['step_path']], load_spec("ops: [{rename: {match: '^Dense_0/', to: 'In/'}}]"))
+  assert result['groups'][0]['roles'] == {
+      'opt_state/0/mu': 'mirror of the params', 'opt_state/0/nu': 'mirror of the params',
+      'batch_stats': 'collection'}
