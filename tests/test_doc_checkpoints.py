@@ -322,3 +322,14 @@ def test_inspect_and_plan_show_what_follows_the_params(tmp_path):
   assert result['groups'][0]['roles'] == {
       'opt_state/0/mu': 'mirror of the params', 'opt_state/0/nu': 'mirror of the params',
       'batch_stats': 'collection'}
+
+
+@pytest.mark.parametrize('optimizer', ['', "optimizer: {factory: 'tests.optimizers:frozen_backbone'}\n"],
+                         ids=['no_optimizer', 'optimizer'])
+def test_dropping_part_of_a_masked_out_prefix_keeps_the_placeholder_there(tmp_path, optimizer):
+  case = docs.multi_transform_prefix(tmp_path)
+  rec = run(case['path'], tmp_path / 'out', optimizer + "ops: [{drop: {match: '^backbone/Dense_1/'}}]")
+  assert rec['status'] == 'ok', rec['error']
+  params = {'backbone': {'Dense_0': case['params']['backbone']['Dense_0']}, 'head': case['params']['head']}
+  out = restore(case, tmp_path / 'out', case['new_target'](params))
+  assert_by_hand(out, case['saved'])

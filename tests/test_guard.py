@@ -159,3 +159,71 @@ def test_no_output_disagrees_with_its_params(shape_tree, ops, masked):
   assert set(new) == {p for p in new if p in mu or any(p.startswith(q + '/') for q in mu)}, ops
   trace = flatten(out['opt_state'][1][0].trace)
   assert set(trace) == set(new) and all(trace[p].shape == new[p].shape for p in new), ops
+
+
+# Found by a second read (each reported ok and wrong, or refused a right surgery, before).
+
+P = {'Dense_0': {'kernel': jnp.ones((3, 4)), 'bias': jnp.zeros(4)},
+     'Head': {'kernel': jnp.ones((4, 2)), 'bias': jnp.zeros(2)}}
+
+
+def test_an_optimizer_state_under_another_key_is_named():
+  params, opt_state = trained(optax.adam(1e-2), P)
+  with pytest.raises(SurgeryError, match="the state's 'optimizer' holds mirrors of the params"):
+    run("ops: [{rename: {match: '^Head/', to: 'Out/'}}]", {'params': params, 'optimizer': opt_state})
+
+
+def test_reinit_with_the_optimizer_takes_its_init_not_zeros():
+  tx = optax.contrib.cocob()
+  params, opt_state = trained(tx, P)
+  out = run("optimizer: {factory: optax.contrib.cocob}\n"
+            "ops: [{reinit: {match: '^Head/kernel', init: normal}}]", {'params': params, 'opt_state': opt_state})
+  cocob = out['opt_state'][2]
+  np.testing.assert_array_equal(cocob.scale['Head']['kernel'], jnp.full((4, 2), 1e-8))
+  np.testing.assert_array_equal(cocob.init_particles['Head']['kernel'], out['params']['Head']['kernel'])
+  np.testing.assert_array_equal(cocob.scale['Dense_0']['kernel'], opt_state[2].scale['Dense_0']['kernel'])
+
+
+@pytest.mark.parametrize('params, spec', [
+    ({'mu': jnp.ones(3), 'b': jnp.ones(2)}, "ops: [{rename: {match: '^mu$', to: 'mean'}}]"),
+    (P, "ops: [{rename: {match: '^Dense_0/kernel$', to: 'Dense_0/kernel/base'}}]"),
+    (P, r"ops: [{rename: {match: '^(.*)$', to: '\1/value'}}]"),
+])
+def test_names_like_optimizer_fields_and_deeper_renames_migrate(params, spec):
+  params, opt_state = trained(optax.adam(1e-2), params)
+  out = run(spec, {'params': params, 'opt_state': opt_state})
+  assert flatten(out['opt_state'][0].mu).keys() == flatten(out['params']).keys()
+
+
+def test_typed_per_leaf_masks_follow_a_pad_without_the_optimizer():
+  tx = optax.masked(optax.adam(1e-2), lambda p: jax.tree_util.tree_map_with_path(
+      lambda k, _: k[-1].key == 'kernel', p))
+  params, opt_state = trained(tx, P)
+  out = run("ops: [{pad: {match: '^Head/', axis: -1, to: 3}}]", {'params': params, 'opt_state': opt_state})
+  mu = out['opt_state'].inner_state[0].mu
+  assert mu['Head']['kernel'].shape == (4, 3) and isinstance(mu['Head']['bias'], optax.MaskedNode)
+
+
+def test_lookahead_over_a_one_leaf_model():
+  tx = optax.lookahead(optax.adam(1e-2), 2, 0.5)
+  params = optax.LookaheadParams.init_synced({'w': jnp.ones(3)})
+  state = {'params': {'fast': params.fast, 'slow': params.slow}, 'opt_state': tx.init(params)}
+  out = run("ops: [{pad: {match: '/w$', axis: 0, to: 5}}]", state)
+  assert out['opt_state'].fast_state[0].mu['w'].shape == (5,)
+
+
+def test_an_ema_of_the_params_without_an_entry_for_an_added_param_is_named():
+  params, opt_state = trained(optax.adam(1e-2), P)
+  with pytest.raises(SurgeryError, match="guard: ema_params held every param, but has nothing for"):
+    run("ops: [{add: {path: 'Extra/bias', shape: [2]}}]",
+        {'params': params, 'opt_state': opt_state, 'ema_params': params})
+
+
+@pytest.mark.parametrize('spec, message', [
+    ("ops: [{stack: {match: '^(Dense_0|Head)/bias$', to: 'b', axis: 3}}]", 'along axis 3'),
+    ("ops: [{unstack: {match: '^Head/kernel$', to: 'k{i}', axis: 5}}]", "has no axis 5"),
+])
+def test_axes_out_of_range_are_named(spec, message):
+  params, opt_state = trained(optax.adam(1e-2), {**P, 'Head': {'kernel': jnp.ones((4, 2)), 'bias': jnp.zeros(4)}})
+  with pytest.raises(SurgeryError, match=message):
+    run(spec, {'params': params, 'opt_state': opt_state})

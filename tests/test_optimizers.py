@@ -19,7 +19,7 @@ from pipeline import migrate
 from tests import optimizers
 from tests.conftest import mlp, trained
 from transforms import flatten, load_spec, Surgery
-from transforms.surgery import key_path
+from transforms import key_path
 
 WIDEN = """\
 ops:

@@ -6,11 +6,11 @@ from transforms.fingerprint import Fingerprint, digest, fingerprints
 from transforms.guard import is_collection
 from transforms.mirrors import find_mirrors
 from transforms.ops import OPS, Op, SurgeryError
-from transforms.paths import flatten, unflatten
 from transforms.placement import placement
 from transforms.spec import Spec, SpecError, load_spec, parse_spec
 from transforms.plan import Change, Plan, plan
-from transforms.surgery import Route, Surgery, key_path, signature, signature_id, tree_bytes
+from transforms.paths import flatten, key_path, unflatten
+from transforms.surgery import Route, Surgery, signature, signature_id, tree_bytes
 
 __all__ = [
     'Change', 'Fingerprint', 'OPS', 'Op', 'Plan', 'Route', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',

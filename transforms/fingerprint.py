@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transforms.surgery import key_path
+from transforms.paths import key_path
 
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
 _SLICE = 1 << 22  # words per step: 16 MB of uint32 temporaries at most

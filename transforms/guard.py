@@ -25,8 +25,9 @@ input leaf was carried, whatever its value.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any, Collection, NamedTuple
+from typing import Any, Collection
 
 import jax
 
@@ -37,31 +38,21 @@ class GuardError(ValueError):
   """The migrated state is not consistent; the message names the leaf."""
 
 
-class Lineage(NamedTuple):
+@dataclasses.dataclass
+class Lineage:
   """What the ops did to the param paths, followed op by op."""
   moved: dict[str, str]   # every input param path -> where it is now (itself if untouched)
-  fresh: set[str]         # params (current paths) whose mirror entries must not be carried
+  fresh: set[str] = dataclasses.field(default_factory=set)  # params whose mirror entries
+                                                            # must not be input leaves
 
-
-def _leaves(tree: Any) -> list[tuple[str, Any]]:
-  from transforms.surgery import key_path  # pylint: disable=g-import-not-at-top
-  return [(key_path(k), x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  def follow(self, renamed: dict[str, str]) -> None:
+    self.moved = {o: renamed.get(n, n) for o, n in self.moved.items()}
+    self.fresh = {renamed.get(p, p) for p in self.fresh}
 
 
 def _suffixes(path: str) -> list[str]:
   keys = paths.parts(path)
   return [paths.SEP.join(keys[i:]) for i in range(len(keys))]
-
-
-def _windows(path: str) -> list[str]:
-  """Every run of whole keys in a path: a leaf sits at a param path when one of
-  them is it (SM3 keeps a list per param: `mu/Dense_0/kernel/0`)."""
-  keys = paths.parts(path)
-  return [paths.SEP.join(keys[i:j]) for i in range(len(keys)) for j in range(i + 1, len(keys) + 1)]
-
-
-def _entries(node: Any) -> list[tuple[str, Any]]:
-  return list(paths.flatten(node).items()) if isinstance(node, Mapping) and node else []
 
 
 def _shape(x: Any) -> tuple[int, ...] | None:
@@ -76,56 +67,58 @@ def check_opt_state(before: paths.Flat, after: paths.Flat, opt_state_in: Any, op
   checked what could not follow."""
   new_params, new_modules = set(after), paths.modules(after)
   came_from = {n: o for o, n in lineage.moved.items()}
-  # Mirrors still fit their params.
+  carried_in = {id(x) for x in paths.leaf_paths(opt_state_in).values()}
+  inside = []  # where the found mirrors are, as leaf paths of opt_state begin
   for mirror, base in found:
     try:
       node = mirrors.get_at(opt_state_out, mirror.location)
     except (KeyError, IndexError, TypeError):
       continue  # a whole-state op replaced the optimizer state
-    for q, x in _entries(node):
+    inside.append(mirror.label[len(label) + 1:])
+    for q, x in (paths.flatten(node).items() if isinstance(node, Mapping) and node else ()):
       p = paths.join(base, q)
-      if p not in new_params:
+      if p not in new_params:  # a mirror still fits its params
         if mirrors.is_placeholder(x) and p in new_modules:
           continue
         raise GuardError(f'{mirror.label}/{q} is not a param path after the surgery '
                          f'(the params under {base or "the root"!r} are {sorted(new_params)[:3]}...)')
-      if rebuilt or mirrors.is_placeholder(x):
+      if mirrors.is_placeholder(x):
         continue
       old = came_from.get(p)
       changed = old is None or _shape(before[old]) != _shape(after[p])
-      if changed and _shape(x) != _shape(after[p]):
+      if not rebuilt and changed and _shape(x) != _shape(after[p]):
         raise GuardError(f'{mirror.label}/{q} has shape {_shape(x)}, but its param {p!r} is now '
                          f'{_shape(after[p])}')
-  # No leaf sits at a param path that is gone (where no param still ends so).
+      if p in lineage.fresh and id(x) in carried_in:  # proven by identity in the traced surgery
+        raise GuardError(f'{mirror.label}/{q} is the old optimizer state of {p!r}, which the '
+                         "surgery re-initialised (it would resume from stale moments); use "
+                         "opt_state: zero or follow on the op, or 'keep' to mean it")
+  # Outside the mirrors, no leaf ends with a param path that is gone (where no
+  # param still ends so): a mirror nobody recognised.
   gone = [o for o in lineage.moved if o not in new_params]
   alive = {s for p in new_params for s in _suffixes(p)}
   stale = {s: o for o in gone for s in _suffixes(o) if s not in alive and
            (len(paths.parts(s)) > 1 or s == o)}
-  moved = {o: n for o, n in lineage.moved.items() if o != n}
-  for path, _ in _leaves(opt_state_out):
-    for s in _windows(path):
+  for path in paths.leaf_paths(opt_state_out):
+    if any(paths.under(path, m) for m in inside):
+      continue
+    for s in _suffixes(path):
       if s in stale:
         o = stale[s]
-        fate = f'renamed to {moved[o]!r}' if moved.get(o) in new_params else 'dropped or merged'
+        now = lineage.moved[o]
+        fate = f'renamed to {now!r}' if now in new_params else 'dropped or merged'
         raise GuardError(f'{label}/{path} still sits at param path {o!r}, which the surgery {fate}')
-  # Entries of re-initialised params are not the old moments.
-  carried_in = {id(x) for _, x in _leaves(opt_state_in)}
-  for mirror, base in found:
-    try:
-      node = mirrors.get_at(opt_state_out, mirror.location)
-    except (KeyError, IndexError, TypeError):
-      continue
-    for q, x in _entries(node):
-      p = paths.join(base, q)
-      if p in lineage.fresh and hasattr(x, 'shape') and id(x) in carried_in:
-        raise GuardError(f'{mirror.label}/{q} is the old optimizer state of {p!r}, which the '
-                         "surgery re-initialised (it would resume from stale moments); use "
-                         "opt_state: zero or follow on the op, or 'keep' to mean it")
 
 
 def check_collection(name: str, before: paths.Flat, after: paths.Flat,
-                     collection: paths.Flat) -> None:
-  """A collection keyed by module paths follows the modules of the params."""
+                     collection_in: paths.Flat, collection: paths.Flat) -> None:
+  """A collection keyed by module paths follows the modules of the params; one
+  that held every param (an EMA of the params) still does."""
+  if set(before) <= set(collection_in):
+    missing = sorted(set(after) - set(collection))
+    if missing:
+      raise GuardError(f'{name} held every param, but has nothing for {missing[:3]} after the '
+                       'surgery (an add creates params only); drop or add it by hand')
   old_modules, new_modules = paths.modules(before), paths.modules(after)
   for path, x in collection.items():
     keys = paths.parts(path)

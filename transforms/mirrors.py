@@ -9,7 +9,7 @@ that every optimizer works, restored typed (NamedTuples) or without a target
 
 A mirror is the outermost mapping in opt_state whose leaf paths are all
 param paths of one sub-tree of the params (its `base`: '' for the whole
-params, `fast` for lookahead's fast weights), where a placeholder may also
+params, `fast` for lookahead's fast weights, see `find_mirrors`), where a placeholder may also
 stand at a module path: optax keeps a masked-out sub-tree (a prefix label or
 mask, `{'backbone': 'frozen'}`) as one `MaskedNode` at `backbone`. While ops
 run, such a placeholder is expanded into one `Hole` per param beneath it, so
@@ -33,9 +33,8 @@ class MirrorError(ValueError):
 
 class Mirror(NamedTuple):
   location: Location
-  base: str                       # the params sub-tree it shadows ('' = all)
-  label: str                      # 'opt_state/0/mu', for messages
-  ambiguous: tuple[str, ...] = ()  # other sub-trees it could shadow as well
+  base: str    # the params sub-tree it shadows ('' = all)
+  label: str   # 'opt_state/0/mu', for messages
 
 
 def is_placeholder(x: Any) -> bool:
@@ -75,8 +74,6 @@ def _bases(node: Any, params: Collection[str], modules: Collection[str]) -> list
   held = next((q for q, v in flat.items() if not is_placeholder(v)), None)
   if held is None:
     return []
-  if len(flat) < 2:
-    return []  # one leaf under some module is no evidence (NNX wraps `count` as {'value': ...})
   suffix = paths.SEP + held
   candidates = [p[:-len(suffix)] for p in params if p.endswith(suffix)]
   # A sub-tree mirror shadows all of its sub-tree, as lookahead's moments do.
@@ -98,22 +95,37 @@ def nodes(tree: Any) -> dict[str, Any]:
   return found
 
 
-def find_mirrors(param_paths: Collection[str], opt_state: Any, root: str = 'opt_state'
-                 ) -> list[Mirror]:
-  """Every mirror of the params (or of a sub-tree of them) in `opt_state`,
-  outermost first. Where several sub-trees fit (lookahead's `fast` and
-  `slow` have the same paths), the one named in the mirror's own keys wins
-  (`fast_state`); with none named, all are kept in `ambiguous`."""
-  params = set(param_paths)
+def _same_shapes(node: Any, base: str, params: Mapping[str, Any]) -> bool:
+  return all(getattr(x, 'shape', None) == getattr(params[paths.join(base, q)], 'shape', ())
+             for q, x in paths.flatten(node).items() if not is_placeholder(x))
+
+
+def find_mirrors(params: Mapping[str, Any] | Collection[str], opt_state: Any,
+                 root: str = 'opt_state') -> list[Mirror]:
+  """Every mirror of the params (path -> leaf, or just their paths) or of a
+  sub-tree of them in `opt_state`, outermost first.
+
+  A mirror of a sub-tree must be named for it in its own keys, and only one
+  sub-tree may be so named: lookahead's `fast_state` shadows `fast` (and
+  `slow`, which has the same paths, is not named). Unnamed pieces of a larger
+  tree are not mirrors of whatever sub-tree has their shape: `mu/Dense_1`,
+  left behind by a rename, is stale, not a mirror of `Head`. Where the
+  params' shapes are known, a one-leaf mirror must have its param's shape
+  (NNX keeps `count` as {'value': ...})."""
+  leaves = params if isinstance(params, Mapping) else None
+  params = set(params)
   modules = paths.modules(params)
   found: list[Mirror] = []
 
   def visit(node: Any, loc: Location, names: tuple[str, ...]) -> None:
     bases = _bases(node, params, modules)
+    if bases != ['']:
+      bases = [b for b in bases if any(paths.parts(b)[-1] in n for n in names)]
+      if len(bases) != 1 or (leaves is not None and len(paths.flatten(node)) == 1 and
+                             not _same_shapes(node, bases[0], leaves)):
+        bases = []
     if bases:
-      named = [b for b in bases if b and any(paths.parts(b)[-1] in n for n in names)]
-      chosen = named if len(named) == 1 else bases
-      found.append(Mirror(loc, chosen[0], paths.SEP.join((root, *names)), tuple(chosen[1:])))
+      found.append(Mirror(loc, bases[0], paths.SEP.join((root, *names))))
       return
     for key, name, child in _children(node):
       visit(child, loc + (key,), names + (paths.escape(name),))
@@ -123,13 +135,19 @@ def find_mirrors(param_paths: Collection[str], opt_state: Any, root: str = 'opt_
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Hole:
-  """Stands, in an expanded mirror, for each param beneath a placeholder.
-  Every param of one placeholder holds the same Hole (not a pytree: it never
-  reaches JAX)."""
-  value: Any   # the placeholder as stored (None, MaskedNode, EmptyState)
-  depth: int   # how many levels the placeholder sits above its params' common prefix
+class Placeholder:
+  """One placeholder of a mirror, while its params are expanded into Holes."""
+  value: Any   # as stored (None, MaskedNode, EmptyState, {})
+  depth: int   # how many levels it sits above its params' common prefix
   label: str   # where it was, for messages
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Hole:
+  """Stands, in an expanded mirror, for one param beneath a placeholder (not a
+  pytree: it never reaches JAX)."""
+  of: Placeholder
+  below: str   # the param's path below the placeholder, as it was
 
 
 def _common_prefix(keys: list[str]) -> str:
@@ -152,33 +170,46 @@ def expand(flat: paths.Flat, params: Collection[str], label: str) -> paths.Flat:
       continue
     members = [p for p in params if paths.under(p, path)]
     depth = len(paths.parts(_common_prefix(members))) - len(paths.parts(path))
-    hole = Hole(value, depth, f'{label}/{path}')
-    out.update({p: hole for p in members})
+    placeholder = Placeholder(value, depth, f'{label}/{path}')
+    out.update({p: Hole(placeholder, p[len(path) + 1:]) for p in members})
   return out
 
 
+def _root(placeholder: Placeholder, members: list[tuple[str, str]], params: Collection[str]
+          ) -> str | None:
+  """Where a placeholder goes back: the sub-tree holding exactly its params,
+  where they are now. Its own module, renamed as they were, while that still
+  holds exactly them; else the one as many levels above their common prefix
+  as before."""
+  paths_now = {p for p, _ in members}
+  exact = lambda root: root and {p for p in params if paths.under(p, root)} == paths_now
+  moved = {p[:-len(below) - 1] if p.endswith(paths.SEP + below) else None for p, below in members}
+  if len(moved) == 1 and exact(root := moved.pop()):
+    return root
+  common = paths.parts(_common_prefix(list(paths_now)))
+  root = paths.SEP.join(common[:len(common) - placeholder.depth])
+  return root if len(common) > placeholder.depth and exact(root) else None
+
+
 def collapse(flat: paths.Flat, params: Collection[str]) -> paths.Flat:
-  """The inverse of `expand` after the ops: each Hole's params (where the ops
-  moved them) go back under one placeholder, at the sub-tree that holds
-  exactly them, the same number of levels above them as before."""
-  groups: dict[int, tuple[Hole, list[str]]] = {}
+  """The inverse of `expand` after the ops: each placeholder's params (where
+  the ops moved them) go back under one placeholder (see `_root`), or the
+  mirror fails naming it."""
+  groups: dict[int, tuple[Placeholder, list[tuple[str, str]]]] = {}
   out: paths.Flat = {}
   for path, value in flat.items():
     if isinstance(value, Hole):
-      groups.setdefault(id(value), (value, []))[1].append(path)
+      groups.setdefault(id(value.of), (value.of, []))[1].append((path, value.below))
     else:
       out[path] = value
-  for hole, members in groups.values():
-    common = paths.parts(_common_prefix(members))
-    root = paths.SEP.join(common[:len(common) - hole.depth]) if len(common) > hole.depth else ''
-    beneath = {p for p in params if paths.under(p, root)} if root else set()
-    if beneath != set(members):
-      strays = sorted(beneath ^ set(members))[:3]
+  for placeholder, members in groups.values():
+    root = _root(placeholder, members, params)
+    if root is None:
       raise MirrorError(
-          f'the masked-out sub-tree {hole.label} no longer maps onto one sub-tree of the '
-          f'params after the surgery (it would need to cover exactly {sorted(members)[:3]}..., '
-          f'but {strays} differ); an optimizer state cannot say which of them are masked')
-    out[root] = hole.value
+          f'the masked-out sub-tree {placeholder.label} no longer maps onto one sub-tree of the '
+          f'params: the surgery moved its params to {sorted(p for p, _ in members)[:4]}, which '
+          'no sub-tree holds alone; an optimizer state cannot say which of them are masked')
+    out[root] = placeholder.value
   return out
 
 

@@ -26,9 +26,10 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import regex
 
 from transforms import paths
-from transforms.mirrors import Hole
+from transforms.mirrors import Hole, is_placeholder
 from transforms.paths import Flat
 
 
@@ -38,8 +39,8 @@ class SurgeryError(ValueError):
 
 def _check_regex(field: str, value: str) -> None:
   try:
-    re.compile(value)
-  except re.error as e:
+    regex.compile(value)
+  except regex.error as e:
     raise ValueError(f'field {field!r}: bad regex {value!r}: {e}') from None
 
 
@@ -50,7 +51,11 @@ def initializer(name: str) -> Callable[..., jax.Array]:
     return factory
   if factory is None or name.startswith('_') or not callable(factory):
     raise ValueError(f"field 'init': unknown initializer {name!r} (jax.nn.initializers)")
-  return factory()
+  try:
+    return factory()
+  except TypeError as e:  # variance_scaling, orthogonal(scale=...) and the like need arguments
+    raise ValueError(f"field 'init': {name} needs arguments the spec cannot give ({e}); "
+                     'use one that takes none, such as lecun_normal or glorot_uniform') from None
 
 
 def path_key(seed: int, path: str) -> jax.Array:
@@ -109,8 +114,8 @@ class MatchOp(Op):
     _check_regex('match', self.match)
 
   @property
-  def pattern(self) -> re.Pattern[str]:
-    return re.compile(self.match)  # re caches compiled patterns
+  def pattern(self) -> regex.Pattern:
+    return regex.compile(self.match)  # the engine caches compiled patterns
 
   def select(self, params):
     selected = paths.matching(self.pattern, params)
@@ -148,7 +153,7 @@ class Rename(MatchOp):
   to: str
 
   def apply(self, flat, selected, mirror=False):
-    return move(flat, {p: self.pattern.sub(self.to, p, count=1) for p in selected})
+    return move(flat, {p: paths.substitute(self.pattern, self.to, p) for p in selected})
 
   def renamed(self, selected, produced):
     return dict(zip(selected, produced))
@@ -367,18 +372,24 @@ class Stack(MatchOp):
   def apply(self, flat, selected, mirror=False):
     groups: dict[str, list[str]] = {}
     for p in sorted(selected, key=layer_order):
-      groups.setdefault(self.pattern.sub(self.to, p, count=1), []).append(p)
+      groups.setdefault(paths.substitute(self.pattern, self.to, p), []).append(p)
     new = {p: x for p, x in flat.items() if p not in set(selected)}
     for target, members in groups.items():
       if target in new:
         raise SurgeryError(f'{target!r} already exists')
       values = [flat[p] for p in members]
-      if not any(carried(v) for v in values):  # masked or stale in this mirror
+      if not any(is_array(v) for v in values):  # masked or stale in this mirror
         new[target] = values[0]
         continue
-      shapes = {(tuple(v.shape), str(v.dtype)) for v in values if carried(v)}
-      if len(shapes) != 1 or not all(carried(v) for v in values):
+      if not all(is_array(v) for v in values):
+        raise SurgeryError(f'cannot stack {members} into {target!r}: some are masked or stale '
+                           'in this optimizer state and some are not')
+      shapes = {(tuple(v.shape), str(v.dtype)) for v in values}
+      if len(shapes) != 1:
         raise SurgeryError(f'cannot stack {members} into {target!r}: shapes/dtypes {sorted(shapes)}')
+      if not -values[0].ndim - 1 <= self.axis <= values[0].ndim:
+        raise SurgeryError(f'cannot stack {members} of shape {tuple(values[0].shape)} along axis '
+                           f'{self.axis}')
       new[target] = jnp.stack(values, axis=self.axis)
     return new, list(groups)
 
@@ -404,10 +415,10 @@ class Unstack(MatchOp):
       if p not in chosen:
         new[p] = x
         continue
-      if not carried(x):
+      if not is_array(x):
         raise SurgeryError(f'cannot unstack {p!r}: it is masked or stale in this optimizer state')
-      for i in range(x.shape[self.axis]):
-        q = self.pattern.sub(self.to.replace('{i}', str(i)), p, count=1)
+      for i in range(x.shape[check_axis(x, self.axis, p)]):
+        q = paths.substitute(self.pattern, self.to.replace('{i}', str(i)), p)
         if q in flat or q in new:
           raise SurgeryError(f'unstacking {p!r} would overwrite {q!r}')
         new[q] = jnp.take(x, i, axis=self.axis)
@@ -515,15 +526,10 @@ def is_empty(x: Any) -> bool:
   return isinstance(x, Mapping) and not x
 
 
-def carried(x: Any) -> bool:
-  """A mirror entry with a value: an array, not masked, stale or waiting for init."""
-  return is_array(x)
-
-
 def zero(flat: Flat, selected: Sequence[str]) -> Flat:
   """`flat` with the selected leaves replaced by zeros of their own shape."""
   chosen = set(selected)
-  return {p: jnp.zeros_like(x) if p in chosen and carried(x) else x
+  return {p: jnp.zeros_like(x) if p in chosen and is_array(x) else x
           for p, x in flat.items()}
 
 
@@ -532,8 +538,8 @@ def _require_full_copy(mirror: Flat, params: Flat, where: str) -> None:
   its shape; in a masked or factored one, only the optimizer knows."""
   for p, x in params.items():
     entry = mirror.get(p)
-    if not carried(entry) or tuple(entry.shape) != tuple(x.shape):
-      held = 'has no entry' if not carried(entry) else f'has shape {tuple(entry.shape)}'
+    if not is_array(entry) or tuple(entry.shape) != tuple(x.shape):
+      held = 'has no entry' if not is_array(entry) else f'has shape {tuple(entry.shape)}'
       raise SurgeryError(
           f"{where} is not a full copy of the params ({p!r} {held}), so a new leaf's "
           "entry there is unknown; give the spec an 'optimizer:' section to take it "
@@ -546,8 +552,9 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
 
   A mirror leaf whose shape is not its param's cannot follow an op that
   changes shapes: it becomes STALE when the optimizer can rebuild it, else
-  the checkpoint fails naming the leaf. New leaves' entries are STALE too when
-  the optimizer can say what they are (factored, masked, or zeros).
+  the checkpoint fails naming the leaf. New leaves' entries, and those `zero`
+  resets, are STALE too when the optimizer can say what they are (factored,
+  masked, zeros or its own starting values).
   """
   mode = op.mirror_mode
   if mode == 'keep':
@@ -558,7 +565,7 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
     x = mirror[p]
     if isinstance(x, Grown) and not op.moves_only:
       mirror[p] = STALE  # padded, then changed again: init rebuilds it whole
-    elif op.changes_shapes and x is not None and not isinstance(x, (Hole, Stale, Grown)) and (
+    elif op.changes_shapes and not is_placeholder(x) and not isinstance(x, (Hole, Stale, Grown)) and (
         not is_array(x) or tuple(x.shape) != tuple(params[p].shape)):
       held = f'has shape {tuple(x.shape)}' if is_array(x) else f'is a {type(x).__name__}'
       if not can_rebuild:
@@ -568,7 +575,7 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
             "'optimizer:' section to rebuild it from the optimizer's init")
       mirror[p] = STALE
   if can_rebuild and hasattr(op, 'grow') and mode == 'follow':
-    return {**mirror, **{p: op.grow(mirror[p], p) for p in present if carried(mirror[p])}}
+    return {**mirror, **{p: op.grow(mirror[p], p) for p in present if is_array(mirror[p])}}
   if op.creates_leaves and not can_rebuild:
     _require_full_copy(mirror, params, where)
   if mode == 'follow' or op.structural:
@@ -577,4 +584,8 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
     new, produced = mirror, present
   if op.creates_leaves and can_rebuild:
     return {**new, **{p: STALE for p in produced}}
-  return new if mode == 'follow' else zero(new, produced)
+  if mode == 'follow':
+    return new
+  # `zero` resets what the op produced: to the optimizer's own init where it
+  # is known (COCOB's scale starts at 1e-8, schedule-free's z at the params).
+  return {**new, **{p: STALE for p in produced if is_array(new[p])}} if can_rebuild else zero(new, produced)

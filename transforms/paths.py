@@ -13,11 +13,17 @@ mapping), so it comes back where it was.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, Iterable
 
+import jax
+import regex
+
 SEP = '/'
+# Seconds one regex may take on one path. Patterns run in the `regex` engine,
+# which can stop: a pattern that backtracks catastrophically fails by name
+# instead of hanging a run or a plan.
+REGEX_SECONDS = 2.0
 
 Flat = dict[str, Any]
 
@@ -59,6 +65,18 @@ def flatten(tree: Any) -> Flat:
   return flat
 
 
+def key_path(keys: tuple[Any, ...]) -> str:
+  """A jax key path as 'a/0/mu': NamedTuple fields, dict keys and list indices
+  alike, so a typed state and its target-less restore give the same paths."""
+  return SEP.join(escape(next(getattr(k, a) for a in ('name', 'key', 'idx') if hasattr(k, a)))
+                  for k in keys)
+
+
+def leaf_paths(tree: Any) -> Flat:
+  """{key_path: leaf} for every leaf of a pytree (None and empty nodes hold none)."""
+  return {key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def unflatten(flat: Flat) -> dict[str, Any]:
   """The inverse of `flatten`: plain nested dicts, keys unescaped."""
   tree: dict[str, Any] = {}
@@ -85,6 +103,19 @@ def under(path: str, prefix: str) -> bool:
   return not prefix or path == prefix or path.startswith(prefix + SEP)
 
 
-def matching(pattern: re.Pattern[str], paths: Iterable[str]) -> list[str]:
-  """The paths in which `pattern` is found (re.search), in their order."""
-  return [p for p in paths if pattern.search(p)]
+def _bounded(call: Any, pattern: regex.Pattern, path: str) -> Any:
+  try:
+    return call(timeout=REGEX_SECONDS)
+  except TimeoutError:
+    raise TimeoutError(f'regex {pattern.pattern!r} ran over {REGEX_SECONDS:g} s on path {path!r}: '
+                       'it backtracks catastrophically; simplify it') from None
+
+
+def matching(pattern: regex.Pattern, paths: Iterable[str]) -> list[str]:
+  """The paths in which `pattern` is found (a search), in their order."""
+  return [p for p in paths if _bounded(lambda **t: pattern.search(p, **t), pattern, p)]
+
+
+def substitute(pattern: regex.Pattern, to: str, path: str) -> str:
+  """`path` with the first match of `pattern` replaced by `to` (\\1 groups)."""
+  return _bounded(lambda **t: pattern.sub(to, path, count=1, **t), pattern, path)

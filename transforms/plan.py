@@ -96,7 +96,6 @@ def roles(surgery: Surgery, tree: dict[str, Any]) -> dict[str, str]:
   what the surgery will change beside the params, found as `run` finds it."""
   spec = surgery.spec
   params = paths.flatten(tree[spec.params])
-  found = {m.label: 'mirror of ' + (f'{m.base}/' if m.base else 'the params') +
-           (f' (or {", ".join(m.ambiguous)})' if m.ambiguous else '')
+  found = {m.label: 'mirror of ' + (f'{m.base}/' if m.base else 'the params')
            for m in mirrors.find_mirrors(params, tree.get(spec.opt_state), spec.opt_state)}
   return {**found, **{k: 'collection' for k in tree if k not in (spec.params, spec.opt_state)}}

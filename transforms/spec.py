@@ -69,11 +69,19 @@ def _check_type(value: Any, hint: Any) -> bool:
   if isinstance(value, bool):
     return hint is bool
   if hint is float:
-    return isinstance(value, (int, float))
+    return isinstance(value, (int, float)) or _as_float(value) is not None
   if hint is list:  # every list field is a list of integers (shape, axes)
     return isinstance(value, list) and all(
         isinstance(v, int) and not isinstance(v, bool) for v in value)
   return isinstance(value, hint)
+
+
+def _as_float(value: Any) -> float | None:
+  """A number YAML 1.1 left as text (`1e30` has no dot, so it is a string there)."""
+  try:
+    return float(value) if isinstance(value, str) else None
+  except ValueError:
+    return None
 
 
 def _hint_name(hint: Any) -> str:
@@ -120,6 +128,8 @@ def _parse_op(index: int, entry: Any) -> Op:
   for key, f in declared.items():
     if key not in fields and f.default is dataclasses.MISSING:
       raise SpecError(f'{where}: missing field {key!r}')
+  fields = {k: _as_float(v) if hints[k] is float and isinstance(v, str) else v
+            for k, v in fields.items()}
   try:
     return cls(**fields)
   except ValueError as e:

@@ -65,28 +65,16 @@ def _check_tree(flat: paths.Flat, what: str) -> None:
         raise SurgeryError(f'{what}: {parent!r} would be both a leaf and the parent of {p!r}')
 
 
-def key_path(keys: tuple[Any, ...]) -> str:
-  """A jax key path as 'a/0/mu': NamedTuple fields, dict keys and list indices
-  alike, so a typed state and its target-less restore give the same paths.
-  Keys are escaped as param paths are (see `paths`)."""
-  return paths.SEP.join(paths.escape(
-      next(getattr(k, a) for a in ('name', 'key', 'idx') if hasattr(k, a))) for k in keys)
-
-
-def _leaf_paths(tree: Any) -> dict[str, Any]:
-  return {key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def fill_from_init(opt_state: Any, fresh: Any) -> Any:
   """opt_state with what only the optimizer knows taken from `fresh` (its
   init of the new params): STALE leaves whole, the new slots of Grown ones.
   Then checked leaf by leaf against it: paths, shapes, dtypes."""
-  fresh_leaves, fresh_nodes = _leaf_paths(fresh), mirrors.nodes(fresh)
+  fresh_leaves, fresh_nodes = paths.leaf_paths(fresh), mirrors.nodes(fresh)
 
   def fill(k, x):
-    want = fresh_leaves.get(key_path(k))
+    want = fresh_leaves.get(paths.key_path(k))
     if x is STALE:
-      return fresh_nodes.get(key_path(k))  # a leaf, or a sub-tree (SM3's list per param)
+      return fresh_nodes.get(paths.key_path(k))  # a leaf, or a sub-tree (SM3's list per param)
     if isinstance(x, Grown):
       fits = want is not None and want.ndim == x.value.ndim and all(
           n == m or i == x.axis for i, (n, m) in enumerate(zip(want.shape, x.value.shape)))
@@ -96,7 +84,7 @@ def fill_from_init(opt_state: Any, fresh: Any) -> Any:
 
   filled = jax.tree_util.tree_map_with_path(
       fill, opt_state, is_leaf=lambda x: x is STALE or isinstance(x, Grown))
-  ours = _leaf_paths(filled)
+  ours = paths.leaf_paths(filled)
   for path in sorted(set(ours) | set(fresh_leaves)):
     got, want = ours.get(path), fresh_leaves.get(path)
     if got is None:
@@ -106,10 +94,23 @@ def fill_from_init(opt_state: Any, fresh: Any) -> Any:
       raise SurgeryError(f"the migrated opt_state has leaf {path!r}, which the optimizer's "
                          'init of the new params does not have')
     if (tuple(got.shape), got.dtype) != (tuple(want.shape), want.dtype):
+      hint = (' (a cast leaves the moments as they are unless it says opt_state: follow)'
+              if tuple(got.shape) == tuple(want.shape) else '')
       raise SurgeryError(
           f'opt_state leaf {path!r} is {got.dtype}{list(got.shape)}, the optimizer\'s init of '
-          f'the new params gives {want.dtype}{list(want.shape)}')
+          f'the new params gives {want.dtype}{list(want.shape)}{hint}')
+  placed, expected = _placeholders(filled), _placeholders(fresh)
+  if placed != expected:
+    differ = sorted(placed ^ expected)[0]
+    where = 'has' if differ in placed else 'lacks'
+    raise SurgeryError(f"the migrated opt_state {where} a masked-out placeholder at {differ!r}, "
+                       "unlike the optimizer's init of the new params")
   return filled
+
+
+def _placeholders(opt_state: Any) -> set[str]:
+  """Where a tree holds placeholders (a masked-out sub-tree, an EmptyState)."""
+  return {p for p, node in mirrors.nodes(opt_state).items() if p and mirrors.is_placeholder(node)}
 
 
 def _abstract_leaves(tree: Any) -> tuple[list[jax.ShapeDtypeStruct], Any]:
@@ -171,7 +172,7 @@ class _View:
     self.tree, self.ctx = tree, ctx
     self.params = paths.flatten(tree[ctx.params])
     opt_state = tree.get(ctx.opt_state)
-    self.mirrors = mirrors.find_mirrors(self.params.keys(), opt_state, ctx.opt_state or 'state')
+    self.mirrors = mirrors.find_mirrors(self.params, opt_state, ctx.opt_state or 'state')
     self.shadows = [
         mirrors.expand({paths.join(m.base, q): x for q, x in
                         paths.flatten(mirrors.get_at(opt_state, m.location)).items()},
@@ -183,11 +184,6 @@ class _View:
   def follow(self, op: Op, selected: list[str], before: paths.Flat, can_rebuild: bool) -> None:
     """Apply `op`, which the params took at `selected`, to every mirror and,
     if it is structural, to every collection (matched by its own paths)."""
-    for m in self.mirrors:
-      if m.ambiguous and any(paths.under(p, b) for p in selected for b in (m.base, *m.ambiguous)):
-        raise SurgeryError(
-            f'{m.label} mirrors one of the sub-trees {[m.base, *m.ambiguous]} of the params and '
-            'nothing tells which; this op changes them, so the mirror cannot follow')
     self.shadows = [apply_to_mirror(op, shadow, selected, before, can_rebuild, m.label)
                     for m, shadow in zip(self.mirrors, self.shadows)]
     if op.structural and isinstance(op, MatchOp):
@@ -265,6 +261,11 @@ class Surgery:
     keys = {params, opt_state} | {k for k, v in state.items()
                                   if k not in (params, opt_state) and
                                   guard.is_collection(v, param_paths)}
+    for k, v in state.items():
+      if k not in keys and mirrors.find_mirrors(param_paths, v, k):
+        raise SurgeryError(
+            f"the state's {k!r} holds mirrors of the params (an optimizer state?), and the spec's "
+            f"opt_state is {opt_state!r}: set 'opt_state: {k}' so that they follow the params")
     return ({k: v for k, v in state.items() if k in keys},
             {k: v for k, v in state.items() if k not in keys})
 
@@ -284,7 +285,7 @@ class Surgery:
     ctx = Context(self.spec.params, self.spec.opt_state, self.optimizer)
     view = _View(tree, ctx)
     before = dict(view.params)
-    lineage = guard.Lineage({p: p for p in view.params}, set())
+    lineage = guard.Lineage({p: p for p in view.params})
     for index, op in enumerate(self.spec.ops):
       try:
         if isinstance(op, StateOp):
@@ -296,16 +297,13 @@ class Surgery:
         current = view.params
         view.params, produced = op.apply(current, selected)
         renamed = op.renamed(selected, produced)
-        lineage.moved.update({o: renamed.get(n, n) for o, n in lineage.moved.items()})
-        fresh = {renamed.get(p, p) for p in lineage.fresh}
+        lineage.follow(renamed)
         if isinstance(op, Reinit) and op.mirror_mode != 'keep':
-          fresh |= set(produced)
-        lineage.fresh.clear()
-        lineage.fresh.update(fresh)
+          lineage.fresh |= set(produced)
         if trace is not None:
           trace.append(OpTrace(index, op.name, len(selected), renamed))
         view.follow(op, selected, current, self.optimizer is not None)
-      except SurgeryError as e:
+      except (SurgeryError, TimeoutError) as e:  # TimeoutError: a regex that would not end
         raise SurgeryError(f'ops[{index}] ({op.name}): {e}') from None
     _check_tree(view.params, 'after the surgery')
     bases = view.bases()
@@ -315,7 +313,7 @@ class Surgery:
                             list(zip(view.mirrors, bases)), lineage, ctx.opt_state,
                             rebuilt=self.optimizer is not None)
       for name, flat in view.collections.items():
-        guard.check_collection(name, before, view.params, flat)
+        guard.check_collection(name, before, view.params, paths.flatten(tree[name]), flat)
     except guard.GuardError as e:
       raise SurgeryError(f'guard: {e}') from None
     return out
@@ -328,7 +326,7 @@ class Surgery:
     fresh = self.optimizer.init(tree[ctx.params])
     filled = fill_from_init(tree[ctx.opt_state], fresh)
     typed = jax.tree_util.tree_structure(fresh).unflatten(
-        [_leaf_paths(filled)[p] for p in _leaf_paths(fresh)])
+        [paths.leaf_paths(filled)[p] for p in paths.leaf_paths(fresh)])
     try:
       guard.check_update(self.optimizer, tree[ctx.params], typed)
     except guard.GuardError as e:
