@@ -22,6 +22,7 @@ written by the same atomic commit as the arrays.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -125,6 +126,7 @@ def read_layout(path: epath.Path) -> Layout:
       raise CheckpointError(f'{path}: does not exist')
     raise CheckpointError(f'{path}: not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA) '
                           'nor a Flax msgpack file')
+  _check_json(path / '_CHECKPOINT_METADATA')
   handlers = ocp_metadata.get_step_metadata(path).item_handlers
   if isinstance(handlers, str) or handlers is None:
     name = _handler_name(handlers or 'PyTreeCheckpointHandler')
@@ -140,9 +142,25 @@ def read_layout(path: epath.Path) -> Layout:
   return Layout(items=items)
 
 
+def _check_json(file: epath.Path) -> None:
+  """A metadata file Orbax will read: refused in one line naming it, where
+  Orbax would say only that no metadata was found."""
+  try:
+    json.loads(file.read_text())
+  except (OSError, ValueError) as e:
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    raise CheckpointError(f'{file}: unreadable or not JSON ({cause})') from None
+
+
 def _tree_metadata(path: epath.Path) -> Any:
   """Orbax's metadata of one tree: `.tree` of leaf metadata, `.use_zarr3`."""
-  return ocp.PyTreeCheckpointer().metadata(path).item_metadata
+  _check_json(path / '_METADATA')
+  metadata = ocp.PyTreeCheckpointer().metadata(path).item_metadata
+  if metadata is None:
+    missing = ('manifest.ocdbt is missing' if not (path / 'manifest.ocdbt').exists() and
+               any(path.glob('ocdbt.process_*')) else 'Orbax reads no tree metadata there')
+    raise CheckpointError(f'{path}: {missing}')
+  return metadata
 
 
 def item_metadata(path: epath.Path, layout: Layout) -> dict[str, Any]:

@@ -7,21 +7,25 @@ is not ours goes to Beam as a pipeline option.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
 import os
 import sys
+import threading
 import time
 
 from apache_beam.options import pipeline_options
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import create_runner
 from etils import epath
 
 import transforms
 from pipeline import checkpoint_io, demo, discovery, inspection, plan, report, storage
+from pipeline import migrate as migrate_module
 from pipeline.migrate import Settings
-from pipeline.run import run_migration
+from pipeline.run import LOCAL_RUNNERS, run_migration
 
 USAGE_ERROR = 2
 
@@ -31,17 +35,18 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+  # No abbreviations: `--ove` is not `--overwrite` (it goes to Beam, which refuses it).
   parser = argparse.ArgumentParser(
-      prog='ckpt-surgery',
+      prog='ckpt-surgery', allow_abbrev=False,
       description='Apply one model surgery to many JAX/Flax checkpoints.')
   commands = parser.add_subparsers(dest='command', required=True)
-  common = argparse.ArgumentParser(add_help=False)
+  common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
   common.add_argument(
       '--gcs_endpoint', metavar='URL', default=os.environ.get(storage.ENDPOINT_ENV),
       help='send gs:// to this GCS-protocol server (an emulator) instead of Google '
            f'Cloud Storage; default ${storage.ENDPOINT_ENV}')
   run = commands.add_parser(
-      'run', parents=[common], help='migrate every checkpoint PATTERN names',
+      'run', parents=[common], allow_abbrev=False, help='migrate every checkpoint PATTERN names',
       epilog='Every other --option is a Beam pipeline option (--runner, ...).')
   run.add_argument('--input', required=True, metavar='PATTERN',
                    help='checkpoint directories, CheckpointManager roots or legacy Flax '
@@ -58,19 +63,22 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument('--checkpoints_in_flight', type=_at_least_one, default=2, metavar='N',
                    help='checkpoints each worker holds at once: while one is written the next '
                         'is read (default 2; 1 halves the memory a worker needs)')
+  run.add_argument('--checkpoint_timeout', type=_seconds, default=7200.0, metavar='SECONDS',
+                   help='a checkpoint not done after this long fails and its lease is freed, so '
+                        'a rerun can take it (default 7200; set it above your slowest checkpoint)')
   run.add_argument('--detach', action='store_true',
                    help='submit the job and exit without waiting (Dataflow, flex templates)')
   plan = commands.add_parser(
-      'plan', parents=[common], help='what run would do, from metadata only: per-signature diffs and errors')
+      'plan', parents=[common], allow_abbrev=False, help='what run would do, from metadata only: per-signature diffs and errors')
   plan.add_argument('--input', required=True, metavar='PATTERN')
   plan.add_argument('--spec', required=True, metavar='SPEC.yaml')
   plan.add_argument('--json', action='store_true', help='print the plan as JSON')
-  inspect = commands.add_parser('inspect', parents=[common], help='print a checkpoint tree from its metadata')
+  inspect = commands.add_parser('inspect', parents=[common], allow_abbrev=False, help='print a checkpoint tree from its metadata')
   inspect.add_argument('checkpoint')
   inspect.add_argument('--spec', metavar='SPEC.yaml',
                        help='take the params and opt_state keys from this spec '
                             '(default: params, opt_state)')
-  demo_cmd = commands.add_parser('demo', help='make sample checkpoints and migrate them')
+  demo_cmd = commands.add_parser('demo', allow_abbrev=False, help='make sample checkpoints and migrate them')
   demo_cmd.add_argument('--workdir', default='demo')
   demo_cmd.add_argument('--count', type=int, default=6)
   return parser
@@ -82,6 +90,16 @@ def _at_least_one(text: str) -> int:
   return int(text)
 
 
+def _seconds(text: str) -> float:
+  try:
+    seconds = float(text)
+  except ValueError:
+    seconds = 0.0
+  if not seconds > 0:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a positive number of seconds')
+  return seconds
+
+
 def run_arguments() -> dict[str, argparse.Action]:
   """`run`'s own options by name (what a flex template must expose)."""
   commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
@@ -91,12 +109,22 @@ def run_arguments() -> dict[str, argparse.Action]:
 def _check_beam_args(beam_args: list[str]) -> None:
   """Refuse an argument neither we nor Beam know (a typo would otherwise be
   dropped by Beam with a warning nobody reads)."""
-  runner = PipelineOptions(beam_args).view_as(StandardOptions).runner or ''
+  options = PipelineOptions(beam_args)
+  runner = options.view_as(StandardOptions).runner or ''
   if '.' in runner:  # a runner named by its module registers its own options
     try:
       importlib.import_module(runner.rsplit('.', 1)[0])
     except ImportError as e:
       raise UsageError(f'cannot import --runner={runner}: {e}') from None
+  if runner and runner not in LOCAL_RUNNERS:
+    try:
+      create_runner(runner)
+    except (ValueError, ImportError) as e:
+      raise UsageError(f'--runner={runner}: {e}') from None
+  workers = options.view_as(pipeline_options.DirectOptions).direct_num_workers
+  if workers is not None and workers < 0:
+    raise UsageError(f'--direct_num_workers={workers}: give a number of worker processes '
+                     '(0 for one per core)')
   # As PipelineOptions.get_all_options parses: every options class's flags.
   parser = pipeline_options._BeamArgumentParser(allow_abbrev=False)  # pylint: disable=protected-access
   for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
@@ -117,9 +145,45 @@ def load_spec(path: str) -> tuple[transforms.Spec, str]:
     raise UsageError(f'{path}: {e}') from None
 
 
+# After every checkpoint has saved its record, how long the launcher waits for
+# the job itself to end (a runner can hang on a dead worker) before it reports.
+JOB_GRACE_SECONDS = 60.0
+
+
+def _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at) -> tuple[str, str]:
+  """Run the job in a thread: (its state, what went wrong or ''). Returns early
+  when every checkpoint's record is saved but the job has not ended
+  JOB_GRACE_SECONDS later."""
+  outcome: list[tuple[str, str]] = []
+
+  def job():
+    try:
+      outcome.append((run_migration(pairs, spec_text, output, settings, beam_args, wait,
+                                    started_at), ''))
+    except Exception as e:  # a dead worker, a failed report step: report what finished
+      outcome.append(('FAILED', f'{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}'
+                      if str(e).strip() else type(e).__name__))
+
+  thread = threading.Thread(target=job, daemon=True, name='job')
+  thread.start()
+  all_saved_since = None
+  while thread.is_alive():
+    thread.join(1.0)
+    if not wait or not thread.is_alive():
+      continue
+    if len(report.saved_records(output, settings.run)) < len(pairs):
+      all_saved_since = None
+    elif all_saved_since is None:
+      all_saved_since = time.monotonic()
+    elif time.monotonic() - all_saved_since > JOB_GRACE_SECONDS:
+      return 'HUNG', (f'the job had not ended {JOB_GRACE_SECONDS:g} s after its last checkpoint; '
+                      'reported from the records its workers saved')
+  return outcome[0]
+
+
 def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
             beam_args: list[str], wait: bool = True) -> int:
-  """Discover, run, print the table; the exit code."""
+  """Discover, run, print the table; the exit code, from this run's own records."""
   _check_beam_args(beam_args)
   _, spec_text = load_spec(spec_path)
   try:
@@ -127,17 +191,46 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
   except discovery.DiscoveryError as e:
     raise UsageError(str(e)) from None
   output = discovery.absolute(output)
-  print(f'migrating {len(pairs)} checkpoint(s) to {output}', flush=True)
   started_at = time.time()
-  state = run_migration(pairs, spec_text, output, settings, beam_args, wait, started_at)
-  summary_file = report.report_dir(output) / 'summary.json'
-  if not summary_file.exists() or json.loads(summary_file.read_text())['started_at'] != started_at:
-    print(f'job {state}; its report will be at {report.report_dir(output)}/')
-    return 0
-  records, summary = report.read_report(output)
+  run = report.new_run_id(started_at)
+  settings = dataclasses.replace(settings, output=output, run=run)
+  try:  # the report's place, tried before any checkpoint is touched
+    report.run_dir(output, run).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
+                     f'{e.strerror or e}') from None
+  print(f'migrating {len(pairs)} checkpoint(s) to {output} (run {run})', flush=True)
+  state, trouble = _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at)
+  try:
+    records, summary = report.read_report(output, run)
+  except (OSError, ValueError):  # the job did not write it
+    if not trouble and (not wait or not report.saved_records(output, run)):
+      # Submitted and left running (--detach), or a job that ran nothing (Dataflow's --dry_run).
+      print(f'job {state}; its report will be at {report.run_dir(output, run)}/')
+      return 0
+    records, summary = _report_from_records(pairs, output, run, started_at, trouble or state)
   print(report.format_table(records, summary))
-  print(f'report: {report.report_dir(output)}/report.jsonl')
-  return 1 if summary['failed'] else 0
+  if trouble:
+    print(f'ckpt-surgery: error: {trouble}', file=sys.stderr)
+  print(f'report: {report.run_dir(output, run)}/report.jsonl')
+  return 1 if summary['failed'] or trouble else 0
+
+
+def _report_from_records(pairs, output, run, started_at, why):
+  """Every checkpoint that finished, from its saved record; the others failed
+  as unfinished. Written as the run's report when storage allows."""
+  records = {r['src']: r for r in report.saved_records(output, run)}
+  for src, dst in pairs:
+    if src not in records:
+      records[src] = migrate_module.record(
+          src, dst, 'failed', error=f'unfinished: the job ended ({why}) before this checkpoint did')
+  records = list(records.values())
+  try:
+    return records, report.write_report(output, records, started_at, run)
+  except OSError as e:  # a full disk, say: the terminal still gets the table
+    print(f'ckpt-surgery: error: cannot write the report under {report.run_dir(output, run)}: {e}',
+          file=sys.stderr)
+    return records, {**report.summarize(records, started_at), 'run': run}
 
 
 def show_plan(pattern: str, spec_path: str, as_json: bool) -> int:
@@ -172,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == 'run':
       settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint, args.full_decode,
-                          args.checkpoints_in_flight)
+                          args.checkpoints_in_flight, args.checkpoint_timeout)
       return migrate(args.input, args.output, args.spec, settings, rest, not args.detach)
     if rest:
       raise UsageError(f'unrecognized arguments: {" ".join(rest)}')

@@ -84,7 +84,10 @@ async def _read_array(root: ts.KvStore, name: str) -> dict[bytes, bytes]:
   """Every stored key (relative to the array) and value of array `name`."""
   store = root / f'{name}/'
   keys = await store.list()
-  values = await asyncio.gather(*(store.read(k) for k in keys))
+  try:
+    values = await asyncio.gather(*(store.read(k) for k in keys))
+  except ValueError as e:  # TensorStore's message does not name the array
+    raise ValueError(f'{e} (reading the stored chunks of {name})') from e
   return {k: v.value for k, v in zip(keys, values)}
 
 

@@ -122,6 +122,28 @@ def _inside(path: str, parent: str) -> bool:
   return path == parent or path.startswith(parent.rstrip('/') + '/')
 
 
+def real(path: str) -> str:
+  """Where a path really is: local symlinks resolved; a gs:// URL's bucket and
+  prefix without repeated slashes (GCS has no links)."""
+  if path.startswith('gs://'):
+    return 'gs://' + re.sub('/+', '/', path[len('gs://'):]).rstrip('/')
+  return os.path.realpath(path)
+
+
+def check_output(output: str, inputs: list[str]) -> None:
+  """Refuse an output that is a file, or that overlaps (by real path) an input
+  checkpoint or an input root (a CheckpointManager's directory)."""
+  where = epath.Path(output)
+  if where.exists() and not where.is_dir():
+    raise DiscoveryError(f'output {output} is a file, not a directory')
+  out = real(output)
+  for path in inputs:
+    if _inside(out, real(path)) or _inside(real(path), out):
+      resolved = f' (it resolves to {out})' if out != output else ''
+      raise DiscoveryError(f'output {output}{resolved} overlaps input {path}: inputs are never '
+                           'written, so the output must lie outside every input')
+
+
 def discover(pattern: str, output: str | None = None) -> list[tuple[str, str | None]]:
   """(src, dst) for every committed checkpoint `pattern` names.
 
@@ -135,13 +157,15 @@ def discover(pattern: str, output: str | None = None) -> list[tuple[str, str | N
       storage.check_bucket(output, 'output')
   except storage.StorageError as e:
     raise DiscoveryError(str(e)) from None
-  sources = [str(c) for d in expand(pattern) for c in checkpoints_in(d)]
-  if not sources:
-    raise DiscoveryError(f'no committed checkpoint matches {pattern}: {why_nothing(pattern)}')
-  if output is None:
-    return [(s, None) for s in sources]
-  output = absolute(output)
-  for src in sources:
-    if _inside(output, src) or _inside(src, output):
-      raise DiscoveryError(f'output {output} overlaps input checkpoint {src}')
+  try:
+    roots = expand(pattern)
+    sources = [str(c) for d in roots for c in checkpoints_in(d)]
+    if not sources:
+      raise DiscoveryError(f'no committed checkpoint matches {pattern}: {why_nothing(pattern)}')
+    if output is None:
+      return [(s, None) for s in sources]
+    output = absolute(output)
+    check_output(output, [*map(str, roots), *sources])
+  except OSError as e:  # an unreadable directory, say: name it and the cause
+    raise DiscoveryError(f'cannot read {e.filename or pattern}: {e.strerror or e}') from None
   return [(s, destination(s, pattern, output)) for s in sources]

@@ -34,7 +34,7 @@ def leaf_rows(state: Any, params_key: str = 'params',
   else:
     params = state.get(params_key)
   param_leaves = transforms.flatten(params) if isinstance(params, dict) and params else {}
-  found = transforms.find_mirrors(param_leaves.keys(), state.get(opt_state_key), opt_state_key)
+  found = transforms.find_mirrors(param_leaves, state.get(opt_state_key), opt_state_key)
   collections = {k for k, v in state.items() if params_key and k not in (params_key, opt_state_key)
                  and transforms.is_collection(v, param_leaves)}
   rows = []

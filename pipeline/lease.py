@@ -7,8 +7,8 @@ write (create only if absent: an exclusive create on local disk, a
 generation-0 precondition on GCS), so exactly one attempt writes and the
 others wait for it. The holder refreshes the lease every `heartbeat` seconds;
 a lease is stale, and may be broken, when its holder is a dead process on
-this host, or when it has not been refreshed for `stale_after` seconds
-(a killed run on another machine).
+this host, when it has not been refreshed for `stale_after` seconds (a
+killed run on another machine), or when it is empty or garbage.
 """
 from __future__ import annotations
 
@@ -92,8 +92,12 @@ def _break_if_stale(store: ts.KvStore, key: str, stale_after: float) -> None:
   held = store.read(key).result()
   if held.state != 'value':
     return  # released just now
-  holder = json.loads(held.value)
-  if not _alive_here(holder) or time.time() - holder['time'] >= stale_after:
+  try:
+    holder = json.loads(held.value)
+    fresh = _alive_here(holder) and time.time() - float(holder['time']) < stale_after
+  except (ValueError, TypeError, KeyError, AttributeError):  # empty or garbage: not an attempt of ours
+    fresh = False
+  if not fresh:
     store.write(key, None, if_equal=held.stamp.generation).result()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -32,7 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_through, lease, storage
+from pipeline import checkpoint_io, copy_through, lease, outputs, report, storage
 
 log = logging.getLogger('ckpt_surgery')
 METRICS = 'ckpt_surgery'
@@ -76,6 +77,48 @@ class Settings:
   gcs_endpoint: str | None = None  # a GCS emulator, for workers to use too
   full_decode: bool = False      # restore and rewrite every leaf, even untouched ones
   in_flight: int = 2             # checkpoints a worker holds at once (one reads as one writes)
+  checkpoint_timeout: float = 7200.0  # seconds before a checkpoint fails and its lease is freed
+  output: str = ''               # the run's PREFIX and id: where workers save each record
+  run: str = ''
+
+
+class CheckpointTimeout(TimeoutError):
+  """A checkpoint's attempt ran past --checkpoint_timeout and was given up."""
+
+
+class Deadline:
+  """When one checkpoint's attempt must give up, and the means to stop it from
+  the worker's main thread: `cancel` frees the output's lease, and the
+  attempt, wherever it is stuck (a `python:` op that never returns), writes
+  nothing afterwards: it checks before each write."""
+
+  def __init__(self, seconds: float):
+    self.seconds = seconds
+    self.at = time.monotonic() + seconds
+    self.cancelled = threading.Event()
+    self.lease: lease.Lease | None = None
+
+  def check(self) -> None:
+    if self.cancelled.is_set():
+      raise CheckpointTimeout(f'did not finish within {self.seconds:g} s (--checkpoint_timeout); '
+                              'given up, its lease freed')
+
+  @contextlib.contextmanager
+  def hold(self, lock: threading.Lock):
+    """`lock`, waited for no longer than the deadline allows (a stuck
+    checkpoint may hold it forever)."""
+    if not lock.acquire(timeout=max(0.0, self.at - time.monotonic())):
+      raise CheckpointTimeout(f'did not finish within {self.seconds:g} s (--checkpoint_timeout): '
+                              'another checkpoint of this worker holds it up')
+    try:
+      yield
+    finally:
+      lock.release()
+
+  def cancel(self) -> None:
+    self.cancelled.set()
+    if self.lease is not None:
+      self.lease.release()
 
 
 def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
@@ -86,51 +129,55 @@ def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
   return {**base, **fields}
 
 
-def remove_partial_output(dst: epath.Path) -> None:
-  """Delete what an unfinished save left: Orbax's temporary siblings, and dst
-  itself unless it is a committed checkpoint (on GCS the temporary is dst)."""
-  for leftover in dst.parent.glob(f'{dst.name}.orbax-checkpoint-tmp-*'):
-    leftover.rmtree()
-  if dst.exists() and not checkpoint_io.is_checkpoint(dst):
-    dst.rmtree()
+def _finished(src: str, dst: epath.Path, spec: transforms.Spec) -> bool:
+  """dst holds our verified migration of this very source under this spec."""
+  try:
+    recorded = outputs.provenance(dst)
+  except outputs.NotOurs:
+    return False
+  return (recorded is not None and recorded.get('spec_hash') == spec.hash and
+          recorded.get('src') == src and not outputs.sibling(dst, outputs.ATTEMPT).exists())
 
 
-def committed_spec_hash(dst: epath.Path) -> str | None:
-  """The spec hash a committed output at dst records ('' if none); None if no
-  committed output is there."""
-  if not checkpoint_io.is_checkpoint(dst):
-    return None
-  return (checkpoint_io.read_provenance(dst) or {}).get('spec_hash', '')
-
-
-def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
-             ) -> dict[str, Any]:
+def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings,
+             deadline: Deadline) -> dict[str, Any]:
   """One try at migrating `src` to `dst`: the record's fields, or an exception.
 
   Everything that touches dst happens under its lease, so a concurrent attempt
   at the same checkpoint (a retried bundle) waits instead of colliding, and
-  leftovers found under the lease are a dead attempt's, safe to remove.
+  leftovers of ours found under the lease are a dead attempt's (see
+  `outputs`). What is at dst and not ours fails this checkpoint untouched; a
+  committed output of another source or spec needs --overwrite, and is
+  replaced only once its successor is verified beside it.
   """
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec, overwrite = surgery.spec, settings.overwrite
-  if not overwrite and committed_spec_hash(dst_path) == spec.hash:
+  if not overwrite and _finished(src, dst_path, spec):
     lease.clear_stale(dst_path)  # a killed attempt's, left beside the output it committed
     return {'status': 'skipped'}  # without taking the lease: nightly reruns stay cheap
-  with lease.claim(dst_path):
-    remove_partial_output(dst_path)
-    existing = committed_spec_hash(dst_path)
-    if existing is not None:
-      if existing == spec.hash and not overwrite:
+  with lease.claim(dst_path) as held:
+    deadline.lease = held
+    deadline.check()
+    outputs.recover(dst_path)
+    recorded = outputs.provenance(dst_path)
+    if recorded is not None and not overwrite:
+      if _finished(src, dst_path, spec):
         return {'status': 'skipped'}  # another attempt finished it meanwhile
-      if not overwrite:
-        raise checkpoint_io.CheckpointError(
-            f'{dst} already holds a checkpoint (spec hash {existing or "none"}, '
-            f'this spec {spec.hash}); pass --overwrite to replace it')
+      other = (f"another source, {recorded.get('src')}" if recorded.get('src') != src else
+               f"another spec (spec hash {recorded.get('spec_hash')}, this spec {spec.hash})")
+      raise checkpoint_io.CheckpointError(
+          f'{dst} already holds the migration of {other}; pass --overwrite to replace it')
+    target = outputs.begin(dst_path, beside=recorded is not None)
     try:
-      return _write(src_path, dst_path, surgery, settings, replace=existing is not None)
+      done = _write(src_path, target, surgery, settings, deadline)
+      deadline.check()
+      outputs.finish(dst_path, target)
+      return done
     except Exception as e:
+      if deadline.cancelled.is_set():
+        raise  # the lease is gone: dst may be another attempt's now
       try:
-        remove_partial_output(dst_path)
+        outputs.recover(dst_path)
       except Exception as cleanup:  # report both
         raise RuntimeError(f'{e}; and cleaning up {dst} failed: {cleanup}') from e
       raise
@@ -138,6 +185,31 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
 
 class VerificationError(RuntimeError):
   """What was committed is not what was computed; the output was removed."""
+
+
+def check_recorded(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
+                   state: Any = None) -> None:
+  """An input we wrote (a migration of a migration) must still hold what we
+  recorded: each leaf whose checksum its provenance lists must match it.
+  Storage formats do not checksum array data; we did. `state`: the restored
+  state, where the caller has it; else those leaves are read here."""
+  recorded = (checkpoint_io.read_provenance(src) or {}).get('checksums') or {}
+  if not recorded:
+    return
+  if state is None:
+    only = jax.tree_util.tree_map_with_path(
+        lambda k, m: m if transforms.key_path(k) in recorded else ocp.PLACEHOLDER,
+        layout.join(checkpoint_io.trees(meta)))
+    _, items = checkpoint_io.restore(src, like=layout.split(only, {}))
+    state = layout.join(items)
+  bad = sorted(p for p, x in transforms.leaf_paths(state).items()
+               if p in recorded and checkpoint_io.is_array(x) and
+               transforms.fingerprint(x).checksum != recorded[p])
+  if bad:
+    raise checkpoint_io.CheckpointError(
+        f'{src}: {", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""} no longer match the '
+        'checksums ckpt-surgery recorded when it wrote this checkpoint: its stored data changed '
+        'since (a flipped bit, a partial overwrite)')
 
 
 def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
@@ -160,6 +232,7 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
   rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
   if not route.carried and not rest_arrays:
     return None
+  check_recorded(src, layout, meta)  # carried leaves are not read below: read what we recorded
   ocdbt = {}  # item directory -> whether it is an OCDBT tree
   def stand_in(m):
     if m.directory not in ocdbt:
@@ -180,11 +253,9 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
 
 
 def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
-           settings: Settings, replace: bool = False) -> dict[str, Any]:
-  """Restore, operate, check, save, verify. With `replace`, the old output at
-  dst is removed only once the new state is computed and checked, so an input
-  that cannot be read or migrated leaves the old output as it was."""
-  with _READING:
+           settings: Settings, deadline: Deadline) -> dict[str, Any]:
+  """Restore, operate, check, save at dst (empty), verify."""
+  with deadline.hold(_READING):
     layout = checkpoint_io.read_layout(src)
     if layout.msgpack:  # one file, read once and whole: no metadata, no stored chunks to copy
       _, items = checkpoint_io.restore(src)
@@ -196,6 +267,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery)
       if migrated is None:
         _, items = checkpoint_io.restore(src, like=trees_in)
+        check_recorded(src, layout, meta, layout.join(items))
         migrated = (items, *surgery(layout.join(items)))
   items, new_state, sig, compiled = migrated
   prints = transforms.fingerprints(new_state)
@@ -223,9 +295,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
           'signature': sig, 'compiled': compiled, 'digest': provenance['digest']}
   written = layout.split(new_state, items)
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
-  if replace:
-    dst.rmtree()
-  with _SAVING:
+  with deadline.hold(_SAVING):
+    deadline.check()
     checkpoint_io.save(dst, layout, written, provenance)
   written = checkpoint_io.abstract(written)  # verification reads the arrays back in batches
   try:
@@ -278,8 +349,8 @@ def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transform
 
 
 def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
-                settings: Settings = Settings(), attempts: int = 3, backoff: float = 1.0
-                ) -> dict[str, Any]:
+                settings: Settings = Settings(), attempts: int = 3, backoff: float = 1.0,
+                deadline: Deadline | None = None) -> dict[str, Any]:
   """Migrate checkpoint `src` to `dst`; a record of what happened.
 
   Transient storage errors (HTTP 429/5xx, dropped connections) that outlive
@@ -287,21 +358,41 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
   all with exponential backoff; anything else fails at once.
   """
   start = time.perf_counter()
+  deadline = deadline or Deadline(settings.checkpoint_timeout)
   try:
     for attempt in range(1, attempts + 1):
       try:
-        fields = _attempt(src, dst, surgery, settings)
+        deadline.check()
+        fields = _attempt(src, dst, surgery, settings, deadline)
         return record(src, dst, seconds=time.perf_counter() - start, attempts=attempt, **fields)
       except Exception as e:  # every failure becomes this checkpoint's record
         error = e
-        if attempt == attempts or not storage.is_transient(e):
+        if attempt == attempts or deadline.cancelled.is_set() or not storage.is_transient(e):
           break
         log.info('retrying %s after %s: %s', src, type(e).__name__, e)
         time.sleep(backoff * 2 ** (attempt - 1))
-    return record(src, dst, 'failed', error=f'{type(error).__name__}: {error}',
+    return record(src, dst, 'failed', error=describe(error),
                   seconds=time.perf_counter() - start, attempts=attempt)
   finally:
     return_freed_memory()
+
+
+# What storage libraries' error codes mean for a checkpoint's files.
+_CAUSES = {'OUT_OF_RANGE': 'a data file is shorter than its index says: truncated',
+           'DATA_LOSS': 'a data file or index is corrupt',
+           'NOT_FOUND': 'a file the checkpoint names is missing',
+           'PERMISSION_DENIED': 'permission denied'}
+
+
+def describe(error: BaseException) -> str:
+  """An error in one line a user can act on: its type, its first line (not a
+  storage library's 60-line spec dump), and what its code means."""
+  if 'See full TensorStore details' in str(error) and error.__cause__ is not None:
+    error = error.__cause__  # Orbax's wrapper: the cause names the array and the file
+  lines = str(error).strip().splitlines()
+  text = f'{type(error).__name__}: {lines[0][:400] if lines else ""}'.rstrip(': ')
+  cause = next((c for code, c in _CAUSES.items() if code in (lines[0] if lines else '')), None)
+  return f'{text} ({cause})' if cause else text
 
 
 def _load_libc():
@@ -328,12 +419,42 @@ def peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
 
 
+def in_daemon_thread(fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+  """fn(*args, **kwargs) in a thread of its own; its future. A daemon thread:
+  one stuck past its checkpoint's deadline (a `python:` op that never returns)
+  must not keep the worker from exiting, as a pool's threads would."""
+  future: concurrent.futures.Future = concurrent.futures.Future()
+
+  def target():
+    try:
+      future.set_result(fn(*args, **kwargs))
+    except BaseException as e:  # pylint: disable=broad-except
+      future.set_exception(e)
+
+  threading.Thread(target=target, daemon=True, name='migrate').start()
+  return future
+
+
+def exit_when_orphaned(poll: float = 1.0) -> None:
+  """End this worker process soon after the process that started it dies (a
+  killed launcher), instead of working on and holding leases."""
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(poll)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True, name='orphan-watch').start()
+
+
 class MigrateFn(beam.DoFn):
   """Migrates each (src, dst) pair; yields its record and counts it in metrics.
 
-  `settings.in_flight` checkpoints (2) are in flight in each worker: while
-  one is written and verified, the next is read and operated on (`_write`
-  lets one checkpoint at a time read), so storage and device stay busy.
+  `settings.in_flight` checkpoints (2) are in flight in each worker, each in
+  a thread of its own: while one is written and verified, the next is read
+  and operated on (`_write` lets one checkpoint at a time read), so storage
+  and device stay busy. One past its deadline is given up (see Deadline).
   Records come out as checkpoints finish, the last ones from finish_bundle.
 
   It never raises: whatever escapes migrate_one becomes a failed record too,
@@ -346,18 +467,20 @@ class MigrateFn(beam.DoFn):
     self.settings = settings
 
   def setup(self):
+    exit_when_orphaned()
     storage.configure(self.settings.gcs_endpoint)
     self.surgery = surgery_for(self.spec_text)
     show_progress()
     jax.local_devices()  # start the backend: part of the worker's footprint, not a checkpoint's
     self.idle_rss = peak_rss()  # the worker's own footprint before any checkpoint
-    self.pool = concurrent.futures.ThreadPoolExecutor(self.settings.in_flight, 'migrate')
 
   def start_bundle(self):
     self.pending = collections.deque()
 
   def process(self, pair):
-    self.pending.append((pair, self.pool.submit(migrate_one, *pair, self.surgery, self.settings)))
+    deadline = Deadline(self.settings.checkpoint_timeout)
+    self.pending.append((pair, in_daemon_thread(
+        migrate_one, *pair, self.surgery, self.settings, deadline=deadline), deadline))
     while len(self.pending) >= self.settings.in_flight or (self.pending and self.pending[0][1].done()):
       yield self._finish(*self.pending.popleft())
 
@@ -365,17 +488,26 @@ class MigrateFn(beam.DoFn):
     while self.pending:
       yield WindowedValue(self._finish(*self.pending.popleft()), MIN_TIMESTAMP, [GlobalWindow()])
 
-  def teardown(self):
-    self.pool.shutdown()
-
-  def _finish(self, pair: tuple[str, str], done: concurrent.futures.Future) -> dict[str, Any]:
-    """The record of a finished checkpoint, counted (in the bundle's thread, where Beam's metrics live)."""
+  def _finish(self, pair: tuple[str, str], done: concurrent.futures.Future,
+              deadline: Deadline) -> dict[str, Any]:
+    """The record of a finished (or given up) checkpoint, counted (in the
+    bundle's thread, where Beam's metrics live) and saved on its own."""
     src, dst = pair
     try:
-      rec = done.result()
+      rec = done.result(timeout=max(0.0, deadline.at - time.monotonic()))
+    except concurrent.futures.TimeoutError:
+      deadline.cancel()
+      rec = record(src, dst, 'failed', seconds=deadline.seconds,
+                   error=f'{CheckpointTimeout.__name__}: {src}: did not finish within '
+                         f'{deadline.seconds:g} s (--checkpoint_timeout); given up, its lease freed')
     except Exception as e:  # a bug past migrate_one's own handling
       rec = record(src, dst, 'failed', error=f'{type(e).__name__}: {e}')
     rec['peak_rss_over_idle'] = peak_rss() - self.idle_rss
+    if self.settings.run:
+      try:
+        report.save_record(self.settings.output, self.settings.run, rec)
+      except Exception as e:  # the report step still has it; only a dead worker would lose it
+        log.warning('could not save the record of %s: %s', src, e)
     beam.metrics.Metrics.counter(METRICS, rec['status']).inc()
     beam.metrics.Metrics.counter(METRICS, 'bytes_read').inc(rec['bytes_in'])
     beam.metrics.Metrics.counter(METRICS, 'bytes_written').inc(rec['bytes_out'])

@@ -1,14 +1,23 @@
 """The run's report: one record per checkpoint, the totals, a terminal table.
 
-`PREFIX/_surgery/report.jsonl` holds every record; `PREFIX/_surgery/summary.json`
-the totals. Both are written by the pipeline's last step through etils.epath,
-so they land wherever PREFIX is (a local folder or gs://), on any runner; the
-launcher reads them back to print the table and choose the exit code.
+Each run has its own: `PREFIX/_surgery/runs/RUN/report.jsonl` holds every
+record and `summary.json` the totals, and `PREFIX/_surgery/report.jsonl` and
+`summary.json` are copies of the latest run's (what schedulers read). Two
+runs into one prefix never lose each other's report. Both are written by the
+pipeline's last step through etils.epath, so they land wherever PREFIX is (a
+local folder or gs://), on any runner; the launcher reads its own run's back
+to print the table and choose the exit code.
+
+Every record is also saved on its own, by the worker, the moment its
+checkpoint finishes (`runs/RUN/records/`): if a worker or the job dies, the
+launcher still reports every checkpoint that finished, from those.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import uuid
 from typing import Any, Iterable
 
 from etils import epath
@@ -19,6 +28,28 @@ STATUSES = ('ok', 'skipped', 'failed')
 
 def report_dir(prefix: str) -> epath.Path:
   return epath.Path(prefix) / REPORT_DIR
+
+
+def new_run_id(started_at: float) -> str:
+  """When the run started (UTC), and a few random letters: sortable, unique."""
+  return time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started_at)) + '-' + uuid.uuid4().hex[:6]
+
+
+def run_dir(prefix: str, run: str) -> epath.Path:
+  return report_dir(prefix) / 'runs' / run
+
+
+def save_record(prefix: str, run: str, record: dict[str, Any]) -> None:
+  """One finished checkpoint's record, on its own (see the module's docstring)."""
+  records = run_dir(prefix, run) / 'records'
+  records.mkdir(parents=True, exist_ok=True)
+  name = hashlib.sha256(record['src'].encode()).hexdigest()[:24]
+  (records / f'{name}.json').write_text(json.dumps(record))
+
+
+def saved_records(prefix: str, run: str) -> list[dict[str, Any]]:
+  records = run_dir(prefix, run) / 'records'
+  return [json.loads(p.read_text()) for p in records.glob('*.json')] if records.exists() else []
 
 
 def summarize(records: Iterable[dict[str, Any]], started_at: float) -> dict[str, Any]:
@@ -39,19 +70,24 @@ def summarize(records: Iterable[dict[str, Any]], started_at: float) -> dict[str,
   return summary
 
 
-def write_report(prefix: str, records: list[dict[str, Any]], started_at: float) -> dict[str, Any]:
-  """Write report.jsonl and summary.json under PREFIX/_surgery; the summary."""
+def write_report(prefix: str, records: list[dict[str, Any]], started_at: float,
+                 run: str | None = None) -> dict[str, Any]:
+  """Write report.jsonl and summary.json for `run`, and as the latest under
+  PREFIX/_surgery; the summary."""
   records = sorted(records, key=lambda r: r['src'])
-  summary = summarize(records, started_at)
-  out = report_dir(prefix)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'report.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
-  (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+  summary = {**summarize(records, started_at), 'run': run}
+  texts = {'report.jsonl': ''.join(json.dumps(r) + '\n' for r in records),
+           'summary.json': json.dumps(summary, indent=2) + '\n'}
+  for out in ([run_dir(prefix, run)] if run else []) + [report_dir(prefix)]:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+      (out / name).write_text(text)
   return summary
 
 
-def read_report(prefix: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  out = report_dir(prefix)
+def read_report(prefix: str, run: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """A run's records and summary (default: the latest run's)."""
+  out = run_dir(prefix, run) if run else report_dir(prefix)
   lines = (out / 'report.jsonl').read_text().splitlines()
   return [json.loads(l) for l in lines if l], json.loads((out / 'summary.json').read_text())
 

@@ -44,10 +44,12 @@ class MigrateCheckpoints(beam.PTransform):
 
 @dataclasses.dataclass
 class WriteReport(beam.PTransform):
-  """Records -> PREFIX/_surgery/report.jsonl and summary.json (one summary out)."""
+  """Records -> the run's report.jsonl and summary.json under PREFIX/_surgery
+  (and the latest copies); one summary out."""
   output: str
   started_at: float
   gcs_endpoint: str | None = None
+  run: str | None = None
 
   def __post_init__(self):
     super().__init__()
@@ -57,12 +59,12 @@ class WriteReport(beam.PTransform):
             | 'Collect' >> beam.combiners.ToList()
             | 'Write' >> beam.Map(functools.partial(
                 _write_report, output=self.output, started_at=self.started_at,
-                gcs_endpoint=self.gcs_endpoint)))
+                gcs_endpoint=self.gcs_endpoint, run=self.run)))
 
 
-def _write_report(records, output, started_at, gcs_endpoint):
+def _write_report(records, output, started_at, gcs_endpoint, run):
   storage.configure(gcs_endpoint)  # on whichever worker runs this step
-  return write_report(output, records, started_at)
+  return write_report(output, records, started_at, run)
 
 
 def local_defaults(beam_args: list[str]) -> list[str]:
@@ -99,8 +101,8 @@ def run_migration(pairs: list[tuple[str, str]], spec_text: str, output: str,
                   settings: Settings, beam_args: list[str], wait: bool = True,
                   started_at: float | None = None) -> str:
   """Run the job (or only submit it, without `wait`); its state. The report
-  lands under `output`/_surgery when the job's last step runs, with
-  `started_at` in its summary."""
+  lands under `output`/_surgery (as run `settings.run`) when the job's last
+  step runs, with `started_at` in its summary."""
   started_at = started_at or time.time()
   p = make_pipeline(beam_args)
   if type(p.runner).__name__ == 'DaskRunner':
@@ -110,7 +112,7 @@ def run_migration(pairs: list[tuple[str, str]], spec_text: str, output: str,
   _ = (p
        | 'Checkpoints' >> beam.Create(pairs)
        | 'Migrate checkpoints' >> MigrateCheckpoints(spec_text, settings)
-       | 'Report' >> WriteReport(output, started_at, settings.gcs_endpoint))
+       | 'Report' >> WriteReport(output, started_at, settings.gcs_endpoint, settings.run or None))
   result = p.run()
   if wait:
     result.wait_until_finish()

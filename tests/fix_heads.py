@@ -1,7 +1,16 @@
 """A user's `python:` op, as a spec names it: 'tests.fix_heads:double_bias'."""
+import threading
+
+RELEASE = threading.Event()  # lets never_returns return
 
 
 def double_bias(state):
   params = dict(state['params'])
   params['Dense_0'] = {**params['Dense_0'], 'bias': params['Dense_0']['bias'] * 2}
   return {**state, 'params': params}
+
+
+def never_returns(state):
+  """A python: op that hangs (a bug, a deadlock) until a test lets it go."""
+  RELEASE.wait()
+  return state

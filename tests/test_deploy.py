@@ -86,5 +86,5 @@ def test_the_pipeline_builds_for_dataflow_without_submitting(gcs, gcs_samples, b
                    '--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver',
                    '--dry_run=True')
   assert result.returncode == 0, result.stdout + result.stderr
-  assert f'job DONE; its report will be at {bucket}/v2/_surgery/' in result.stdout
+  assert f'job DONE; its report will be at {bucket}/v2/_surgery/runs/' in result.stdout
   assert not epath.Path(bucket + '/v2').exists()  # nothing ran, nothing written

@@ -106,7 +106,7 @@ def test_a_worker_reads_the_next_checkpoint_while_it_writes_the_last(monkeypatch
   import time
   spans = []
 
-  def slow_migrate(src, dst, surgery_, settings):
+  def slow_migrate(src, dst, surgery_, settings, deadline):
     start = time.perf_counter()
     time.sleep(0.3)
     spans.append((src, start, time.perf_counter(), threading.get_ident()))

@@ -2,18 +2,18 @@
 
 Nothing in here imports Beam or touches files: `pipeline` does that.
 """
-from transforms.fingerprint import Fingerprint, digest, fingerprints
+from transforms.fingerprint import Fingerprint, digest, fingerprint, fingerprints
 from transforms.guard import is_collection
 from transforms.mirrors import find_mirrors
 from transforms.ops import OPS, Op, SurgeryError
 from transforms.placement import placement
 from transforms.spec import Spec, SpecError, load_spec, parse_spec
 from transforms.plan import Change, Plan, plan
-from transforms.paths import flatten, key_path, unflatten
+from transforms.paths import flatten, key_path, leaf_paths, unflatten
 from transforms.surgery import Route, Surgery, signature, signature_id, tree_bytes
 
 __all__ = [
     'Change', 'Fingerprint', 'OPS', 'Op', 'Plan', 'Route', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',
-    'digest', 'find_mirrors', 'fingerprints', 'flatten', 'is_collection', 'key_path', 'load_spec', 'parse_spec', 'placement', 'plan',
+    'digest', 'find_mirrors', 'fingerprint', 'fingerprints', 'flatten', 'is_collection', 'key_path', 'leaf_paths', 'load_spec', 'parse_spec', 'placement', 'plan',
     'signature', 'signature_id', 'tree_bytes', 'unflatten',
 ]

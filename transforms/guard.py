@@ -26,6 +26,7 @@ input leaf was carried, whatever its value.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Collection
 
@@ -137,6 +138,28 @@ def check_collection(name: str, before: paths.Flat, after: paths.Flat,
       raise GuardError(f'{name}/{path} keeps shape {_shape(x)}, but the params of module '
                        f'{module!r} changed shape to {sorted(now)}: widen or narrow it with them '
                        '(a rule matching the module matches the collection too)')
+
+
+# A leaf is held at least twice while it is computed and written, and
+# Dataflow's largest worker has 3.75 TB: a leaf over this can only fail, so
+# plan and run refuse it up front.
+MAX_LEAF_BYTES = 2 << 40
+
+
+def check_storable(tree: Any, root: str = '') -> None:
+  """Every leaf can be written: Orbax refuses zero-size arrays, and no worker
+  holds a leaf over MAX_LEAF_BYTES."""
+  for path, x in paths.leaf_paths(tree).items():
+    path = paths.join(root, path)
+    if not hasattr(x, 'shape'):
+      continue
+    size = math.prod(x.shape)
+    if size == 0:
+      raise GuardError(f'{path} would have zero size (shape {tuple(x.shape)}): Orbax cannot '
+                       'save zero-size arrays')
+    if size * x.dtype.itemsize > MAX_LEAF_BYTES:
+      raise GuardError(f'{path} would hold {size * x.dtype.itemsize / 2**40:.1f} TiB (shape '
+                       f'{tuple(x.shape)}), more than any worker holds ({MAX_LEAF_BYTES >> 40} TiB)')
 
 
 def check_update(optimizer: Any, params: Any, opt_state: Any) -> None:

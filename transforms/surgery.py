@@ -314,6 +314,8 @@ class Surgery:
                             rebuilt=self.optimizer is not None)
       for name, flat in view.collections.items():
         guard.check_collection(name, before, view.params, paths.flatten(tree[name]), flat)
+      guard.check_storable(out[ctx.params], ctx.params)  # a param is named before its moments
+      guard.check_storable(out)
     except guard.GuardError as e:
       raise SurgeryError(f'guard: {e}') from None
     return out
