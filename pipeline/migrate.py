@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -34,6 +33,7 @@ from etils import epath
 
 import transforms
 from pipeline import checkpoint_io, copy_through, lease, outputs, report, storage
+from pipeline.deadline import Deadline
 
 log = logging.getLogger('ckpt_surgery')
 METRICS = 'ckpt_surgery'
@@ -80,45 +80,6 @@ class Settings:
   checkpoint_timeout: float = 7200.0  # seconds before a checkpoint fails and its lease is freed
   output: str = ''               # the run's PREFIX and id: where workers save each record
   run: str = ''
-
-
-class CheckpointTimeout(TimeoutError):
-  """A checkpoint's attempt ran past --checkpoint_timeout and was given up."""
-
-
-class Deadline:
-  """When one checkpoint's attempt must give up, and the means to stop it from
-  the worker's main thread: `cancel` frees the output's lease, and the
-  attempt, wherever it is stuck (a `python:` op that never returns), writes
-  nothing afterwards: it checks before each write."""
-
-  def __init__(self, seconds: float):
-    self.seconds = seconds
-    self.at = time.monotonic() + seconds
-    self.cancelled = threading.Event()
-    self.lease: lease.Lease | None = None
-
-  def check(self) -> None:
-    if self.cancelled.is_set():
-      raise CheckpointTimeout(f'did not finish within {self.seconds:g} s (--checkpoint_timeout); '
-                              'given up, its lease freed')
-
-  @contextlib.contextmanager
-  def hold(self, lock: threading.Lock):
-    """`lock`, waited for no longer than the deadline allows (a stuck
-    checkpoint may hold it forever)."""
-    if not lock.acquire(timeout=max(0.0, self.at - time.monotonic())):
-      raise CheckpointTimeout(f'did not finish within {self.seconds:g} s (--checkpoint_timeout): '
-                              'another checkpoint of this worker holds it up')
-    try:
-      yield
-    finally:
-      lock.release()
-
-  def cancel(self) -> None:
-    self.cancelled.set()
-    if self.lease is not None:
-      self.lease.release()
 
 
 def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
@@ -497,9 +458,7 @@ class MigrateFn(beam.DoFn):
       rec = done.result(timeout=max(0.0, deadline.at - time.monotonic()))
     except concurrent.futures.TimeoutError:
       deadline.cancel()
-      rec = record(src, dst, 'failed', seconds=deadline.seconds,
-                   error=f'{CheckpointTimeout.__name__}: {src}: did not finish within '
-                         f'{deadline.seconds:g} s (--checkpoint_timeout); given up, its lease freed')
+      rec = record(src, dst, 'failed', seconds=deadline.seconds, error=describe(deadline.expired()))
     except Exception as e:  # a bug past migrate_one's own handling
       rec = record(src, dst, 'failed', error=f'{type(e).__name__}: {e}')
     rec['peak_rss_over_idle'] = peak_rss() - self.idle_rss
