@@ -312,3 +312,21 @@ def test_a_report_that_cannot_be_written_is_known_before_work_starts(inputs, tmp
   result = cli('run', '--input', inputs / 'run_b', '--output', tmp_path / 'out', '--spec', spec_file)
   assert result.returncode == 2 and 'cannot write the report under' in result.stderr
   assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['_surgery']
+
+
+def test_a_full_disk_at_the_end_still_shows_every_record(tmp_path, monkeypatch, capsys):
+  """The job could not write its report: the launcher shows the saved records
+  and says why, exit 1 (tested on its fallback; a full disk cannot be had here)."""
+  from pipeline import cli as cli_module  # pylint: disable=g-import-not-at-top
+  out, run = str(tmp_path / 'out'), 'r1'
+  report.save_record(out, run, migrate.record('a', 'out/a', 'ok'))
+
+  def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(report, 'write_report', disk_full)
+  records, summary = cli_module._report_from_records([('a', 'out/a'), ('b', 'out/b')], out, run,
+                                                     time.time(), 'FAILED')
+  assert {r['src']: r['status'] for r in records} == {'a': 'ok', 'b': 'failed'}
+  assert (summary['ok'], summary['failed']) == (1, 1)
+  assert 'cannot write the report' in capsys.readouterr().err
