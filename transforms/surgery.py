@@ -180,6 +180,7 @@ class _View:
         for m in self.mirrors]
     self.collections = {k: paths.flatten(v) for k, v in tree.items()
                         if k not in (ctx.params, ctx.opt_state)}
+    self.found: list[tuple[mirrors.Mirror, str]] = []  # by close: each mirror, its base now
 
   def follow(self, op: Op, selected: list[str], before: paths.Flat, can_rebuild: bool) -> None:
     """Apply `op`, which the params took at `selected`, to every mirror and,
@@ -209,7 +210,8 @@ class _View:
            **{k: paths.unflatten(flat) for k, flat in self.collections.items()}}
     if self.ctx.opt_state in out:
       opt_state = out[self.ctx.opt_state]
-      for m, base, shadow in zip(self.mirrors, self.bases(), self.shadows):
+      self.found = list(zip(self.mirrors, self.bases()))
+      for (m, base), shadow in zip(self.found, self.shadows):
         try:
           flat = mirrors.collapse(shadow, self.params.keys())
         except mirrors.MirrorError as e:
@@ -306,11 +308,10 @@ class Surgery:
       except (SurgeryError, TimeoutError) as e:  # TimeoutError: a regex that would not end
         raise SurgeryError(f'ops[{index}] ({op.name}): {e}') from None
     _check_tree(view.params, 'after the surgery')
-    bases = view.bases()
     out = self._settle(view.close(), ctx)
     try:
       guard.check_opt_state(before, view.params, tree.get(ctx.opt_state), out.get(ctx.opt_state),
-                            list(zip(view.mirrors, bases)), lineage, ctx.opt_state,
+                            view.found, lineage, ctx.opt_state,
                             rebuilt=self.optimizer is not None)
       for name, flat in view.collections.items():
         guard.check_collection(name, before, view.params, paths.flatten(tree[name]), flat)
