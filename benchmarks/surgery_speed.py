@@ -8,7 +8,6 @@ each as a whole process:
   baseline  the seed's loop, as a user writes it from the Flax guide: one
             process restoring, flattening, normalizing one kernel,
             unflattening and saving each checkpoint in turn
-  ours      `ckpt-surgery run` with the same surgery (local multi-process runner)
   ours      `ckpt-surgery run` with the same surgery (local multi-process
             runner); the untouched ~94% of the bytes are copied through
   full      the same with --full_decode: every leaf restored, moved through
