@@ -150,28 +150,29 @@ def load_spec(path: str) -> tuple[transforms.Spec, str]:
 JOB_GRACE_SECONDS = 60.0
 
 
-def _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at) -> tuple[str, str]:
-  """Run the job in a thread: (its state, what went wrong or ''). Returns early
-  when every checkpoint's record is saved but the job has not ended
-  JOB_GRACE_SECONDS later."""
-  outcome: list[tuple[str, str]] = []
+def _run_job(pairs: list[tuple[str, str]], spec_text: str, output: str, settings: Settings,
+             beam_args: list[str], wait: bool, started_at: float, local: bool) -> tuple[str, str]:
+  """Run the job in a thread: (its state, what went wrong or ''). On the local
+  runner, returns early when every checkpoint's record is saved but the job
+  has not ended JOB_GRACE_SECONDS later (a runner can hang on a dead worker)."""
+  outcome = [('FAILED', 'the job ended without a word')]
 
   def job():
     try:
-      outcome.append((run_migration(pairs, spec_text, output, settings, beam_args, wait,
-                                    started_at), ''))
+      outcome[0] = (run_migration(pairs, spec_text, output, settings, beam_args, wait,
+                                  started_at), '')
     except Exception as e:  # a dead worker, a failed report step: report what finished
-      outcome.append(('FAILED', f'{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}'
-                      if str(e).strip() else type(e).__name__))
+      lines = str(e).strip().splitlines()
+      outcome[0] = ('FAILED', f'{type(e).__name__}: {lines[-1][:300]}' if lines else type(e).__name__)
 
   thread = threading.Thread(target=job, daemon=True, name='job')
   thread.start()
   all_saved_since = None
   while thread.is_alive():
     thread.join(1.0)
-    if not wait or not thread.is_alive():
+    if not (wait and local) or not thread.is_alive():
       continue
-    if len(report.saved_records(output, settings.run)) < len(pairs):
+    if report.count_records(output, settings.run) < len(pairs):
       all_saved_since = None
     elif all_saved_since is None:
       all_saved_since = time.monotonic()
@@ -193,18 +194,21 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
   output = discovery.absolute(output)
   started_at = time.time()
   run = report.new_run_id(started_at)
-  settings = dataclasses.replace(settings, output=output, run=run)
+  settings = dataclasses.replace(settings, output=output, run=run, launcher=os.getpid())
   try:  # the report's place, tried before any checkpoint is touched
     report.run_dir(output, run).mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
                      f'{e.strerror or e}') from None
   print(f'migrating {len(pairs)} checkpoint(s) to {output} (run {run})', flush=True)
-  state, trouble = _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at)
+  local = PipelineOptions(beam_args).view_as(StandardOptions).runner in LOCAL_RUNNERS
+  state, trouble = _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at, local)
   try:
     records, summary = report.read_report(output, run)
-  except (OSError, ValueError):  # the job did not write it
-    if not trouble and (not wait or not report.saved_records(output, run)):
+    if {r['src'] for r in records} != {src for src, _ in pairs}:
+      raise ValueError('the report does not list every checkpoint')
+  except (OSError, ValueError):  # the job did not write it (all of it)
+    if not trouble and (not wait or not local and not report.count_records(output, run)):
       # Submitted and left running (--detach), or a job that ran nothing (Dataflow's --dry_run).
       print(f'job {state}; its report will be at {report.run_dir(output, run)}/')
       return 0
@@ -216,7 +220,8 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
   return 1 if summary['failed'] or trouble else 0
 
 
-def _report_from_records(pairs, output, run, started_at, why):
+def _report_from_records(pairs: list[tuple[str, str]], output: str, run: str, started_at: float,
+                         why: str) -> tuple[list[dict], dict]:
   """Every checkpoint that finished, from its saved record; the others failed
   as unfinished. Written as the run's report when storage allows."""
   records = {r['src']: r for r in report.saved_records(output, run)}

@@ -122,7 +122,7 @@ def _inside(path: str, parent: str) -> bool:
   return path == parent or path.startswith(parent.rstrip('/') + '/')
 
 
-def real(path: str) -> str:
+def real_path(path: str) -> str:
   """Where a path really is: local symlinks resolved; a gs:// URL's bucket and
   prefix without repeated slashes (GCS has no links)."""
   if path.startswith('gs://'):
@@ -136,9 +136,9 @@ def check_output(output: str, inputs: list[str]) -> None:
   where = epath.Path(output)
   if where.exists() and not where.is_dir():
     raise DiscoveryError(f'output {output} is a file, not a directory')
-  out = real(output)
+  out = real_path(output)
   for path in inputs:
-    if _inside(out, real(path)) or _inside(real(path), out):
+    if _inside(out, real_path(path)) or _inside(real_path(path), out):
       resolved = f' (it resolves to {out})' if out != output else ''
       raise DiscoveryError(f'output {output}{resolved} overlaps input {path}: inputs are never '
                            'written, so the output must lie outside every input')
@@ -165,7 +165,9 @@ def discover(pattern: str, output: str | None = None) -> list[tuple[str, str | N
     if output is None:
       return [(s, None) for s in sources]
     output = absolute(output)
-    check_output(output, [*map(str, roots), *sources])
+    # A step globbed by itself (`run_a/*`) lies in its CheckpointManager's root: that is input too.
+    managers = {str(epath.Path(s).parent) for s in sources if epath.Path(s).name.isdigit()}
+    check_output(output, [*map(str, roots), *sorted(managers), *sources])
   except OSError as e:  # an unreadable directory, say: name it and the cause
     raise DiscoveryError(f'cannot read {e.filename or pattern}: {e.strerror or e}') from None
   return [(s, destination(s, pattern, output)) for s in sources]

@@ -80,6 +80,7 @@ class Settings:
   checkpoint_timeout: float = 7200.0  # seconds before a checkpoint fails and its lease is freed
   output: str = ''               # the run's PREFIX and id: where workers save each record
   run: str = ''
+  launcher: int = 0              # the launching process's pid
 
 
 def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
@@ -90,14 +91,19 @@ def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
   return {**base, **fields}
 
 
-def _finished(src: str, dst: epath.Path, spec: transforms.Spec) -> bool:
-  """dst holds our verified migration of this very source under this spec."""
+def _done(src: str, dst: epath.Path, spec: transforms.Spec, run: str) -> str | None:
+  """'skipped' where dst holds our verified migration of this very source
+  under this spec ('ok' where this run wrote it: a retried bundle); else None.
+  The mark first: an attempt under way may remove dst."""
+  if outputs.sibling(dst, outputs.ATTEMPT).exists():
+    return None
   try:
     recorded = outputs.provenance(dst)
   except outputs.NotOurs:
-    return False
-  return (recorded is not None and recorded.get('spec_hash') == spec.hash and
-          recorded.get('src') == src and not outputs.sibling(dst, outputs.ATTEMPT).exists())
+    return None
+  if recorded is None or (recorded.get('spec_hash'), recorded.get('src')) != (spec.hash, src):
+    return None
+  return 'ok' if run and recorded.get('run') == run else 'skipped'
 
 
 def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings,
@@ -109,36 +115,39 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
   leftovers of ours found under the lease are a dead attempt's (see
   `outputs`). What is at dst and not ours fails this checkpoint untouched; a
   committed output of another source or spec needs --overwrite, and is
-  replaced only once its successor is verified beside it.
+  replaced only once its successor is verified beside it. Every write is a
+  section of the deadline's (see `deadline`).
   """
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec, overwrite = surgery.spec, settings.overwrite
-  if not overwrite and _finished(src, dst_path, spec):
+  if not overwrite and (status := _done(src, dst_path, spec, settings.run)):
     lease.clear_stale(dst_path)  # a killed attempt's, left beside the output it committed
-    return {'status': 'skipped'}  # without taking the lease: nightly reruns stay cheap
-  with lease.claim(dst_path) as held:
+    return {'status': status}  # without taking the lease: nightly reruns stay cheap
+  with lease.claim(dst_path, wait=min(3600.0, deadline.left())) as held:
     deadline.lease = held
-    deadline.check()
-    outputs.recover(dst_path)
+    with deadline.writing():
+      outputs.recover(dst_path)
     recorded = outputs.provenance(dst_path)
     if recorded is not None and not overwrite:
-      if _finished(src, dst_path, spec):
-        return {'status': 'skipped'}  # another attempt finished it meanwhile
+      if status := _done(src, dst_path, spec, settings.run):
+        return {'status': status}  # another attempt finished it meanwhile
       other = (f"another source, {recorded.get('src')}" if recorded.get('src') != src else
                f"another spec (spec hash {recorded.get('spec_hash')}, this spec {spec.hash})")
       raise checkpoint_io.CheckpointError(
           f'{dst} already holds the migration of {other}; pass --overwrite to replace it')
-    target = outputs.begin(dst_path, beside=recorded is not None)
+    with deadline.writing():
+      target = outputs.begin(dst_path, beside=recorded is not None)
     try:
       done = _write(src_path, target, surgery, settings, deadline)
-      deadline.check()
-      outputs.finish(dst_path, target)
+      with deadline.writing():
+        outputs.finish(dst_path, target)
       return done
     except Exception as e:
       if deadline.cancelled.is_set():
-        raise  # the lease is gone: dst may be another attempt's now
+        raise  # given up: its lease may be another attempt's now; a rerun recovers
       try:
-        outputs.recover(dst_path)
+        with deadline.writing():
+          outputs.recover(dst_path)
       except Exception as cleanup:  # report both
         raise RuntimeError(f'{e}; and cleaning up {dst} failed: {cleanup}') from e
       raise
@@ -248,6 +257,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       'digest': transforms.digest(prints),
       'checksums': {p: f.checksum for p, f in prints.items()},
       'carried': sorted(carried),  # stored bytes copied, values never decoded
+      'run': settings.run,
   }
   arrays_in = [x for x in jax.tree_util.tree_leaves(trees_in) if checkpoint_io.is_array(x)]
   done = {'status': 'ok', 'bytes_in': transforms.tree_bytes(arrays_in),
@@ -256,15 +266,10 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
           'signature': sig, 'compiled': compiled, 'digest': provenance['digest']}
   written = layout.split(new_state, items)
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
-  with deadline.hold(_SAVING):
-    deadline.check()
+  with deadline.hold(_SAVING), deadline.writing():
     checkpoint_io.save(dst, layout, written, provenance)
   written = checkpoint_io.abstract(written)  # verification reads the arrays back in batches
-  try:
-    verify(dst, written, prints)
-  except Exception:
-    dst.rmtree()  # committed but wrong (or unreadable): not an output
-    raise
+  verify(dst, written, prints)  # if it fails, the attempt's recovery removes dst
   return done
 
 
@@ -380,6 +385,18 @@ def peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
 
 
+def reset_after_timeout(spec_text: str) -> transforms.Surgery:
+  """A worker whose checkpoint was given up may have a thread stuck forever
+  holding the read lock and the surgery's compile lock: later checkpoints get
+  fresh ones (and compile afresh), so one stuck op fails one checkpoint, not
+  every one after it."""
+  global _READING
+  _READING = threading.Lock()
+  spec = transforms.load_spec(spec_text)
+  _SURGERIES[spec.hash] = transforms.Surgery(spec)
+  return _SURGERIES[spec.hash]
+
+
 def in_daemon_thread(fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
   """fn(*args, **kwargs) in a thread of its own; its future. A daemon thread:
   one stuck past its checkpoint's deadline (a `python:` op that never returns)
@@ -428,7 +445,8 @@ class MigrateFn(beam.DoFn):
     self.settings = settings
 
   def setup(self):
-    exit_when_orphaned()
+    if os.getpid() != self.settings.launcher:  # a worker process, not the launcher itself
+      exit_when_orphaned()
     storage.configure(self.settings.gcs_endpoint)
     self.surgery = surgery_for(self.spec_text)
     show_progress()
@@ -449,16 +467,33 @@ class MigrateFn(beam.DoFn):
     while self.pending:
       yield WindowedValue(self._finish(*self.pending.popleft()), MIN_TIMESTAMP, [GlobalWindow()])
 
+  def _give_up(self, pair: tuple[str, str], done: concurrent.futures.Future,
+               deadline: Deadline) -> dict[str, Any]:
+    """The record of a checkpoint past its deadline: given up (its lease
+    freed), unless it finished just now."""
+    src, dst = pair
+    try:
+      deadline.cancel()
+    except Exception as e:  # freeing the lease failed: it goes stale on its own
+      log.warning('could not free the lease of %s: %s', dst, e)
+    if done.done():
+      try:
+        return done.result()
+      except Exception:  # pylint: disable=broad-except
+        pass
+    self.surgery = reset_after_timeout(self.spec_text)
+    return record(src, dst, 'failed', seconds=deadline.seconds,
+                  error=describe(deadline.timeout_error()))
+
   def _finish(self, pair: tuple[str, str], done: concurrent.futures.Future,
               deadline: Deadline) -> dict[str, Any]:
     """The record of a finished (or given up) checkpoint, counted (in the
     bundle's thread, where Beam's metrics live) and saved on its own."""
     src, dst = pair
     try:
-      rec = done.result(timeout=max(0.0, deadline.at - time.monotonic()))
+      rec = done.result(timeout=deadline.left())
     except concurrent.futures.TimeoutError:
-      deadline.cancel()
-      rec = record(src, dst, 'failed', seconds=deadline.seconds, error=describe(deadline.expired()))
+      rec = self._give_up(pair, done, deadline)
     except Exception as e:  # a bug past migrate_one's own handling
       rec = record(src, dst, 'failed', error=f'{type(e).__name__}: {e}')
     rec['peak_rss_over_idle'] = peak_rss() - self.idle_rss

@@ -2,30 +2,34 @@
 
 An output path may hold nothing, a committed output of ours (its provenance
 says so), what a dead attempt of ours left, or something of the user's. Only
-what is provably ours is ever removed: Orbax's temporaries of that name, and
-whatever the names below mark. Anything else fails the checkpoint by name,
-with `--overwrite` or without, and is left as it was.
+what is provably ours is ever removed: Orbax's temporaries of that name, an
+uncommitted output whose metadata is ours, and whatever the mark below
+names. Anything else fails the checkpoint by name, with `--overwrite` or
+without, and is left as it was.
 
-An attempt marks its work before it starts: `<dst>.ckpt-surgery-attempt`
-says whether it writes dst itself (then an uncommitted or unverified dst is
-ours to remove) or beside it (`--overwrite`: the new output is written and
-verified at `<dst>.ckpt-surgery-new`, then swapped in, the old one passing
-through `<dst>.ckpt-surgery-old`). `recover`, under the output's lease, puts
-back whatever a killed attempt left half done: the old output is never lost
-before the new one is verified.
+An attempt marks its work before it starts, in `<dst>.ckpt-surgery-attempt`:
+  direct    it writes dst itself: an uncommitted or unverified dst is ours
+  beside    `--overwrite`: the new output is written and verified at
+            `<dst>.ckpt-surgery-new`; dst (the old output) is not touched
+  swapping  the verified new output replaces dst (`storage.replace_tree`:
+            the old one goes first, the new one stays whole until dst is)
+`recover`, under the output's lease, finishes or undoes what a killed
+attempt left, by the mark: a swap is rolled forward, anything else of ours
+removed. So the old output is never lost before the new one is verified, and
+nothing unverified is ever taken as done.
 """
 from __future__ import annotations
 
+import glob
 from typing import Any
 
 from etils import epath
 
-from pipeline import checkpoint_io
+from pipeline import checkpoint_io, storage
 
 ATTEMPT = '.ckpt-surgery-attempt'
 NEW = '.ckpt-surgery-new'
-OLD = '.ckpt-surgery-old'
-DIRECT, BESIDE = 'direct', 'beside'  # what an attempt marker says
+DIRECT, BESIDE, SWAPPING = 'direct', 'beside', 'swapping'  # what an attempt's mark says
 
 
 class NotOurs(checkpoint_io.CheckpointError):
@@ -60,22 +64,27 @@ def _says_ours(dst: epath.Path) -> bool:
     return False
 
 
+def _orbax_temporaries(path: epath.Path) -> list[epath.Path]:
+  """Orbax's temporaries for a save at `path` (local only: on GCS Orbax writes
+  in place and commits with a file)."""
+  if str(path).startswith('gs://'):
+    return []
+  return list(path.parent.glob(glob.escape(path.name) + '.orbax-checkpoint-tmp*'))
+
+
 def recover(dst: epath.Path) -> None:
-  """Under dst's lease: remove what a dead attempt of ours left, and put back
-  an old output a killed swap had moved aside."""
-  for leftover in dst.parent.glob(f'{dst.name}.orbax-checkpoint-tmp*'):
+  """Under dst's lease: finish or undo what a dead attempt of ours left."""
+  new, marker = sibling(dst, NEW), sibling(dst, ATTEMPT)
+  for leftover in _orbax_temporaries(dst) + _orbax_temporaries(new):
     leftover.rmtree()
-  old, new, marker = sibling(dst, OLD), sibling(dst, NEW), sibling(dst, ATTEMPT)
-  if old.exists():
-    if dst.exists():
-      old.rmtree()  # the swap had put the new output in place
-    else:
-      old.rename(dst)  # killed between the two renames: the old output comes back
-  if new.exists():
-    new.rmtree()
+  mark = marker.read_text().strip() if marker.exists() else None
+  if mark == SWAPPING and new.exists() and checkpoint_io.is_checkpoint(new):
+    storage.replace_tree(new, dst)  # the new output was verified: roll the swap forward
+  elif new.exists():
+    new.rmtree()  # unverified, or what a finished swap left of it
+  if mark == DIRECT and dst.exists():
+    dst.rmtree()  # ours, uncommitted or not yet verified
   if marker.exists():
-    if marker.read_text().strip() == DIRECT and dst.exists():
-      dst.rmtree()  # ours, uncommitted or not yet verified
     marker.unlink()
   if dst.exists() and not checkpoint_io.is_checkpoint(dst) and _says_ours(dst):
     dst.rmtree()  # uncommitted (on GCS, no commit file yet), but its metadata is ours
@@ -90,8 +99,6 @@ def begin(dst: epath.Path, beside: bool) -> epath.Path:
 def finish(dst: epath.Path, written: epath.Path) -> None:
   """The verified output at `written` becomes dst; the mark goes."""
   if written != dst:
-    old = sibling(dst, OLD)
-    dst.rename(old)
-    written.rename(dst)
-    old.rmtree()
+    sibling(dst, ATTEMPT).write_text(SWAPPING)
+    storage.replace_tree(written, dst)
   sibling(dst, ATTEMPT).unlink()

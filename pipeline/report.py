@@ -39,17 +39,37 @@ def run_dir(prefix: str, run: str) -> epath.Path:
   return report_dir(prefix) / 'runs' / run
 
 
+def write_whole(path: epath.Path, text: str) -> None:
+  """Write `path` so that no reader sees half of it: beside, then renamed
+  (an object write on GCS is whole anyway)."""
+  if str(path).startswith('gs://'):
+    path.write_text(text)
+    return
+  part = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}.part'
+  part.write_text(text)
+  part.replace(path)  # epath.rename refuses to overwrite
+
+
 def save_record(prefix: str, run: str, record: dict[str, Any]) -> None:
   """One finished checkpoint's record, on its own (see the module's docstring)."""
   records = run_dir(prefix, run) / 'records'
   records.mkdir(parents=True, exist_ok=True)
   name = hashlib.sha256(record['src'].encode()).hexdigest()[:24]
-  (records / f'{name}.json').write_text(json.dumps(record))
+  write_whole(records / f'{name}.json', json.dumps(record))
+
+
+def _records(prefix: str, run: str) -> list[epath.Path]:
+  records = run_dir(prefix, run) / 'records'
+  return list(records.glob('*.json')) if records.exists() else []
+
+
+def count_records(prefix: str, run: str) -> int:
+  """How many checkpoints have saved their record (a listing, nothing read)."""
+  return len(_records(prefix, run))
 
 
 def saved_records(prefix: str, run: str) -> list[dict[str, Any]]:
-  records = run_dir(prefix, run) / 'records'
-  return [json.loads(p.read_text()) for p in records.glob('*.json')] if records.exists() else []
+  return [json.loads(p.read_text()) for p in _records(prefix, run)]
 
 
 def summarize(records: Iterable[dict[str, Any]], started_at: float) -> dict[str, Any]:
@@ -81,7 +101,7 @@ def write_report(prefix: str, records: list[dict[str, Any]], started_at: float,
   for out in ([run_dir(prefix, run)] if run else []) + [report_dir(prefix)]:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
-      (out / name).write_text(text)
+      write_whole(out / name, text)
   return summary
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import fsspec
 from etils import epath
@@ -84,3 +85,34 @@ def is_transient(error: BaseException) -> bool:
       return True
     error = error.__cause__ or error.__context__
   return False
+
+
+COMMIT_FILE = 'commit_success.txt'  # what Orbax writes last on GCS
+
+
+def replace_tree(src: epath.Path, dst: epath.Path) -> None:
+  """dst's contents replaced by src's, then src removed. Locally a rename
+  (atomic). On GCS, where a rename is a copy and a delete: dst's commit file
+  goes first, src's is copied last and removed first, so a reader never sees
+  a committed dst that holds part of either, and src stays whole until dst is
+  (a caller that was killed does it again from src)."""
+  if not str(dst).startswith('gs://'):
+    if dst.exists():
+      dst.rmtree()
+    src.rename(dst)
+    return
+  fs = fsspec.filesystem('gs')
+  if fs.exists(str(dst)):
+    _remove_committed(fs, str(dst))
+  source = str(src).rstrip('/')
+  files = sorted(fs.find(source), key=lambda f: f.endswith('/' + COMMIT_FILE))  # commit last
+  for f in files:
+    fs.copy(f, str(dst).rstrip('/') + f[len(source.removeprefix('gs://')):])
+  _remove_committed(fs, source)
+
+
+def _remove_committed(fs: Any, path: str) -> None:
+  """Remove a tree on GCS, its commit file first."""
+  if fs.exists(path.rstrip('/') + '/' + COMMIT_FILE):
+    fs.rm(path.rstrip('/') + '/' + COMMIT_FILE)
+  fs.rm(path, recursive=True)

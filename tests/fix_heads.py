@@ -14,3 +14,14 @@ def never_returns(state):
   """A python: op that hangs (a bug, a deadlock) until a test lets it go."""
   RELEASE.wait()
   return state
+
+
+_calls = []
+
+
+def hangs_once(state):
+  """A python: op that hangs the first time only (until a test lets it go)."""
+  _calls.append(None)
+  if len(_calls) == 1:
+    RELEASE.wait()
+  return state

@@ -86,15 +86,29 @@ def test_overwrite_keeps_the_old_output_when_the_new_one_cannot_be_written(input
   assert sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
 
 
-def test_a_swap_killed_halfway_is_put_back(inputs, tmp_path):
-  """Killed between the two renames: the old output is back, then replaced."""
+@pytest.mark.parametrize('killed', ['old removed, new not moved', 'new half-written'])
+def test_a_swap_killed_halfway_ends_whole(inputs, tmp_path, killed):
+  """Killed while the verified new output replaces the old one: the rerun's
+  recovery rolls the swap forward; killed while the new one was still being
+  written, it keeps the old one. Either way one whole output, nothing else."""
   dst = epath.Path(tmp_path / 'out' / 'run_b')
   assert migrate_one(inputs / 'run_b', dst)['status'] == 'ok'
   old = digest(dst)
-  outputs.sibling(dst, outputs.ATTEMPT).write_text(outputs.BESIDE)
-  dst.rename(outputs.sibling(dst, outputs.OLD))
+  new = outputs.sibling(dst, outputs.NEW)
+  other = SEED_SPEC + "  - scale: {match: 'bias$', by: 2.0}\n"
+  assert migrate_one(inputs / 'run_b', new, other)['status'] == 'ok'  # a verified new output
+  if killed == 'old removed, new not moved':
+    outputs.sibling(dst, outputs.ATTEMPT).write_text(outputs.SWAPPING)
+    dst.rmtree()
+  else:
+    outputs.sibling(dst, outputs.ATTEMPT).write_text(outputs.BESIDE)
+    (new / 'commit_success.txt').unlink(missing_ok=True)
   outputs.recover(dst)
-  assert digest(dst) == old and sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
+  assert sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
+  assert checkpoint_io.is_checkpoint(dst)
+  assert (digest(dst) == old) == (killed == 'new half-written')
+  assert checkpoint_io.read_provenance(dst)['spec_hash'] == migrate.surgery_for(
+      SEED_SPEC if killed == 'new half-written' else other).spec.hash
 
 
 # 5. Another source under the same name is not "skipped".
@@ -178,6 +192,7 @@ def test_a_regex_that_backtracks_forever_fails_by_name_in_plan_and_run(tmp_path)
 
 
 def test_a_python_op_that_never_returns_times_out_and_frees_its_lease(inputs, tmp_path):
+  fix_heads.RELEASE.clear()
   fn = migrate.MigrateFn("ops: [{python: {fn: 'tests.fix_heads:never_returns'}}]",
                          migrate.Settings(checkpoint_timeout=3))
   fn.setup()
@@ -330,3 +345,74 @@ def test_a_full_disk_at_the_end_still_shows_every_record(tmp_path, monkeypatch, 
   assert {r['src']: r['status'] for r in records} == {'a': 'ok', 'b': 'failed'}
   assert (summary['ok'], summary['failed']) == (1, 1)
   assert 'cannot write the report' in capsys.readouterr().err
+
+
+def test_an_output_inside_the_root_of_globbed_steps_is_refused(inputs):
+  with pytest.raises(discovery.DiscoveryError, match='overlaps input'):
+    discovery.discover(str(inputs / 'run_a' / '*'), str(inputs / 'run_a' / '7'))
+
+
+def test_one_stuck_checkpoint_does_not_hold_up_the_next(inputs, tmp_path):
+  fix_heads.RELEASE.clear()
+  fn = migrate.MigrateFn("ops: [{python: {fn: 'tests.fix_heads:hangs_once'}}]",
+                         migrate.Settings(checkpoint_timeout=4, in_flight=1))
+  fn.setup()
+  fn.start_bundle()
+  try:
+    out = [*fn.process((str(inputs / 'run_b'), str(tmp_path / 'out' / 'run_b'))),
+           *fn.process((str(inputs / 'run_c'), str(tmp_path / 'out' / 'run_c'))),
+           *[wv.value for wv in fn.finish_bundle()]]
+  finally:
+    fix_heads.RELEASE.set()
+  assert [r['status'] for r in out] == ['failed', 'ok'], [r['error'] for r in out]
+
+
+def test_a_given_up_attempt_writes_nothing_once_its_lease_is_free(inputs, tmp_path, monkeypatch):
+  """Given up while it verifies (its lease freed), an attempt touches nothing
+  afterwards: the next attempt's output, written meanwhile, stays whole."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from pipeline import deadline as deadline_module  # pylint: disable=g-import-not-at-top
+  dst = epath.Path(tmp_path / 'out' / 'run_b')
+  verifying, fail_it = threading.Event(), threading.Event()
+  real_verify = migrate.verify
+
+  def stuck_verify(*args):
+    if threading.current_thread().name == 'first':
+      verifying.set()
+      fail_it.wait()
+      raise migrate.VerificationError('read back differently')
+    return real_verify(*args)
+
+  monkeypatch.setattr(migrate, 'verify', stuck_verify)
+  given_up = deadline_module.Deadline(3600)
+  first = []
+  thread = threading.Thread(target=lambda: first.append(migrate_one_with(inputs, dst, given_up)),
+                            name='first')
+  thread.start()
+  assert verifying.wait(60)
+  given_up.cancel()
+  assert migrate_one(inputs / 'run_b', dst)['status'] == 'ok'  # takes the freed lease
+  whole = digest(dst)
+  fail_it.set()
+  thread.join(60)
+  assert first[0]['status'] == 'failed'
+  assert digest(dst) == whole and sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
+
+
+def test_a_lease_is_not_freed_in_the_middle_of_a_write():
+  from pipeline import deadline as deadline_module  # pylint: disable=g-import-not-at-top
+  freed = []
+  deadline = deadline_module.Deadline(3600)
+  deadline.lease = type('Lease', (), {'release': lambda self: freed.append(1)})()
+  with deadline.writing():
+    deadline.cancel()
+    assert not freed  # the save under way keeps it
+  assert freed == [1]
+  with pytest.raises(deadline_module.CheckpointTimeout):
+    with deadline.writing():
+      pass
+
+
+def migrate_one_with(inputs, dst, deadline):
+  return migrate.migrate_one(str(inputs / 'run_b'), str(dst), migrate.surgery_for(SEED_SPEC),
+                             deadline=deadline)
