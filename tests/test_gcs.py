@@ -160,3 +160,26 @@ def test_half_written_output_on_gcs_is_redone_not_skipped(gcs, gcs_samples, buck
   assert (epath.Path(dst) / 'commit_success.txt').exists()
   assert migrate.migrate_one(src, dst, surgery)['status'] == 'skipped'
   assert seed_applied(src, dst)
+
+
+def test_overwrite_on_gcs_swaps_in_the_verified_output(gcs, gcs_samples, bucket):
+  """--overwrite on gs://, where a rename is a copy and a delete: the new
+  output replaces the old whole, and a swap killed halfway is rolled forward."""
+  from pipeline import checkpoint_io, outputs  # pylint: disable=g-import-not-at-top
+  src, dst = gcs_samples + '/run_b', epath.Path(bucket + '/swap/run_b')
+  migrate._SURGERIES.clear()
+  assert migrate.migrate_one(src, str(dst), migrate.surgery_for(SEED_SPEC))['status'] == 'ok'
+  other = migrate.surgery_for(SEED_SPEC + "  - scale: {match: 'bias$', by: 2.0}\n")
+  rec = migrate.migrate_one(src, str(dst), other, migrate.Settings(overwrite=True))
+  assert rec['status'] == 'ok', rec['error']
+  assert checkpoint_io.read_provenance(dst)['spec_hash'] == other.spec.hash
+  assert sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
+  # Killed after the old output's removal began, before the new one was in place.
+  new = outputs.sibling(dst, outputs.NEW)
+  assert migrate.migrate_one(src, str(new), migrate.surgery_for(SEED_SPEC))['status'] == 'ok'
+  outputs.sibling(dst, outputs.ATTEMPT).write_text(outputs.SWAPPING)
+  (dst / 'commit_success.txt').unlink()
+  outputs.recover(dst)
+  assert checkpoint_io.is_checkpoint(dst) and sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
+  assert checkpoint_io.read_provenance(dst)['spec_hash'] == migrate.surgery_for(SEED_SPEC).spec.hash
+  assert seed_applied(src, str(dst))
