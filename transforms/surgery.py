@@ -311,7 +311,7 @@ class Surgery:
     out = self._settle(view.close(), ctx)
     try:
       guard.check_opt_state(before, view.params, tree.get(ctx.opt_state), out.get(ctx.opt_state),
-                            view.found, lineage, ctx.opt_state,
+                            view.found, lineage, ctx.opt_state or 'state',
                             rebuilt=self.optimizer is not None)
       for name, flat in view.collections.items():
         guard.check_collection(name, before, view.params, paths.flatten(tree[name]), flat)
