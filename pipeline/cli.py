@@ -23,7 +23,6 @@ from etils import epath
 
 import transforms
 from pipeline import checkpoint_io, demo, discovery, inspection, plan, report, storage
-from pipeline import migrate as migrate_module
 from pipeline.migrate import Settings
 from pipeline.run import LOCAL_RUNNERS, run_migration
 
@@ -227,7 +226,7 @@ def _report_from_records(pairs: list[tuple[str, str]], output: str, run: str, st
   records = {r['src']: r for r in report.saved_records(output, run)}
   for src, dst in pairs:
     if src not in records:
-      records[src] = migrate_module.record(
+      records[src] = report.record(
           src, dst, 'failed', error=f'unfinished: the job ended ({why}) before this checkpoint did')
   records = list(records.values())
   try:

@@ -18,7 +18,6 @@ import importlib.metadata
 import logging
 import os
 import resource
-import socket
 import threading
 import time
 from typing import Any
@@ -34,6 +33,7 @@ from etils import epath
 import transforms
 from pipeline import checkpoint_io, copy_through, lease, outputs, report, storage
 from pipeline.deadline import Deadline
+from pipeline.report import record
 
 log = logging.getLogger('ckpt_surgery')
 METRICS = 'ckpt_surgery'
@@ -81,14 +81,6 @@ class Settings:
   output: str = ''               # the run's PREFIX and id: where workers save each record
   run: str = ''
   launcher: int = 0              # the launching process's pid
-
-
-def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
-  base = {'src': src, 'dst': dst, 'status': status, 'error': None, 'bytes_in': 0,
-          'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False, 'attempts': 1,
-          'digest': None, 'bytes_carried': 0,
-          'worker': f'{socket.gethostname()}:{os.getpid()}'}
-  return {**base, **fields}
 
 
 def _done(src: str, dst: epath.Path, spec: transforms.Spec, run: str) -> str | None:

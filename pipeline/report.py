@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
 import uuid
 from typing import Any, Iterable
@@ -24,6 +26,15 @@ from etils import epath
 
 REPORT_DIR = '_surgery'
 STATUSES = ('ok', 'skipped', 'failed')
+
+
+def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
+  """One checkpoint's record, every field present."""
+  base = {'src': src, 'dst': dst, 'status': status, 'error': None, 'bytes_in': 0,
+          'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False, 'attempts': 1,
+          'digest': None, 'bytes_carried': 0,
+          'worker': f'{socket.gethostname()}:{os.getpid()}'}
+  return {**base, **fields}
 
 
 def report_dir(prefix: str) -> epath.Path:
