@@ -11,6 +11,15 @@ The proxy also gives the emulator two things GCS has and it lacks:
 - `ifGenerationMatch` preconditions on writes and deletes (412 when they do
   not hold), checked and applied atomically: the conditional create that
   leases rely on.
+Server-side copies it does have: objects.rewrite (what gcsfs's `copy` and
+`cp_file` issue) and objects.copy give the copy the source's size and a new
+generation, so the proxy passes them through.
+
+The proxy also counts, as the server sees them, bytes written into buckets:
+`bytes_uploaded`, the request bodies of object uploads (JSON API
+/upload/..., resumable parts, XML PUTs), and `bytes_rewritten`, the sizes of
+objects copied server-side (rewrite, copyTo), which cost no upload. Read both
+with `counters()`, zero them with `reset_counters()`.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ import time
 import urllib.request
 
 OBJECT_PATH = re.compile(r'^(?:/upload)?/storage/v1/b/([^/?]+)/o(?:/([^?]+))?')
+COPY_PATH = re.compile(r'^/storage/v1/b/[^/]+/o/[^?]+/(?:rewriteTo|copyTo)/b/')
 MEDIA_PATH = re.compile(r'^(?:/download)?(/storage/v1/b/[^/]+/o/[^?]+)\?(?:.*&)?alt=media')
 HOP_BY_HOP = {'connection', 'keep-alive', 'transfer-encoding', 'te', 'trailer', 'upgrade',
               'proxy-authorization', 'proxy-authenticate', 'content-length'}
@@ -72,6 +82,8 @@ class FlakyProxy:
     self._count = 0
     self._lock = threading.Lock()
     self._precondition_lock = threading.Lock()
+    self.bytes_uploaded = 0
+    self.bytes_rewritten = 0
     proxy = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -102,6 +114,7 @@ class FlakyProxy:
           conn.request(self.command, self.path, body=body, headers=headers)
           response = conn.getresponse()
           payload = response.read()
+        proxy._count_bytes(self.command, self.path, len(body), response.status, payload)
         extra = proxy._generation_headers(self.command, self.path, response.status, conn)
         self.send_response(response.status, response.reason)
         for k, v in response.getheaders() + extra:
@@ -163,6 +176,31 @@ class FlakyProxy:
     info = json.loads(body)
     return [('x-goog-generation', info['generation']),
             ('x-goog-metageneration', info['metageneration'])]
+
+  def _count_bytes(self, method, path, body_size, status, payload) -> None:
+    """Add a forwarded request's bytes to the counters (see the module doc)."""
+    if method not in ('POST', 'PUT') or status >= 400:
+      return
+    rewritten = 0
+    if method == 'POST' and COPY_PATH.match(path):
+      info = json.loads(payload)  # a rewriteResponse, or (copyTo) the new object
+      rewritten = int(info.get('totalBytesRewritten', info.get('size', 0)))
+    xml_put = method == 'PUT' and not path.startswith(('/storage/', '/upload/', '/batch/'))
+    with self._lock:
+      self.bytes_rewritten += rewritten
+      if path.startswith('/upload/') or xml_put:
+        self.bytes_uploaded += body_size
+
+  def counters(self) -> dict[str, int]:
+    with self._lock:
+      return {'bytes_uploaded': self.bytes_uploaded, 'bytes_rewritten': self.bytes_rewritten}
+
+  def reset_counters(self) -> dict[str, int]:
+    """Zero the byte counters; what they held."""
+    with self._lock:
+      held = {'bytes_uploaded': self.bytes_uploaded, 'bytes_rewritten': self.bytes_rewritten}
+      self.bytes_uploaded = self.bytes_rewritten = 0
+      return held
 
   def _should_fail(self) -> bool:
     with self._lock:
