@@ -154,6 +154,7 @@ class Route(NamedTuple):
   carried: dict[int, int]     # output leaf index -> the input leaf index it is
   needed: tuple[int, ...]     # input leaf indices the computed outputs read
   compiled: Any               # [needed input leaves] -> [computed output leaves]
+  removes: str | None = None  # how the output loses input data (see `removal`), or None
 
   def assemble(self, computed: list[Any], carried: list[Any]) -> Any:
     """The output tree from the computed leaves and, for each carried output
@@ -382,4 +383,40 @@ class Surgery:
     compute = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(pruned, closed.consts))
     abstract, _ = _abstract_leaves(tree)  # with their shardings, which avals lack
     compiled = _compile_donating(lambda xs: compute(*xs), [abstract[i] for i in needed])
-    return Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled)
+    return Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled,
+                 removal(self.spec, pruned, len(abstract), set(carried.values()) | set(needed)))
+
+
+# Ops whose output keeps less than they read, and ops whose effect we cannot see.
+_LOSSY_OPS = {'slice': 'slices arrays', 'python': 'runs a python op (what it keeps is unproven)'}
+
+
+def removal(spec: Spec, computed: Any, inputs: int, read: set[int]) -> str | None:
+  """How a surgery's output loses data of its input, or None if it provably
+  keeps all of it: an input leaf that no output carries or reads (drop,
+  reinit, reset_optimizer), a narrowing dtype conversion in `computed` (the
+  jaxpr of the computed outputs), or an op that keeps part of what it reads.
+  A writer that leaves the input's bytes behind in the output (copy-and-patch)
+  must not be used for such a surgery."""
+  lost = inputs - len(read)
+  if lost:
+    return f'drops {lost} input leaf(s)'
+  for op in spec.ops:
+    if op.name in _LOSSY_OPS:
+      return f'{op.name}: {_LOSSY_OPS[op.name]}'
+  narrowed = sorted({f'{a} -> {b}' for a, b in _conversions(computed)
+                     if not jax.numpy.can_cast(a, b, casting='safe')})
+  return f'narrows dtypes ({", ".join(narrowed)})' if narrowed else None
+
+
+def _conversions(jaxpr: Any):
+  """(from dtype, to dtype) of every element-type conversion in a jaxpr and
+  the jaxprs inside it (a jitted python op's, a scan's)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'convert_element_type':
+      yield eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(inner, 'jaxpr', inner)
+        if hasattr(inner, 'eqns'):
+          yield from _conversions(inner)
