@@ -41,7 +41,7 @@ TREE_HANDLERS = {
     'StandardCheckpointHandler': ocp.args.StandardSave,
 }
 JSON_HANDLER = 'JsonCheckpointHandler'
-_HANDLERS = {
+HANDLER_CLASSES = {
     'PyTreeCheckpointHandler': ocp.PyTreeCheckpointHandler,
     'StandardCheckpointHandler': ocp.StandardCheckpointHandler,
 }
@@ -251,7 +251,7 @@ def restore(path: epath.Path, like: dict[str, Any] | None = None,
 
 
 def _tree_handler(name: str) -> Any:
-  handler = _HANDLERS[name]()
+  handler = HANDLER_CLASSES[name]()
   if name == 'StandardCheckpointHandler':
     # Its type check would refuse the stand-ins it passes on to Orbax's array
     # handler, which copies their stored bytes (see copy_through).

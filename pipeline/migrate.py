@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_through, lease, outputs, report, storage
+from pipeline import checkpoint_io, copy_patch, copy_through, lease, outputs, report, storage
 from pipeline.deadline import Deadline
 from pipeline.report import record
 
@@ -175,8 +175,9 @@ def check_recorded(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str
 
 
 def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
-                  surgery: transforms.Surgery) -> tuple[dict[str, Any], Any, str, bool] | None:
-  """(restored items, migrated state, signature, compiled) with every leaf
+                  surgery: transforms.Surgery) -> tuple[dict[str, Any], Any, str, bool, str | None] | None:
+  """(restored items, migrated state, signature, compiled, how the surgery
+  removes data or None) with every leaf
   the surgery leaves untouched as a StoredArray, restoring only what the
   computed leaves read; None where copy-through does not apply: nothing
   untouched, a scalar among params and opt_state, or zarr3 input (our
@@ -211,18 +212,19 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
                             [stand_in(leaves[j]) for _, j in sorted(route.carried.items())])
   rest = jax.tree_util.tree_map(lambda x, m: stand_in(m) if x is ocp.PLACEHOLDER else x,
                                 rest, rest_meta)
-  return items, surgery.join(new_tree, rest), transforms.signature_id(sig), compiled
+  return items, surgery.join(new_tree, rest), transforms.signature_id(sig), compiled, route.removes
 
 
 def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
            settings: Settings, deadline: Deadline) -> dict[str, Any]:
-  """Restore, operate, check, save at dst (empty), verify."""
+  """Restore, operate, check, write at dst (empty) the cheapest way that
+  applies (copy-and-patch, copy-through, full save), verify."""
   with deadline.hold(_READING):
     layout = checkpoint_io.read_layout(src)
     if layout.msgpack:  # one file, read once and whole: no metadata, no stored chunks to copy
       _, items = checkpoint_io.restore(src)
       trees_in = checkpoint_io.abstract(items)  # taken before the surgery donates the arrays
-      migrated = (items, *surgery(layout.join(items)))
+      migrated = (items, *surgery(layout.join(items)), 'restores every leaf')
     else:
       meta = checkpoint_io.item_metadata(src, layout)
       trees_in = checkpoint_io.trees(meta)
@@ -230,8 +232,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       if migrated is None:
         _, items = checkpoint_io.restore(src, like=trees_in)
         check_recorded(src, layout, meta, layout.join(items))
-        migrated = (items, *surgery(layout.join(items)))
-  items, new_state, sig, compiled = migrated
+        migrated = (items, *surgery(layout.join(items)), 'restores every leaf')
+  items, new_state, sig, compiled, removes = migrated
   prints = transforms.fingerprints(new_state)
   nonfinite = sorted(p for p, f in prints.items() if not f.finite)
   if nonfinite and not settings.allow_nonfinite:
@@ -258,22 +260,48 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
           'signature': sig, 'compiled': compiled, 'digest': provenance['digest']}
   written = layout.split(new_state, items)
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
+  patches, done['write_path'], done['why_not_patched'] = _choose_writer(
+      src, layout, written, removes, carried, settings)
+  uploaded = done['bytes_out'] if str(dst).startswith('gs://') else 0
   with deadline.hold(_SAVING), deadline.writing():
-    checkpoint_io.save(dst, layout, written, provenance)
+    if patches:
+      moved = copy_patch.write(src, dst, layout, patches, provenance)
+    else:
+      checkpoint_io.save(dst, layout, written, provenance)
+      moved = {'bytes_copied_server_side': 0, 'bytes_uploaded': uploaded}
+  done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],
+              bytes_uploaded=moved['bytes_uploaded'])
   written = checkpoint_io.abstract(written)  # verification reads the arrays back in batches
-  verify(dst, written, prints)  # if it fails, the attempt's recovery removes dst
+  verify(dst, written, prints, stored=not patches)  # if it fails, the attempt's recovery removes dst
+  if patches:
+    copy_patch.verify_index(src, dst, patches)
   return done
+
+
+
+def _choose_writer(src: epath.Path, layout: checkpoint_io.Layout, written: dict[str, Any],
+                   removes: str | None, carried: dict[str, Any], settings: Settings
+                   ) -> tuple[list[copy_patch.TreePatch] | None, str, str | None]:
+  """(the copy-and-patch plan or None, the write path taken, why not
+  copy-and-patch). --full_decode asks for the full save."""
+  if settings.full_decode:
+    return None, 'full', '--full_decode'
+  try:
+    return copy_patch.plan_patch(src, layout, written, removes), 'copy_and_patch', None
+  except copy_patch.NotPatchable as e:
+    return None, 'copy_through' if carried else 'full', str(e)
 
 
 VERIFY_BATCH_BYTES = 256 << 20  # read back at most this much at once: memory stays bounded
 
 
-def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transforms.Fingerprint]
-           ) -> None:
+def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transforms.Fingerprint],
+           stored: bool = True) -> None:
   """Reopen what was committed at dst: it must hold the arrays of `written`
   (the items as saved, arrays or their abstract form), reading back
-  `prints`' checksums, and the stored chunks of its StoredArrays as copied.
-  Arrays are read back a batch of VERIFY_BATCH_BYTES at a time."""
+  `prints`' checksums, and (with `stored`) the stored chunks of its
+  StoredArrays as copied. Arrays are read back a batch of
+  VERIFY_BATCH_BYTES at a time."""
   expected = checkpoint_io.array_specs(written)
   batches, size = [set()], 0
   for k, x in jax.tree_util.tree_flatten_with_path(written)[0]:
@@ -295,7 +323,7 @@ def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transform
     differ = sorted(set(got.items()) ^ set(expected.items()))[:3]
     raise VerificationError(f'{dst}: committed arrays differ from what was computed: {differ}')
   bad = sorted(p for p, f in prints.items() if p not in back or back[p].checksum != f.checksum)
-  for name, tree in written.items():
+  for name, tree in written.items() if stored else ():
     names = dict(jax.tree_util.tree_flatten_with_path(ocp.tree.get_param_names(tree))[0])
     stored = [(names[k], x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
               if isinstance(x, copy_through.StoredArray)]

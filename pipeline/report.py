@@ -26,13 +26,15 @@ from etils import epath
 
 REPORT_DIR = '_surgery'
 STATUSES = ('ok', 'skipped', 'failed')
+WRITE_PATHS = ('copy_and_patch', 'copy_through', 'full')  # the ways an output is written, cheapest first
 
 
 def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
   """One checkpoint's record, every field present."""
   base = {'src': src, 'dst': dst, 'status': status, 'error': None, 'bytes_in': 0,
           'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False, 'attempts': 1,
-          'digest': None, 'bytes_carried': 0,
+          'digest': None, 'bytes_carried': 0, 'write_path': None, 'why_not_patched': None,
+          'bytes_copied_server_side': 0, 'bytes_uploaded': 0,
           'worker': f'{socket.gethostname()}:{os.getpid()}'}
   return {**base, **fields}
 
@@ -93,6 +95,10 @@ def summarize(records: Iterable[dict[str, Any]], started_at: float) -> dict[str,
       bytes_read=sum(r['bytes_in'] for r in records),
       bytes_written=sum(r['bytes_out'] for r in records),
       bytes_carried=sum(r.get('bytes_carried', 0) for r in records),  # of bytes_written: copied, not re-encoded
+      bytes_copied_server_side=sum(r.get('bytes_copied_server_side', 0) for r in records),
+      bytes_uploaded=sum(r.get('bytes_uploaded', 0) for r in records),
+      write_paths={p: n for p in WRITE_PATHS
+                   if (n := sum(r.get('write_path') == p for r in records if r['status'] == 'ok'))},
       peak_rss_over_idle=max((r.get('peak_rss_over_idle', 0) for r in records), default=0),  # of any worker
       seconds=round(time.time() - started_at, 3),
       started_at=started_at,  # identifies the run that wrote this summary
@@ -143,5 +149,6 @@ def format_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
       f"{summary['ok']} ok, {summary['skipped']} skipped, {summary['failed']} failed; "
       f"{summary['compilations']} compilation(s) for {summary['signatures']} signature(s); "
       f"read {size(summary['bytes_read'])}, wrote {size(summary['bytes_written'])} "
-      f"({size(summary['bytes_carried'])} of it copied through) in {summary['seconds']:.1f}s")
+      f"({size(summary['bytes_carried'])} of it carried over) in {summary['seconds']:.1f}s"
+      + ''.join(f"; {n} by {p.replace('_', '-')}" for p, n in summary.get('write_paths', {}).items()))
   return '\n'.join(lines)

@@ -1,6 +1,7 @@
 """Copy-through: untouched leaves keep their stored bytes, and the output is
 an ordinary Orbax checkpoint that restores bit-identical to the full path's,
-whatever Orbax format the input used."""
+whatever Orbax format the input used. (Copy-and-patch, the cheaper writer,
+is kept out of these tests by `no_patching`; tests/test_copy_patch.py has it.)"""
 from __future__ import annotations
 
 import jax
@@ -10,7 +11,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import checkpoint_io, copy_through, migrate
+from pipeline import checkpoint_io, copy_patch, copy_through, migrate
 from tests.conftest import mlp, trained
 from transforms import flatten
 
@@ -59,6 +60,14 @@ def restored_bits(path, layout: str) -> dict[str, bytes]:
   return out
 
 
+@pytest.fixture(autouse=True)
+def no_patching(monkeypatch):
+  """Copy-and-patch declines every output here, as it does for a surgery that removes data."""
+  def decline(*args, **kwargs):
+    raise copy_patch.NotPatchable('kept out of copy-through tests')
+  monkeypatch.setattr(copy_patch, 'plan_patch', decline)
+
+
 @pytest.fixture
 def decoded(monkeypatch):
   """The names of the arrays Orbax decodes, as they are decoded."""
@@ -86,7 +95,7 @@ def test_copy_through_restores_bit_identical_to_the_full_path(tmp_path, layout, 
   assert full['bytes_carried'] == 0
   decoded.clear()
   carried = migrate.migrate_one(str(src), str(tmp_path / 'carried'), surgery)
-  assert carried['status'] == 'ok', carried['error']
+  assert (carried['status'], carried['write_path']) == ('ok', 'copy_through'), carried['error']
   # Only the normalized kernel was decoded: from the input, then read back.
   assert sorted(set(decoded)) == ['Dense_1.kernel' if layout == 'step' else 'params.Dense_1.kernel']
   kernel_bytes = 4 * 2 * 4

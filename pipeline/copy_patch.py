@@ -1,0 +1,385 @@
+"""Copy-and-patch: an output made by copying the input's files and patching the copy.
+
+When every output leaf is carried (untouched or only renamed) or computed,
+and the surgery provably removes nothing (`transforms.Route.removes`), most
+of an output is the input's bytes. Instead of re-saving them through Orbax:
+  1. copy  the input's files (`storage.copy_tree`: hard links for the OCDBT
+           data files TensorStore never rewrites, a server-side copy on GCS);
+  2. patch the copy, one tree item at a time. In an OCDBT database, in one
+           TensorStore transaction: a renamed leaf's keys are copied
+           index-only (the new key points at the same file, offset and
+           length) and its old keys deleted, then computed leaves are written
+           through the zarr driver with the spec Orbax itself would use. In
+           per-array directories, a renamed leaf's directory is moved;
+  3. rewrite Orbax's metadata (`_METADATA`, `_sharding`, `array_metadatas`,
+           `_CHECKPOINT_METADATA` with our provenance), built with Orbax's own
+           metadata classes;
+  4. commit as Orbax does: a temporary directory renamed into place locally;
+           on GCS, `commit_success.txt` written last.
+`verify_index` then proves what was carried without reading its data: the
+output's index maps each carried key to the input's very value (the same
+inline bytes, or the same place in a data file identical to the input's),
+and holds no key but those and the computed leaves' (which are read back as
+for every writer).
+
+Limits, where `plan_patch` says why and another writer is used: old OCDBT
+versions and copied data files keep overwritten values readable, so a
+surgery that removes data must not come here; nor inputs whose format this
+module does not know (zarr3, per-process databases without a merged root,
+metadata fields or value types Orbax 0.12 does not write).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import os
+import time
+import zlib
+from typing import Any
+
+import jax
+import numpy as np
+import tensorstore as ts
+from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata, array_metadata_store, empty_values
+from orbax.checkpoint._src.metadata import sharding as sharding_metadata
+from orbax.checkpoint._src.metadata import tree as tree_metadata
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint._src.serialization import types as serialization_types
+from orbax.checkpoint._src.tree import utils as tree_utils
+import orbax.checkpoint as ocp
+
+from pipeline import checkpoint_io, storage
+from pipeline.copy_through import StoredArray
+
+COMMIT_FILE = 'commit_success.txt'
+_METADATA_FIELDS = {'tree_metadata', 'use_ocdbt', 'use_zarr3',
+                    'store_array_data_equal_to_fill_value', 'custom_metadata'}
+_VALUE_FIELDS = {'value_type', 'skip_deserialize', 'write_shape'}
+_ARRAY_TYPES = {'jax.Array', 'np.ndarray'}
+_KEPT_TYPES = {'scalar'}  # stay where they are, as they are (a step count)
+
+
+class NotPatchable(Exception):
+  """Why an output cannot be written by copy-and-patch (another writer is used)."""
+
+
+@dataclasses.dataclass
+class TreePatch:
+  """What one tree item's output changes in the copy of its input."""
+  item: str                        # the item's directory name ('' for a single tree)
+  use_ocdbt: bool
+  renamed: dict[str, str]          # new param name -> the old one whose keys it takes
+  computed: dict[str, jax.Array]   # param name -> array to write
+  kept: list[str]                  # names the output holds as the input did
+  removed: list[str]               # old names the output does not keep (keys deleted)
+  metadata: dict[str, Any]         # the output's _METADATA
+  shardings: dict[str, str]        # param name -> serialized sharding, every array leaf
+  arrays: list[Any]                # the output's ArrayMetadata, every array leaf
+
+
+def _name(path: tuple[Any, ...]) -> str:
+  """Orbax's parameter name of a leaf: its keys joined by '.'."""
+  return '.'.join(str(tree_utils.get_key_name(k)) for k in path)
+
+
+def _read_json(file: epath.Path) -> Any:
+  return json.loads(file.read_text())
+
+
+def _input_entries(directory: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(the input's _METADATA, its entries by parameter name); NotPatchable
+  where it holds what this module does not know."""
+  meta = _read_json(directory / '_METADATA')
+  unknown = set(meta) - _METADATA_FIELDS
+  if unknown or meta.get('use_zarr3') or not meta.get('store_array_data_equal_to_fill_value'):
+    raise NotPatchable(f'{directory}: metadata this writer does not know '
+                       f'({sorted(unknown) or "zarr3 or fill-value chunks"})')
+  entries = {}
+  for entry in meta['tree_metadata'].values():
+    value = entry['value_metadata']
+    kind = value.get('value_type')
+    if set(value) - _VALUE_FIELDS or not (kind in _ARRAY_TYPES or kind in _KEPT_TYPES
+                                          or empty_values.is_empty_typestr(kind)):
+      raise NotPatchable(f'{directory}: a leaf of type {kind!r}')
+    entries['.'.join(str(k['key']) for k in entry['key_metadata'])] = entry
+  if meta.get('use_ocdbt') and not (directory / 'manifest.ocdbt').exists():
+    raise NotPatchable(f'{directory}: per-process OCDBT databases without a merged root')
+  return meta, entries
+
+
+def _serialized(sharding: jax.sharding.Sharding) -> str:
+  return sharding_metadata.from_jax_sharding(sharding).to_serialized_string()
+
+
+def _tree_patch(directory: epath.Path, item: str, tree: Any) -> TreePatch:
+  """The patch that turns the copy of the tree at `directory` into `tree`
+  (the output as written: StoredArrays for carried leaves, jax.Arrays for
+  computed ones, the input's other values where they were)."""
+  meta, entries = _input_entries(directory)
+  use_ocdbt = bool(meta['use_ocdbt'])
+  recorded = asyncio.run(array_metadata_store.Store().read(directory)) or {}
+  ext = {m.param_name: m.ext_metadata for metas in recorded.values() for m in metas}
+  renamed, computed, kept, shardings, arrays, out_entries = {}, {}, set(), {}, [], []
+  options = tree_metadata.PYTREE_METADATA_OPTIONS
+  for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=tree_utils.is_empty_or_leaf)[0]:
+    name = _name(path)
+    if isinstance(x, (StoredArray, jax.Array)):
+      if isinstance(x, StoredArray):
+        if epath.Path(x.directory) != directory:
+          raise NotPatchable(f'{name} comes from another item ({x.directory})')
+        if x.name == name:
+          kept.add(name)
+        else:
+          renamed[name] = x.name
+        chunks, extra = x.chunk_shape, ext.get(x.name)
+      else:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+          raise NotPatchable(f'{name} is computed with dtype {x.dtype}')
+        computed[name] = x
+        chunks, extra = None, None
+      shape = tuple(x.shape)
+      shardings[name] = _serialized(x.sharding)
+      arrays.append(array_metadata.ArrayMetadata(
+          param_name=name, shape=shape, dtype=np.dtype(x.dtype), write_shape=shape,
+          chunk_shape=chunks or shape, use_ocdbt=use_ocdbt, use_zarr3=False, ext_metadata=extra))
+      value = tree_metadata.ValueMetadataEntry('jax.Array', False, shape)
+    elif empty_values.is_supported_empty_value(x, options):
+      value = tree_metadata.ValueMetadataEntry(
+          empty_values.get_empty_value_typestr(x, options), True)
+    elif entries.get(name, {}).get('value_metadata', {}).get('value_type') in _KEPT_TYPES:
+      kept.add(name)  # a value beside params and opt_state: the surgery never touches those
+      value = tree_metadata.ValueMetadataEntry(**entries[name]['value_metadata'])
+    else:
+      raise NotPatchable(f'{name}: a {type(x).__name__} that the input does not hold there')
+    out_entries.append(tree_metadata.InternalTreeMetadataEntry(
+        str(tuple(str(tree_utils.get_key_name(k)) for k in path)),
+        tree_metadata.KeyMetadataEntry.build(path), value))
+  stored = {n for n, e in entries.items() if not e['value_metadata'].get('skip_deserialize')}
+  if set(renamed) & stored:  # a swap or a shift: each copy's target must be a fresh name
+    raise NotPatchable(f'renames onto names the input holds ({sorted(set(renamed) & stored)[:3]})')
+  metadata = tree_metadata.InternalTreeMetadata(
+      tree_metadata_entries=out_entries, use_ocdbt=use_ocdbt, use_zarr3=False,
+      custom_metadata=meta.get('custom_metadata'),
+      store_array_data_equal_to_fill_value=True, pytree_metadata_options=options)
+  return TreePatch(item, use_ocdbt, renamed, computed, sorted(kept),
+                   sorted(stored - kept - set(computed)), metadata.to_json(), shardings, arrays)
+
+
+def plan_patch(src: epath.Path, layout: checkpoint_io.Layout, written: dict[str, Any],
+               removes: str | None) -> list[TreePatch]:
+  """The patches of each tree item of `src` that make `written` (the items
+  to save); NotPatchable where this writer does not apply."""
+  if removes:
+    raise NotPatchable(f'the surgery {removes}: the copied files would keep it readable')
+  if layout.msgpack:
+    raise NotPatchable('a msgpack input has no stored chunks to copy')
+  return [_tree_patch(src / name if name else src, name, written[name]) for name in layout.trees]
+
+
+# --- writing -----------------------------------------------------------------
+
+def _context(use_ocdbt: bool) -> ts.Context:
+  return ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
+
+
+async def _write_computed(directory: epath.Path, patch: TreePatch, txn: ts.Transaction | None
+                          ) -> None:
+  """Each computed leaf through the zarr driver, with Orbax's own write spec."""
+  async def write(name, x):
+    info = serialization_types.ParamInfo(
+        name=name, parent_dir=directory, is_ocdbt_checkpoint=patch.use_ocdbt, use_zarr3=False,
+        use_compression=True, ocdbt_target_data_file_size=None,
+        ts_context=_context(patch.use_ocdbt))
+    spec = ts_utils.build_array_write_spec(
+        info, None, global_shape=tuple(x.shape), local_shape=tuple(x.shape),
+        dtype=np.dtype(x.dtype), use_ocdbt=patch.use_ocdbt, process_index=None).json
+    array = await ts.open(spec, create=True, delete_existing=True, transaction=txn,
+                          context=_context(patch.use_ocdbt))
+    await array.write(np.asarray(x))
+  await asyncio.gather(*(write(n, x) for n, x in patch.computed.items()))
+
+
+async def _patch_ocdbt(directory: epath.Path, patch: TreePatch) -> None:
+  """One transaction: renames (index-only copies, then the old keys' deletes;
+  in that order, as TensorStore reads a copy's source through the
+  transaction), then the computed leaves."""
+  root = await ts.KvStore.open(ts_utils.build_kvstore_tspec(str(directory), use_ocdbt=True),
+                               context=_context(True))
+  txn = ts.Transaction()
+  staged = root.with_transaction(txn)
+  await asyncio.gather(*((root / f'{old}/').experimental_copy_range_to(staged / f'{new}/')
+                         for new, old in patch.renamed.items()))
+  await asyncio.gather(*((staged / f'{old}/').delete_range(ts.KvStore.KeyRange())
+                         for old in patch.removed))
+  await _write_computed(directory, patch, txn)
+  await txn.commit_async()
+
+
+async def _patch_directories(directory: epath.Path, patch: TreePatch) -> None:
+  """Per-array directories: move renamed ones (after the removed ones go;
+  a target is never a name the input holds), then write the computed ones."""
+  moved = {old: directory / f'.{i}.moving' for i, old in enumerate(patch.renamed.values())}
+  for old, temporary in moved.items():
+    storage.move_tree(directory / old, temporary)
+  for old in patch.removed:
+    if old not in moved and (directory / old).exists():
+      (directory / old).rmtree()
+  for new, old in patch.renamed.items():
+    storage.move_tree(moved[old], directory / new)
+  await _write_computed(directory, patch, None)
+
+
+def _write_metadata(directory: epath.Path, patch: TreePatch) -> None:
+  """Orbax's metadata of one tree item. Plain writes: the directory is not
+  visible as a checkpoint until the commit."""
+  (directory / '_METADATA').write_text(json.dumps(patch.metadata))
+  sharding = {base64.urlsafe_b64encode(n.encode()).decode(): s for n, s in patch.shardings.items()}
+  (directory / '_sharding').write_text(json.dumps(sharding))
+  for old in (directory / 'array_metadatas').glob('*') if (directory / 'array_metadatas').exists() else ():
+    old.unlink()
+  asyncio.run(array_metadata_store.Store().write(directory, patch.arrays, process_index=0))
+
+
+def _checkpoint_metadata(src: epath.Path, layout: checkpoint_io.Layout,
+                         provenance: dict[str, Any]) -> dict[str, Any]:
+  """The output's _CHECKPOINT_METADATA: the input's handlers, our provenance
+  (as the full writer's Orbax save records them)."""
+  now = time.time_ns()
+  file = src / '_CHECKPOINT_METADATA'
+  handlers = (_read_json(file) if file.exists() else {}).get('item_handlers')
+  if not handlers:  # a tree saved by a bare handler: one tree item, named ''
+    handler = checkpoint_io.HANDLER_CLASSES[layout.items[0][1]]
+    handlers = f'{handler.__module__}.{handler.__name__}'
+  return {'item_handlers': handlers,
+          'metrics': {}, 'performance_metrics': {}, 'init_timestamp_nsecs': now,
+          'commit_timestamp_nsecs': now, 'custom_metadata': {checkpoint_io.PROVENANCE_KEY: provenance}}
+
+
+def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
+          patches: list[TreePatch], provenance: dict[str, Any]) -> dict[str, int]:
+  """Copy src, patch the copy, commit it at dst (which must not exist); what
+  was moved: {'bytes_copied_server_side', 'bytes_uploaded', 'bytes_linked',
+  'bytes_copied'}."""
+  remote = str(dst).startswith('gs://')
+  work = dst if remote else dst.parent / f'{dst.name}.orbax-checkpoint-tmp-{time.time_ns()}'
+  copied = storage.copy_tree(src, work, skip=frozenset({COMMIT_FILE}))
+  uploaded = 0
+  for patch in patches:
+    directory = work / patch.item if patch.item else work
+    asyncio.run((_patch_ocdbt if patch.use_ocdbt else _patch_directories)(directory, patch))
+    _write_metadata(directory, patch)
+    uploaded += sum(int(x.nbytes) for x in patch.computed.values())
+  (work / '_CHECKPOINT_METADATA').write_text(json.dumps(_checkpoint_metadata(src, layout, provenance)))
+  (work / COMMIT_FILE).write_text(f'Checkpoint commit was successful to {dst}')  # last, on GCS
+  if not remote:
+    storage.sync(work)
+    work.rename(dst)
+  return {'bytes_copied_server_side': copied.bytes_copied_server_side,
+          'bytes_uploaded': copied.bytes_uploaded + (uploaded if remote else 0),
+          'bytes_linked': copied.bytes_linked, 'bytes_copied': copied.bytes_copied}
+
+
+# --- verifying ---------------------------------------------------------------
+
+class IndexMismatch(RuntimeError):
+  """The output's index is not the input's where it must be."""
+
+
+def _index(directory: epath.Path) -> dict[bytes, Any]:
+  """{key: its value in the OCDBT database at directory: inline bytes, or
+  (data file, offset, length)}, from the latest version's B-tree. A node's
+  keys are relative to the prefixes of the nodes above it."""
+  base = ts.KvStore.open(storage.kvstore_url(directory)).result()
+  manifest = ts.ocdbt.dump(base).result()
+  entries, pending = {}, [(b'', manifest['versions'][-1]['root']['location'])]
+  while pending:
+    prefix, location = pending.pop()
+    for entry in ts.ocdbt.dump(base, location).result()['entries']:
+      if 'location' in entry:
+        pending.append((prefix + entry['subtree_common_prefix'], entry['location']))
+      elif 'inline_value' in entry:
+        entries[prefix + entry['key']] = entry['inline_value']
+      else:  # value:<base path>:<data file>:<offset>:<length>
+        head, file, offset, length = entry['indirect_value'].rsplit(':', 3)
+        entries[prefix + entry['key']] = (head.removeprefix('value:') + file, offset, length)
+  return entries
+
+
+def _owners(keys: dict[bytes, Any], names: set[str]) -> dict[bytes, str | None]:
+  """{key: the parameter name whose array it belongs to (the longest name
+  it starts with, then '/'), or None}."""
+  prefixes = sorted(((f'{n}/'.encode(), n) for n in names), key=lambda p: -len(p[0]))
+  return {k: next((n for p, n in prefixes if k.startswith(p)), None) for k in keys}
+
+
+def _same_file(a: epath.Path, b: epath.Path, listing: dict[str, Any]) -> bool:
+  """Whether two data files hold the same bytes: the same inode, or the same
+  size and checksum (on GCS, from the listing; no data read)."""
+  if str(a).startswith('gs://'):
+    left, right = listing.get(str(a)), listing.get(str(b))
+    return bool(left and right and left['size'] == right['size'] and
+                left.get('crc32c') == right.get('crc32c') and left.get('crc32c'))
+  sa, sb = os.stat(a), os.stat(b)
+  if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+    return True
+  return sa.st_size == sb.st_size and _crc(a) == _crc(b)
+
+
+def _crc(file: epath.Path) -> int:
+  crc = 0
+  with open(file, 'rb') as f:
+    while block := f.read(1 << 22):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
+def _files(directory: epath.Path) -> dict[bytes, Any]:
+  """Per-array directories: {relative path: None} of every file but Orbax's metadata."""
+  root = str(directory).rstrip('/')
+  if root.startswith('gs://'):
+    found = [p for p in storage.listing(directory)]
+  else:
+    found = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+  keys = {p[len(root) + 1:] for p in found}
+  return {k.encode(): None for k in keys
+          if k not in _METADATA_FILES and not k.startswith('array_metadatas/')}
+
+
+_METADATA_FILES = {'_METADATA', '_sharding', '_CHECKPOINT_METADATA', COMMIT_FILE}
+
+
+def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch]) -> None:
+  """The committed output at dst holds each carried leaf as the input's very
+  stored value (the same index entry, and data files identical to the
+  input's), and no key but those and the computed leaves'."""
+  for patch in patches:
+    before = src / patch.item if patch.item else src
+    after = dst / patch.item if patch.item else dst
+    read = _index if patch.use_ocdbt else _files
+    old, new = read(before), read(after)
+    old_owner = _owners(old, set(patch.kept) | set(patch.removed) | set(patch.computed))
+    new_owner = _owners(new, set(patch.kept) | set(patch.renamed) | set(patch.computed))
+    renamed_to = {o: n for n, o in patch.renamed.items()}
+    expected = {}  # output key -> the input key it must be
+    for key, owner in old_owner.items():
+      if owner in patch.kept:
+        expected[key] = key
+      elif owner in renamed_to:
+        expected[f'{renamed_to[owner]}/'.encode() + key[len(owner) + 1:]] = key
+    got = {k for k, owner in new_owner.items() if owner not in patch.computed}
+    differ = sorted(got ^ set(expected)) or sorted(k for k in got if new[k] != old[expected[k]])
+    if differ:
+      raise IndexMismatch(f"{after}: its stored keys differ from the input's at "
+                          f"{[k.decode(errors='replace') for k in differ[:3]]}")
+    if patch.use_ocdbt:
+      pairs = {(v[0], v[0]) for v in (new[k] for k in got) if isinstance(v, tuple)}
+    else:
+      pairs = {(expected[k].decode(), k.decode()) for k in got}
+    listing = {**storage.listing(before), **storage.listing(after)} if str(after).startswith(
+        'gs://') else {}
+    bad = sorted(b for a, b in pairs if not _same_file(before / a, after / b, listing))
+    if bad:
+      raise IndexMismatch(f"{after}: stored files differ from the input's: {bad[:3]}")

@@ -1,0 +1,189 @@
+"""Copy-and-patch: outputs made by copying the input's files and patching the
+copy restore bit for bit as the full path's, leave the input as it was,
+never keep removed data readable, and are proven by their index."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorstore as ts
+from etils import epath
+
+from pipeline import checkpoint_io, copy_patch, migrate, storage
+from tests.conftest import mlp
+from tests.test_copy_through import SPEC, restored_bits, state, write
+from tests.test_storage_copy import snapshot
+from transforms import Surgery, load_spec
+
+RENAME = "ops: [{rename: {match: '^Dense_0/', to: 'Linear_0/'}}]"
+
+
+def migrated(src, dst, spec=SPEC, **settings):
+  migrate._SURGERIES.clear()
+  return migrate.migrate_one(str(src), str(dst), migrate.surgery_for(spec),
+                             migrate.Settings(**settings), attempts=1)
+
+
+def data_inodes(path) -> set[int]:
+  return {os.stat(p).st_ino for p in pathlib.Path(path).glob('**/ocdbt.process_*/d/*')}
+
+
+@pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'no_ocdbt'])
+@pytest.mark.parametrize('layout', ['pytree', 'standard', 'step'])
+def test_patched_outputs_restore_as_the_full_path_and_leave_the_input(tmp_path, layout, use_ocdbt):
+  src = tmp_path / 'in'
+  write(src, layout, use_ocdbt)
+  before = snapshot(src)
+  full = migrated(src, tmp_path / 'full', full_decode=True)
+  patched = migrated(src, tmp_path / 'patched')
+  assert (patched['status'], patched['write_path']) == ('ok', 'copy_and_patch'), patched['error']
+  assert (full['write_path'], full['why_not_patched']) == ('full', '--full_decode')
+  assert restored_bits(tmp_path / 'patched', layout) == restored_bits(tmp_path / 'full', layout)
+  assert patched['bytes_uploaded'] == patched['bytes_copied_server_side'] == 0
+  if use_ocdbt:  # the data files are the input's own, linked
+    assert data_inodes(tmp_path / 'patched') and data_inodes(tmp_path / 'patched') <= data_inodes(src)
+  # A later write to the output reaches nothing of the input's.
+  for manifest in (tmp_path / 'patched').glob('**/manifest.ocdbt'):
+    manifest.write_bytes(b'overwritten')
+  assert snapshot(src) == before
+  assert checkpoint_io.read_provenance(tmp_path / 'patched')['src'] == str(src)
+
+
+def test_a_typed_restore_and_a_second_migration_of_a_patched_output(tmp_path):
+  src, dst = tmp_path / 'in', tmp_path / 'out'
+  write(src, 'standard', True)
+  assert migrated(src, dst)['write_path'] == 'copy_and_patch'
+  before = state()
+  params = {'Linear_0': before['params']['Dense_0'], 'Dense_1': before['params']['Dense_1']}
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {**before, 'params': params})
+  abstract['opt_state'] = jax.eval_shape(optax.adam(1e-2).init, abstract['params'])
+  after = ocp.StandardCheckpointer().restore(dst, abstract)
+  assert isinstance(after['opt_state'][0], optax.ScaleByAdamState)
+  np.testing.assert_array_equal(after['opt_state'][0].nu['Linear_0']['bias'],
+                                before['opt_state'][0].nu['Dense_0']['bias'])
+  # The output (an OCDBT database patched once) is itself patched again.
+  again = migrated(dst, tmp_path / 'again', "ops: [{rename: {match: '^Linear_0/', to: 'Dense_9/'}}]")
+  assert (again['status'], again['write_path']) == ('ok', 'copy_and_patch'), again['error']
+  np.testing.assert_array_equal(ocp.PyTreeCheckpointer().restore(tmp_path / 'again')['params']
+                                ['Dense_9']['kernel'], before['params']['Dense_0']['kernel'])
+
+
+def stored_keys_of_every_version(path) -> set[bytes]:
+  """Every key any version of the OCDBT database at `path` holds."""
+  manifest = ts.ocdbt.dump(ts.KvStore.open(storage.kvstore_url(path)).result()).result()
+  keys = set()
+  for version in manifest['versions']:
+    store = ts.KvStore.open({'driver': 'ocdbt', 'base': storage.kvstore_url(path),
+                             'version': version['generation_number']}).result()
+    keys |= set(store.list().result())
+  return keys
+
+
+@pytest.mark.parametrize('spec, why', [
+    ("ops: [{drop: {match: '^Dense_0/'}}]", 'drops'),
+    ("ops: [{slice: {match: '^Dense_0/kernel$', axis: 1, start: 0, stop: 2}}]", 'slice'),
+    ("ops: [{cast: {match: '.*', dtype: bfloat16}}]", 'narrows dtypes (float32 -> bfloat16)'),
+    ("ops: [{drop_optimizer: {}}]", 'drops'),
+])
+def test_a_surgery_that_removes_data_leaves_none_of_it_readable(tmp_path, spec, why):
+  src, dst = tmp_path / 'in', tmp_path / 'out'
+  write(src, 'pytree', True)
+  rec = migrated(src, dst, spec)
+  assert rec['status'] == 'ok', rec['error']
+  assert rec['write_path'] != 'copy_and_patch' and why in rec['why_not_patched']
+  assert not data_inodes(dst) & data_inodes(src)  # no input file is linked in
+  if 'drop' in spec:
+    gone = b'params.Dense_0.' if 'drop:' in spec else b'opt_state.'
+    assert not any(k.startswith(gone) for k in stored_keys_of_every_version(dst))
+
+
+def test_route_removes_says_how_a_surgery_loses_data():
+  tree = {'params': mlp((3, 4, 2)), 'opt_state': optax.adam(1e-2).init(mlp((3, 4, 2)))}
+  def removes(ops):
+    return Surgery(load_spec(f'ops: {ops}')).route(tree)[0].removes
+  assert removes("[{rename: {match: '^Dense_0/', to: 'L/'}}, {normalize: {match: 'kernel$'}}]") is None
+  assert removes("[{cast: {match: '.*', dtype: float64}}]") is None  # widening keeps every bit
+  assert removes("[{pad: {match: '^Dense_0/kernel$', axis: 1, to: 6}}]") is None
+  assert 'drops' in removes("[{reinit: {match: '^Dense_0/', init: zeros}}]")  # the old moments are not read
+  assert 'narrows' in removes("[{cast: {match: '.*', dtype: float16}}]")
+  assert 'python' in removes("[{python: {fn: 'tests.fix_heads:double_bias'}}]")
+
+
+def test_a_rename_onto_a_name_the_input_holds_takes_another_writer(tmp_path):
+  src = tmp_path / 'in'
+  write(src, 'pytree', True)
+  swap = ("ops: [{rename: {match: '^Dense_0/', to: 'Tmp/'}}, {rename: {match: '^Dense_1/', to: 'Dense_0/'}},"
+          " {rename: {match: '^Tmp/', to: 'Dense_1/'}}]")
+  rec = migrated(src, tmp_path / 'out', swap)
+  assert rec['status'] == 'ok', rec['error']
+  assert rec['write_path'] == 'copy_through' and 'renames onto names' in rec['why_not_patched']
+
+
+def test_the_index_check_catches_a_swapped_rename(tmp_path, monkeypatch):
+  """A patch that copies the wrong leaf's keys to a new name (a bug, or a
+  storage library's) fails the checkpoint, and nothing is left at dst."""
+  src, out = tmp_path / 'in', tmp_path / 'out'
+  write(src, 'pytree', True)
+  real = copy_patch._patch_ocdbt
+
+  async def swapped(directory, patch):
+    targets = sorted(patch.renamed)
+    olds = [patch.renamed[t] for t in targets]
+    await real(directory, dataclasses.replace(patch, renamed=dict(zip(targets, olds[1:] + olds[:1]))))
+
+  monkeypatch.setattr(copy_patch, '_patch_ocdbt', swapped)
+  rec = migrated(src, out / 'x', RENAME)
+  assert rec['status'] == 'failed' and 'IndexMismatch' in rec['error'], rec
+  assert list(out.iterdir()) == []
+
+
+KILLED = """
+import os, signal, sys
+from pipeline import copy_patch, migrate
+def die(*args):
+  os.kill(os.getpid(), signal.SIGKILL)
+copy_patch._write_metadata = die  # killed once the copy is patched, before its metadata
+migrate.migrate_one(sys.argv[1], sys.argv[2], migrate.surgery_for(sys.argv[3]))
+"""
+
+
+def test_kill_9_during_a_patch_leaves_nothing_a_rerun_takes_as_done(tmp_path):
+  src, dst = tmp_path / 'in', tmp_path / 'out' / 'x'
+  write(src, 'pytree', True)
+  dst.parent.mkdir()
+  killed = subprocess.run([sys.executable, '-c', KILLED, str(src), str(dst), SPEC])
+  assert killed.returncode == -signal.SIGKILL
+  assert not checkpoint_io.is_checkpoint(dst)
+  rec = migrated(src, dst)
+  assert (rec['status'], rec['write_path']) == ('ok', 'copy_and_patch'), rec['error']
+  assert sorted(p.name for p in dst.parent.iterdir()) == ['x']  # the killed attempt's work is gone
+  assert checkpoint_io.is_checkpoint(dst)
+
+
+def test_on_gcs_a_rename_uploads_no_array_byte(gcs, bucket, tmp_path):
+  """gs:// -> gs://: the copy is server-side; only metadata and the patch's
+  index nodes are uploaded. The output restores as the local one does."""
+  src = f'{bucket}/in'
+  big = {'params': mlp((256, 256, 256)), 'step': 1}  # 0.5 MB of params
+  ocp.PyTreeCheckpointer().save(src, big)
+  ocp.PyTreeCheckpointer().save(tmp_path / 'in', big)
+  local = migrated(tmp_path / 'in', tmp_path / 'out', RENAME)
+  gcs.reset_counters()
+  rec = migrated(src, f'{bucket}/out', RENAME)
+  uploaded = gcs.counters()['bytes_uploaded']
+  assert (rec['status'], rec['write_path']) == ('ok', 'copy_and_patch'), rec['error']
+  assert rec['bytes_copied_server_side'] > 0 and rec['bytes_uploaded'] == 0
+  stored = sum(storage.listing(epath.Path(src))[p]['size'] for p in storage.listing(epath.Path(src)))
+  assert uploaded < 0.05 * stored  # metadata and index nodes
+  assert local['write_path'] == 'copy_and_patch'
+  assert restored_bits(f'{bucket}/out', 'pytree') == restored_bits(tmp_path / 'out', 'pytree')
