@@ -168,14 +168,22 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any) -> TreePatch:
                    sorted(stored - kept - set(computed)), metadata.to_json(), shardings, arrays)
 
 
-def plan_patch(src: epath.Path, layout: checkpoint_io.Layout, written: dict[str, Any],
-               removes: str | None) -> list[TreePatch]:
-  """The patches of each tree item of `src` that make `written` (the items
-  to save); NotPatchable where this writer does not apply."""
+def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None) -> None:
+  """NotPatchable where this writer cannot write outputs of `src` for a
+  surgery that removes data as `removes` says (`transforms.Route.removes`)."""
   if removes:
     raise NotPatchable(f'the surgery {removes}: the copied files would keep it readable')
   if layout.msgpack:
     raise NotPatchable('a msgpack input has no stored chunks to copy')
+  for name in layout.trees:
+    _input_entries(src / name if name else src)
+
+
+def plan_patch(src: epath.Path, layout: checkpoint_io.Layout, written: dict[str, Any],
+               removes: str | None) -> list[TreePatch]:
+  """The patches of each tree item of `src` that make `written` (the items
+  to save); NotPatchable where this writer does not apply."""
+  check_input(src, layout, removes)
   return [_tree_patch(src / name if name else src, name, written[name]) for name in layout.trees]
 
 
@@ -196,16 +204,18 @@ async def _write_computed(directory: epath.Path, patch: TreePatch, txn: ts.Trans
     spec = ts_utils.build_array_write_spec(
         info, None, global_shape=tuple(x.shape), local_shape=tuple(x.shape),
         dtype=np.dtype(x.dtype), use_ocdbt=patch.use_ocdbt, process_index=None).json
-    array = await ts.open(spec, create=True, delete_existing=True, transaction=txn,
+    array = await ts.open(spec, create=True, open=False, transaction=txn,
                           context=_context(patch.use_ocdbt))
     await array.write(np.asarray(x))
   await asyncio.gather(*(write(n, x) for n, x in patch.computed.items()))
 
 
 async def _patch_ocdbt(directory: epath.Path, patch: TreePatch) -> None:
-  """One transaction: renames (index-only copies, then the old keys' deletes;
-  in that order, as TensorStore reads a copy's source through the
-  transaction), then the computed leaves."""
+  """Two transactions. The first renames (index-only copies, then the old
+  keys' deletes: in that order, as TensorStore reads a copy's source through
+  the transaction) and deletes what is removed or recomputed; the second
+  writes the computed leaves (a zarr open in the first would not see its
+  deletes)."""
   root = await ts.KvStore.open(ts_utils.build_kvstore_tspec(str(directory), use_ocdbt=True),
                                context=_context(True))
   txn = ts.Transaction()
@@ -213,9 +223,12 @@ async def _patch_ocdbt(directory: epath.Path, patch: TreePatch) -> None:
   await asyncio.gather(*((root / f'{old}/').experimental_copy_range_to(staged / f'{new}/')
                          for new, old in patch.renamed.items()))
   await asyncio.gather(*((staged / f'{old}/').delete_range(ts.KvStore.KeyRange())
-                         for old in patch.removed))
-  await _write_computed(directory, patch, txn)
+                         for old in [*patch.removed, *patch.computed]))
   await txn.commit_async()
+  if patch.computed:
+    txn = ts.Transaction()
+    await _write_computed(directory, patch, txn)
+    await txn.commit_async()
 
 
 async def _patch_directories(directory: epath.Path, patch: TreePatch) -> None:
@@ -224,7 +237,7 @@ async def _patch_directories(directory: epath.Path, patch: TreePatch) -> None:
   moved = {old: directory / f'.{i}.moving' for i, old in enumerate(patch.renamed.values())}
   for old, temporary in moved.items():
     storage.move_tree(directory / old, temporary)
-  for old in patch.removed:
+  for old in [*patch.removed, *patch.computed]:
     if old not in moved and (directory / old).exists():
       (directory / old).rmtree()
   for new, old in patch.renamed.items():

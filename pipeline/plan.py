@@ -13,7 +13,7 @@ from typing import Any
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, report
+from pipeline import checkpoint_io, copy_patch, report
 
 
 def plan_checkpoints(sources: list[str], spec: transforms.Spec) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def plan_checkpoints(sources: list[str], spec: transforms.Spec) -> dict[str, Any
   unreadable = []
   for src in sources:
     try:
-      _, meta = checkpoint_io.read_metadata(epath.Path(src))
+      layout, meta = checkpoint_io.read_metadata(epath.Path(src))
       tree, _ = surgery.split(meta)
       sig = transforms.signature_id(transforms.signature(tree))
     except Exception as e:  # this checkpoint cannot be planned; the others can
@@ -31,6 +31,9 @@ def plan_checkpoints(sources: list[str], spec: transforms.Spec) -> dict[str, Any
       continue
     if sig not in groups:
       groups[sig] = {'signature': sig, 'checkpoints': [], **_plan_one(surgery, meta)}
+      if not groups[sig]['error']:
+        groups[sig].update(_writer(epath.Path(src), layout, tree, surgery,
+                                   groups[sig]['bytes_untouched']))
     groups[sig]['checkpoints'].append(src)
   planned = list(groups.values())
   would_fail = sum(len(g['checkpoints']) for g in planned if g['error']) + len(unreadable)
@@ -52,6 +55,19 @@ def _plan_one(surgery: transforms.Surgery, meta: Any) -> dict[str, Any]:
       'bytes_untouched': result.bytes_untouched,
       'roles': result.roles,
   }
+
+
+def _writer(src: epath.Path, layout: checkpoint_io.Layout, tree: Any,
+            surgery: transforms.Surgery, untouched: int) -> dict[str, Any]:
+  """How `run` will write outputs of this signature (unless --full_decode),
+  and why not by copy-and-patch."""
+  try:
+    removes = None if layout.msgpack else surgery.removes(tree)
+    copy_patch.check_input(src, layout, removes)
+    return {'write_path': 'copy_and_patch', 'why_not_patched': None}
+  except copy_patch.NotPatchable as e:
+    carried = untouched and not layout.msgpack
+    return {'write_path': 'copy_through' if carried else 'full', 'why_not_patched': str(e)}
 
 
 def format_plan(result: dict[str, Any]) -> str:
@@ -77,7 +93,9 @@ def format_plan(result: dict[str, Any]) -> str:
     lines.append('  bytes: ' + ', '.join(
         f'{k} {report.size(before[k])} -> {report.size(after[k])}' for k in before))
     lines.append(f"  untouched: {report.size(group['bytes_untouched'])} of {report.size(after['total'])}, "
-                 'copied through as stored bytes (unless --full_decode, or read from a Flax msgpack file)')
+                 'carried over as stored bytes (unless --full_decode, or read from a Flax msgpack file)')
+    why = f" ({group['why_not_patched']})" if group['why_not_patched'] else ''
+    lines.append(f"  written by {group['write_path'].replace('_', '-')}{why}")
   if result['unreadable']:
     lines.append(f"unreadable: {len(result['unreadable'])} checkpoint(s) would FAIL")
     lines += [f"  {u['src']}: {u['error']}" for u in result['unreadable']]

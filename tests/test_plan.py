@@ -100,3 +100,20 @@ def test_plan_reports_failures_as_run_meets_them(inputs, tmp_path):
 def test_plan_bad_spec_exits_2(inputs, tmp_path):
   result, _ = plan_json(tmp_path, inputs / '*', "ops: [{pad: {match: a}}]")
   assert result.returncode == 2 and "ops[0] (pad): missing field 'axis'" in result.stderr
+
+
+def test_plan_says_which_writer_run_takes(inputs, tmp_path):
+  """A rename and a normalize keep every input byte: copy-and-patch. The
+  plan's spec drops and narrows: copy-through, and why."""
+  keeps = "ops: [{rename: {match: '^Dense_1/', to: 'Head/'}}, {normalize: {match: '^Dense_0/kernel$'}}]"
+  for spec_text, path, why in [(keeps, 'copy_and_patch', None), (SPEC, 'copy_through', 'drops')]:
+    result, plan = plan_json(tmp_path, inputs / 'run_b', spec_text)
+    assert result.returncode == 0, result.stderr
+    (group,) = plan['groups']
+    assert group['write_path'] == path and (why is None) == (group['why_not_patched'] is None)
+    assert why is None or why in group['why_not_patched']
+    migrate._SURGERIES.clear()
+    rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / path), migrate.surgery_for(spec_text))
+    assert (rec['status'], rec['write_path']) == ('ok', path), rec['error']
+  assert 'written by copy-through (the surgery drops ' in cli(
+      'plan', '--input', inputs / 'run_b', '--spec', tmp_path / 'spec.yaml').stdout

@@ -375,16 +375,28 @@ class Surgery:
                if isinstance(v, jex.core.Var) and v in inputs}
     return closed, out_shape, carried
 
-  def _trace_route(self, tree: dict[str, Any]) -> Route:
+  def _split_computed(self, tree: dict[str, Any]) -> tuple[Any, Any, dict[int, int], Any,
+                                                            tuple[int, ...], str | None]:
+    """(closed jaxpr, output shapes, carried, the jaxpr of the computed
+    outputs alone, the inputs it reads, how the surgery removes data)."""
     closed, out_shape, carried = self.trace(tree)
     jaxpr = closed.jaxpr
     pruned, used = dce_jaxpr(jaxpr, [o not in carried for o in range(len(jaxpr.outvars))])
     needed = tuple(i for i, u in enumerate(used) if u)
+    removes = removal(self.spec, pruned, len(jaxpr.invars), set(carried.values()) | set(needed))
+    return closed, out_shape, carried, pruned, needed, removes
+
+  def removes(self, tree: dict[str, Any]) -> str | None:
+    """How this surgery loses data of `tree` (abstract is fine), or None:
+    `Route.removes` without compiling (for `plan`)."""
+    return self._split_computed(tree)[-1]
+
+  def _trace_route(self, tree: dict[str, Any]) -> Route:
+    closed, out_shape, carried, pruned, needed, removes = self._split_computed(tree)
     compute = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(pruned, closed.consts))
     abstract, _ = _abstract_leaves(tree)  # with their shardings, which avals lack
     compiled = _compile_donating(lambda xs: compute(*xs), [abstract[i] for i in needed])
-    return Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled,
-                 removal(self.spec, pruned, len(abstract), set(carried.values()) | set(needed)))
+    return Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled, removes)
 
 
 # Ops whose output keeps less than they read, and ops whose effect we cannot see.
