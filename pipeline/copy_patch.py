@@ -168,9 +168,16 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any) -> TreePatch:
                    sorted(stored - kept - set(computed)), metadata.to_json(), shardings, arrays)
 
 
-def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None) -> None:
-  """NotPatchable where this writer cannot write outputs of `src` for a
-  surgery that removes data as `removes` says (`transforms.Route.removes`)."""
+def _is_gcs(path: epath.Path) -> bool:
+  return str(path).startswith('gs://')
+
+
+def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None,
+                dst: epath.Path | None = None) -> None:
+  """NotPatchable where this writer cannot write outputs of `src` (at `dst`)
+  for a surgery that removes data as `removes` says (`Route.removes`)."""
+  if dst is not None and _is_gcs(src) != _is_gcs(dst):
+    raise NotPatchable('input and output on different storage: every byte moves either way')
   if removes:
     raise NotPatchable(f'the surgery {removes}: the copied files would keep it readable')
   if layout.msgpack:
@@ -179,11 +186,11 @@ def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | No
     _input_entries(src / name if name else src)
 
 
-def plan_patch(src: epath.Path, layout: checkpoint_io.Layout, written: dict[str, Any],
-               removes: str | None) -> list[TreePatch]:
+def plan_patch(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
+               written: dict[str, Any], removes: str | None) -> list[TreePatch]:
   """The patches of each tree item of `src` that make `written` (the items
-  to save); NotPatchable where this writer does not apply."""
-  check_input(src, layout, removes)
+  to save at `dst`); NotPatchable where this writer does not apply."""
+  check_input(src, layout, removes, dst)
   return [_tree_patch(src / name if name else src, name, written[name]) for name in layout.trees]
 
 
@@ -276,7 +283,7 @@ def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
   """Copy src, patch the copy, commit it at dst (which must not exist); what
   was moved: {'bytes_copied_server_side', 'bytes_uploaded', 'bytes_linked',
   'bytes_copied'}."""
-  remote = str(dst).startswith('gs://')
+  remote = _is_gcs(dst)
   work = dst if remote else dst.parent / f'{dst.name}.orbax-checkpoint-tmp-{time.time_ns()}'
   copied = storage.copy_tree(src, work, skip=frozenset({COMMIT_FILE}))
   uploaded = 0
@@ -286,13 +293,20 @@ def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
     _write_metadata(directory, patch)
     uploaded += sum(int(x.nbytes) for x in patch.computed.values())
   (work / '_CHECKPOINT_METADATA').write_text(json.dumps(_checkpoint_metadata(src, layout, provenance)))
-  (work / COMMIT_FILE).write_text(f'Checkpoint commit was successful to {dst}')  # last, on GCS
-  if not remote:
-    storage.sync(work)
-    work.rename(dst)
+  commit(work, dst)
   return {'bytes_copied_server_side': copied.bytes_copied_server_side,
           'bytes_uploaded': copied.bytes_uploaded + (uploaded if remote else 0),
           'bytes_linked': copied.bytes_linked, 'bytes_copied': copied.bytes_copied}
+
+
+def commit(work: epath.Path, dst: epath.Path) -> None:
+  """Make the finished output at `work` the committed checkpoint at dst, as
+  Orbax does: the commit file last on GCS (where work is dst); locally,
+  everything made durable, then the directory renamed into place."""
+  (work / COMMIT_FILE).write_text(f'Checkpoint commit was successful to {dst}')
+  if work != dst:
+    storage.sync(work)
+    work.rename(dst)
 
 
 # --- verifying ---------------------------------------------------------------
@@ -331,7 +345,7 @@ def _owners(keys: dict[bytes, Any], names: set[str]) -> dict[bytes, str | None]:
 def _same_file(a: epath.Path, b: epath.Path, listing: dict[str, Any]) -> bool:
   """Whether two data files hold the same bytes: the same inode, or the same
   size and checksum (on GCS, from the listing; no data read)."""
-  if str(a).startswith('gs://'):
+  if _is_gcs(a):
     left, right = listing.get(str(a)), listing.get(str(b))
     return bool(left and right and left['size'] == right['size'] and
                 left.get('crc32c') == right.get('crc32c') and left.get('crc32c'))
@@ -349,10 +363,27 @@ def _crc(file: epath.Path) -> int:
   return crc
 
 
+def _check_bounds(directory: epath.Path, index: dict[bytes, Any]) -> None:
+  """Every value the index places in a data file lies within that file (a
+  truncated input is caught without reading it)."""
+  ends: dict[str, int] = {}
+  for value in index.values():
+    if isinstance(value, tuple):
+      ends[value[0]] = max(ends.get(value[0], 0), int(value[1]) + int(value[2]))
+  sizes = ({p[len(str(directory)) + 1:]: int(i['size']) for p, i in storage.listing(directory).items()}
+           if _is_gcs(directory) else
+           {f: os.stat(directory / f).st_size for f in ends if (directory / f).exists()})
+  for file, end in sorted(ends.items()):
+    if sizes.get(file, -1) < end:
+      raise checkpoint_io.CheckpointError(
+          f'{directory / file}: OUT_OF_RANGE: {sizes.get(file, "no")} bytes where the index '
+          f'reads up to {end}')
+
+
 def _files(directory: epath.Path) -> dict[bytes, Any]:
   """Per-array directories: {relative path: None} of every file but Orbax's metadata."""
   root = str(directory).rstrip('/')
-  if root.startswith('gs://'):
+  if _is_gcs(directory):
     found = [p for p in storage.listing(directory)]
   else:
     found = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
@@ -373,6 +404,8 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch]) -> 
     after = dst / patch.item if patch.item else dst
     read = _index if patch.use_ocdbt else _files
     old, new = read(before), read(after)
+    if patch.use_ocdbt:
+      _check_bounds(before, old)
     old_owner = _owners(old, set(patch.kept) | set(patch.removed) | set(patch.computed))
     new_owner = _owners(new, set(patch.kept) | set(patch.renamed) | set(patch.computed))
     renamed_to = {o: n for n, o in patch.renamed.items()}
@@ -391,8 +424,7 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch]) -> 
       pairs = {(v[0], v[0]) for v in (new[k] for k in got) if isinstance(v, tuple)}
     else:
       pairs = {(expected[k].decode(), k.decode()) for k in got}
-    listing = {**storage.listing(before), **storage.listing(after)} if str(after).startswith(
-        'gs://') else {}
+    listing = {**storage.listing(before), **storage.listing(after)} if _is_gcs(after) else {}
     bad = sorted(b for a, b in pairs if not _same_file(before / a, after / b, listing))
     if bad:
       raise IndexMismatch(f"{after}: stored files differ from the input's: {bad[:3]}")

@@ -261,7 +261,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   written = layout.split(new_state, items)
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
   patches, done['write_path'], done['why_not_patched'] = _choose_writer(
-      src, layout, written, removes, carried, settings)
+      src, dst, layout, written, removes, carried, settings)
   uploaded = done['bytes_out'] if str(dst).startswith('gs://') else 0
   with deadline.hold(_SAVING), deadline.writing():
     if patches:
@@ -279,7 +279,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
 
 
 
-def _choose_writer(src: epath.Path, layout: checkpoint_io.Layout, written: dict[str, Any],
+def _choose_writer(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
+                   written: dict[str, Any],
                    removes: str | None, carried: dict[str, Any], settings: Settings
                    ) -> tuple[list[copy_patch.TreePatch] | None, str, str | None]:
   """(the copy-and-patch plan or None, the write path taken, why not
@@ -287,7 +288,7 @@ def _choose_writer(src: epath.Path, layout: checkpoint_io.Layout, written: dict[
   if settings.full_decode:
     return None, 'full', '--full_decode'
   try:
-    return copy_patch.plan_patch(src, layout, written, removes), 'copy_and_patch', None
+    return copy_patch.plan_patch(src, dst, layout, written, removes), 'copy_and_patch', None
   except copy_patch.NotPatchable as e:
     return None, 'copy_through' if carried else 'full', str(e)
 

@@ -113,23 +113,30 @@ def test_missing_bucket_exits_2_before_any_write(gcs, gcs_samples, bucket, tmp_p
 
 
 def test_transient_errors_are_retried_then_permanent_ones_fail(inputs, tmp_path, monkeypatch):
-  """migrate_one retries what the storage libraries' own retries left over."""
-  from pipeline import checkpoint_io
-  real_save, calls = checkpoint_io.save, []
+  """migrate_one retries what the storage libraries' own retries left over,
+  whichever writer meets it."""
+  from pipeline import checkpoint_io, copy_patch
+  calls = []
 
-  def flaky_save(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 1:
-      raise OSError('PUT returned HTTP 503: backend unavailable')
-    return real_save(*args, **kwargs)
+  def flaky(write):
+    def flaky_write(*args, **kwargs):
+      calls.append(1)
+      if len(calls) == 1:
+        raise OSError('PUT returned HTTP 503: backend unavailable')
+      return write(*args, **kwargs)
+    return flaky_write
 
-  monkeypatch.setattr(checkpoint_io, 'save', flaky_save)
+  def forbidden(*args, **kwargs):
+    raise PermissionError('HTTP 403: caller does not have storage.objects.create access')
+
+  for module, name in ((checkpoint_io, 'save'), (copy_patch, 'write')):
+    monkeypatch.setattr(module, name, flaky(getattr(module, name)))
   migrate._SURGERIES.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
                             migrate.surgery_for(SEED_SPEC), backoff=0.01)
   assert (rec['status'], rec['attempts']) == ('ok', 2)
-  monkeypatch.setattr(checkpoint_io, 'save', lambda *a, **k: (_ for _ in ()).throw(
-      PermissionError('HTTP 403: caller does not have storage.objects.create access')))
+  for module, name in ((checkpoint_io, 'save'), (copy_patch, 'write')):
+    monkeypatch.setattr(module, name, forbidden)
   rec = migrate.migrate_one(str(inputs / 'run_c'), str(tmp_path / 'o' / 'run_c'),
                             migrate.surgery_for(SEED_SPEC), backoff=0.01)
   assert (rec['status'], rec['attempts']) == ('failed', 1) and '403' in rec['error']

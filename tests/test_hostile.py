@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from pipeline import checkpoint_io, discovery, lease, migrate, outputs, report
+from pipeline import checkpoint_io, copy_patch, discovery, lease, migrate, outputs, report
 from pipeline.demo import SEED_SPEC
 from tests import fix_heads
 from tests.test_cli import cli
@@ -73,12 +73,13 @@ def test_overwrite_keeps_the_old_output_when_the_new_one_cannot_be_written(input
   assert migrate_one(inputs / 'run_b', dst)['status'] == 'ok'
   old = digest(dst)
 
-  def disk_full(path, *args, **kwargs):
+  def disk_full(path):
     epath.Path(path).mkdir(parents=True)
     (epath.Path(path) / 'partial').write_text('x')
     raise OSError(errno.ENOSPC, 'No space left on device')
 
-  monkeypatch.setattr(checkpoint_io, 'save', disk_full)
+  monkeypatch.setattr(checkpoint_io, 'save', lambda dst, *args: disk_full(dst))
+  monkeypatch.setattr(copy_patch, 'write', lambda src, dst, *args: disk_full(dst))
   other = SEED_SPEC + "  - scale: {match: 'bias$', by: 2.0}\n"
   rec = migrate_one(inputs / 'run_b', dst, other, overwrite=True)
   assert rec['status'] == 'failed' and 'No space left' in rec['error']
@@ -376,12 +377,12 @@ def test_a_given_up_attempt_writes_nothing_once_its_lease_is_free(inputs, tmp_pa
   verifying, fail_it = threading.Event(), threading.Event()
   real_verify = migrate.verify
 
-  def stuck_verify(*args):
+  def stuck_verify(*args, **kwargs):
     if threading.current_thread().name == 'first':
       verifying.set()
       fail_it.wait()
       raise migrate.VerificationError('read back differently')
-    return real_verify(*args)
+    return real_verify(*args, **kwargs)
 
   monkeypatch.setattr(migrate, 'verify', stuck_verify)
   given_up = deadline_module.Deadline(3600)

@@ -129,22 +129,32 @@ def test_nonfinite_results_fail_unless_allowed(inputs, tmp_path):
   assert rec['status'] == 'ok'
 
 
-def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize('writer', ['copy_and_patch', 'full'])
+def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_path, monkeypatch,
+                                                                   writer):
   """A writer that commits something else than what was computed (a bug, a
   bad disk) is caught by reading the output back, and the output removed."""
-  from pipeline import checkpoint_io
-  real_save = checkpoint_io.save
+  from pipeline import checkpoint_io, copy_patch
+  real_save, real_patch = checkpoint_io.save, copy_patch.write
+  changed = lambda kernel: kernel.at[0, 0].add(1.0)  # the leaf the seed's surgery computes
 
   def corrupting_save(path, layout, items, provenance):
     state = layout.join(items)
-    kernel = state['params']['Dense_1']['kernel']  # the leaf the seed's surgery computes
-    state['params']['Dense_1']['kernel'] = kernel.at[0, 0].add(1.0)
+    state['params']['Dense_1']['kernel'] = changed(state['params']['Dense_1']['kernel'])
     real_save(path, layout, layout.split(state, items), provenance)
 
+  def corrupting_patch(src, dst, layout, patches, provenance):
+    (patch,) = patches
+    patch.computed['params.Dense_1.kernel'] = changed(patch.computed['params.Dense_1.kernel'])
+    return real_patch(src, dst, layout, patches, provenance)
+
   monkeypatch.setattr(checkpoint_io, 'save', corrupting_save)
+  monkeypatch.setattr(copy_patch, 'write', corrupting_patch)
   migrate._SURGERIES.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
-                            migrate.surgery_for(SEED_SPEC), attempts=1)
+                            migrate.surgery_for(SEED_SPEC),
+                            migrate.Settings(full_decode=writer == 'full'), attempts=1)
+  assert rec['write_path'] is None  # failed records name no writer
   assert rec['status'] == 'failed' and 'VerificationError' in rec['error']
   assert 'params/Dense_1/kernel' in rec['error']
   assert sorted(p.name for p in (tmp_path / 'o').iterdir()) == []
