@@ -80,11 +80,6 @@ class TreePatch:
   arrays: list[Any]                # the output's ArrayMetadata, every array leaf
 
 
-def _name(path: tuple[Any, ...]) -> str:
-  """Orbax's parameter name of a leaf: its keys joined by '.'."""
-  return '.'.join(str(tree_utils.get_key_name(k)) for k in path)
-
-
 def _read_json(file: epath.Path) -> Any:
   return json.loads(file.read_text())
 
@@ -125,7 +120,7 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any) -> TreePatch:
   renamed, computed, kept, shardings, arrays, out_entries = {}, {}, set(), {}, [], []
   options = tree_metadata.PYTREE_METADATA_OPTIONS
   for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=tree_utils.is_empty_or_leaf)[0]:
-    name = _name(path)
+    name = checkpoint_io.param_name(path)
     if isinstance(x, (StoredArray, jax.Array)):
       if isinstance(x, StoredArray):
         if epath.Path(x.directory) != directory:
@@ -315,26 +310,6 @@ class IndexMismatch(RuntimeError):
   """The output's index is not the input's where it must be."""
 
 
-def _index(directory: epath.Path) -> dict[bytes, Any]:
-  """{key: its value in the OCDBT database at directory: inline bytes, or
-  (data file, offset, length)}, from the latest version's B-tree. A node's
-  keys are relative to the prefixes of the nodes above it."""
-  base = ts.KvStore.open(storage.kvstore_url(directory)).result()
-  manifest = ts.ocdbt.dump(base).result()
-  entries, pending = {}, [(b'', manifest['versions'][-1]['root']['location'])]
-  while pending:
-    prefix, location = pending.pop()
-    for entry in ts.ocdbt.dump(base, location).result()['entries']:
-      if 'location' in entry:
-        pending.append((prefix + entry['subtree_common_prefix'], entry['location']))
-      elif 'inline_value' in entry:
-        entries[prefix + entry['key']] = entry['inline_value']
-      else:  # value:<base path>:<data file>:<offset>:<length>
-        head, file, offset, length = entry['indirect_value'].rsplit(':', 3)
-        entries[prefix + entry['key']] = (head.removeprefix('value:') + file, offset, length)
-  return entries
-
-
 def _owners(keys: dict[bytes, Any], names: set[str]) -> dict[bytes, str | None]:
   """{key: the parameter name whose array it belongs to (the longest name
   it starts with, then '/'), or None}."""
@@ -395,6 +370,22 @@ def _files(directory: epath.Path) -> dict[bytes, Any]:
 _METADATA_FILES = {'_METADATA', '_sharding', '_CHECKPOINT_METADATA', COMMIT_FILE}
 
 
+def verify(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
+           patches: list[TreePatch]) -> None:
+  """What only this writer needs proven of the committed output at dst
+  (its computed leaves are read back as for any writer): Orbax reads its
+  metadata as the tree written, every array of its shape and dtype; and
+  `verify_index`."""
+  for patch, (name, tree) in zip(patches, checkpoint_io.item_metadata(dst, layout).items()):
+    got = {m.name: (tuple(m.shape), np.dtype(m.dtype)) for m in jax.tree_util.tree_leaves(tree)
+           if checkpoint_io.is_array(m)}
+    want = {a.param_name: (tuple(a.shape), np.dtype(a.dtype)) for a in patch.arrays}
+    if got != want:
+      raise IndexMismatch(f'{dst / name}: Orbax reads its arrays as '
+                          f'{sorted(set(got.items()) ^ set(want.items()))[:3]}')
+  verify_index(src, dst, patches)
+
+
 def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch]) -> None:
   """The committed output at dst holds each carried leaf as the input's very
   stored value (the same index entry, and data files identical to the
@@ -402,7 +393,7 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch]) -> 
   for patch in patches:
     before = src / patch.item if patch.item else src
     after = dst / patch.item if patch.item else dst
-    read = _index if patch.use_ocdbt else _files
+    read = storage.ocdbt_index if patch.use_ocdbt else _files
     old, new = read(before), read(after)
     if patch.use_ocdbt:
       _check_bounds(before, old)

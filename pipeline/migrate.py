@@ -274,7 +274,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   written = checkpoint_io.abstract(written)  # verification reads the arrays back in batches
   verify(dst, written, prints, stored=not patches)  # if it fails, the attempt's recovery removes dst
   if patches:
-    copy_patch.verify_index(src, dst, patches)
+    copy_patch.verify(src, dst, layout, patches)
   return done
 
 

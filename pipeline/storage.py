@@ -285,3 +285,25 @@ def move_tree(src: epath.Path, dst: epath.Path) -> None:
     fs.mv(str(src), str(dst), recursive=True)
   else:
     os.rename(src, dst)
+
+
+def ocdbt_index(directory: epath.Path) -> dict[bytes, Any]:
+  """{key: its value} in the latest version of the OCDBT database at
+  `directory`: the inline bytes, or (data file, offset, length) as strings.
+  From the B-tree's nodes alone (a node's keys are relative to the prefixes
+  of the nodes above it): no value outside the index is read."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  base = ts.KvStore.open(kvstore_url(directory)).result()
+  manifest = ts.ocdbt.dump(base).result()
+  entries, pending = {}, [(b'', manifest['versions'][-1]['root']['location'])]
+  while pending:
+    prefix, location = pending.pop()
+    for entry in ts.ocdbt.dump(base, location).result()['entries']:
+      if 'location' in entry:
+        pending.append((prefix + entry['subtree_common_prefix'], entry['location']))
+      elif 'inline_value' in entry:
+        entries[prefix + entry['key']] = entry['inline_value']
+      else:  # value:<base path>:<data file>:<offset>:<length>
+        head, file, offset, length = entry['indirect_value'].rsplit(':', 3)
+        entries[prefix + entry['key']] = (head.removeprefix('value:') + file, offset, length)
+  return entries
