@@ -195,6 +195,14 @@ def _context(use_ocdbt: bool) -> ts.Context:
   return ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
 
 
+def _unsynced(kvstore: dict[str, Any]) -> dict[str, Any]:
+  """A TensorStore kvstore spec whose local files are not fsynced one by one:
+  `commit` syncs the whole output once, before it becomes visible."""
+  if kvstore.get('driver') == 'file':
+    return {**kvstore, 'file_io_sync': False}
+  return {k: _unsynced(v) if isinstance(v, dict) else v for k, v in kvstore.items()}
+
+
 async def _write_computed(directory: epath.Path, patch: TreePatch, txn: ts.Transaction | None
                           ) -> None:
   """Each computed leaf through the zarr driver, with Orbax's own write spec."""
@@ -206,7 +214,7 @@ async def _write_computed(directory: epath.Path, patch: TreePatch, txn: ts.Trans
     spec = ts_utils.build_array_write_spec(
         info, None, global_shape=tuple(x.shape), local_shape=tuple(x.shape),
         dtype=np.dtype(x.dtype), use_ocdbt=patch.use_ocdbt, process_index=None).json
-    array = await ts.open(spec, create=True, open=False, transaction=txn,
+    array = await ts.open({**spec, 'kvstore': _unsynced(spec['kvstore'])}, create=True, open=False, transaction=txn,
                           context=_context(patch.use_ocdbt))
     await array.write(np.asarray(x))
   await asyncio.gather(*(write(n, x) for n, x in patch.computed.items()))
@@ -218,7 +226,7 @@ async def _patch_ocdbt(directory: epath.Path, patch: TreePatch) -> None:
   the transaction) and deletes what is removed or recomputed; the second
   writes the computed leaves (a zarr open in the first would not see its
   deletes)."""
-  root = await ts.KvStore.open(ts_utils.build_kvstore_tspec(str(directory), use_ocdbt=True),
+  root = await ts.KvStore.open(_unsynced(ts_utils.build_kvstore_tspec(str(directory), use_ocdbt=True)),
                                context=_context(True))
   txn = ts.Transaction()
   staged = root.with_transaction(txn)

@@ -171,12 +171,12 @@ def test_kill_9_during_a_patch_leaves_nothing_a_rerun_takes_as_done(tmp_path):
 
 def test_on_gcs_a_rename_uploads_no_array_byte(gcs, bucket, tmp_path):
   """gs:// -> gs://: the copy is server-side; only metadata and the patch's
-  index nodes are uploaded. The output restores as the local one does."""
+  index nodes are uploaded. The output restores as the full path's does."""
   src = f'{bucket}/in'
   big = {'params': mlp((256, 256, 256)), 'step': 1}  # 0.5 MB of params
   ocp.PyTreeCheckpointer().save(src, big)
   ocp.PyTreeCheckpointer().save(tmp_path / 'in', big)
-  local = migrated(tmp_path / 'in', tmp_path / 'out', RENAME)
+  full = migrated(tmp_path / 'in', tmp_path / 'out', RENAME, full_decode=True)
   gcs.reset_counters()
   rec = migrated(src, f'{bucket}/out', RENAME)
   uploaded = gcs.counters()['bytes_uploaded']
@@ -184,5 +184,5 @@ def test_on_gcs_a_rename_uploads_no_array_byte(gcs, bucket, tmp_path):
   assert rec['bytes_copied_server_side'] > 0 and rec['bytes_uploaded'] == 0
   stored = sum(storage.listing(epath.Path(src))[p]['size'] for p in storage.listing(epath.Path(src)))
   assert uploaded < 0.05 * stored  # metadata and index nodes
-  assert local['write_path'] == 'copy_and_patch'
+  assert full['status'] == 'ok', full['error']
   assert restored_bits(f'{bucket}/out', 'pytree') == restored_bits(tmp_path / 'out', 'pytree')
