@@ -6,8 +6,14 @@ then times, alternating, each R times:
   copy  a plain gcsfs copy of every object under the input prefix (read each
         object, write it under another prefix): the I/O floor;
   ours  `ckpt-surgery run` gs -> gs with the seed's surgery, as a whole
-        process (start-up, Beam's local workers, restore, jit, save, report).
-It prints a table and writes JSON with bytes, seconds, MB/s and the ratio.
+        process (start-up, Beam's local workers, restore, jit, save, report);
+  rename  the same with a spec that only renames modules (Dense_N -> Linear_N),
+        which changes no stored array: what a copy-and-patch writer need not
+        upload.
+For each it also reports the bytes uploaded into the bucket, counted at the
+proxy (server-side copies are not uploads), and those over the input's stored
+bytes (`uploaded_over_stored`). It prints a table and writes JSON with bytes,
+seconds, MB/s, uploads and the ratio.
 
   python -m benchmarks.gcs_throughput [--count 8] [--repeat 2] [--json out.json]
 """
@@ -25,6 +31,13 @@ import fsspec
 
 from pipeline import demo, storage
 from tests.gcs_server import Emulator, FlakyProxy
+
+
+# Renames every Dense module of the demo's CNN (Conv_0, Conv_1, Dense_0, Dense_1).
+RENAME_SPEC = r"""ops:
+  - rename: {match: '^Dense_(\d+)/', to: 'Linear_\1/'}
+"""
+MODES = ('copy', 'ours', 'rename')
 
 
 def gcs_copy(fs, src: str, dst: str) -> int:
@@ -62,17 +75,23 @@ def main(argv=None) -> dict:
     src = 'bench/in'
     nbytes = sum(fs.du(src, total=False).values())
     with tempfile.TemporaryDirectory() as tmp:
-      spec = os.path.join(tmp, 'spec.yaml')
-      with open(spec, 'w') as f:
-        f.write(demo.SEED_SPEC)
-      times = {'copy': [], 'ours': []}
+      specs = {}
+      for name, text in (('ours', demo.SEED_SPEC), ('rename', RENAME_SPEC)):
+        specs[name] = os.path.join(tmp, f'{name}.yaml')
+        with open(specs[name], 'w') as f:
+          f.write(text)
+      times = {k: [] for k in MODES}
+      uploaded = {k: [] for k in MODES}
       for i in range(args.repeat):
-        start = time.perf_counter()
-        gcs_copy(fs, src, f'bench/copy{i}')
-        times['copy'].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ours('gs://' + src, f'gs://bench/ours{i}', spec)
-        times['ours'].append(time.perf_counter() - start)
+        for mode in MODES:
+          proxy.reset_counters()
+          start = time.perf_counter()
+          if mode == 'copy':
+            gcs_copy(fs, src, f'bench/copy{i}')
+          else:
+            ours('gs://' + src, f'gs://bench/{mode}{i}', specs[mode])
+          times[mode].append(time.perf_counter() - start)
+          uploaded[mode].append(proxy.reset_counters()['bytes_uploaded'])
   finally:
     proxy.stop()
     emulator.stop()
@@ -83,10 +102,14 @@ def main(argv=None) -> dict:
       'seconds': best, 'all_seconds': times,
       'mb_per_s': {k: nbytes / 1e6 / v for k, v in best.items()},
       'ours_over_copy': best['ours'] / best['copy'],
+      'bytes_uploaded': {k: max(v) for k, v in uploaded.items()},
+      'uploaded_over_stored': {k: max(v) / nbytes for k, v in uploaded.items()},
   }
   print(f"{args.count} checkpoints, {nbytes / 1e6:.1f} MB, best of {args.repeat}:")
-  for k in ('copy', 'ours'):
-    print(f"  {k:<5} {best[k]:7.2f} s  {result['mb_per_s'][k]:6.1f} MB/s")
+  for k in MODES:
+    print(f"  {k:<6} {best[k]:7.2f} s  {result['mb_per_s'][k]:6.1f} MB/s  "
+          f"uploaded {result['bytes_uploaded'][k] / 1e6:6.2f} MB "
+          f"({result['uploaded_over_stored'][k]:.0%} of stored)")
   print(f"  ours / copy = {result['ours_over_copy']:.2f}")
   if args.json:
     with open(args.json, 'w') as f:
