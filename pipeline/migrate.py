@@ -224,7 +224,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
     if layout.msgpack:  # one file, read once and whole: no metadata, no stored chunks to copy
       _, items = checkpoint_io.restore(src)
       trees_in = checkpoint_io.abstract(items)  # taken before the surgery donates the arrays
-      migrated = (items, *surgery(layout.join(items)), 'restores every leaf')
+      migrated = (items, *surgery(layout.join(items)), None)
     else:
       meta = checkpoint_io.item_metadata(src, layout)
       trees_in = checkpoint_io.trees(meta)
@@ -232,7 +232,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       if migrated is None:
         _, items = checkpoint_io.restore(src, like=trees_in)
         check_recorded(src, layout, meta, layout.join(items))
-        migrated = (items, *surgery(layout.join(items)), 'restores every leaf')
+        migrated = (items, *surgery(layout.join(items)), None)
   items, new_state, sig, compiled, removes = migrated
   prints = transforms.fingerprints(new_state)
   nonfinite = sorted(p for p, f in prints.items() if not f.finite)
@@ -278,19 +278,22 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   return done
 
 
-
 def _choose_writer(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
-                   written: dict[str, Any],
-                   removes: str | None, carried: dict[str, Any], settings: Settings
-                   ) -> tuple[list[copy_patch.TreePatch] | None, str, str | None]:
+                   written: dict[str, Any], removes: str | None, carried: dict[str, Any],
+                   settings: Settings) -> tuple[list[copy_patch.TreePatch] | None, str, str | None]:
   """(the copy-and-patch plan or None, the write path taken, why not
   copy-and-patch). --full_decode asks for the full save."""
   if settings.full_decode:
     return None, 'full', '--full_decode'
+  if layout.msgpack:
+    return None, 'full', 'a Flax msgpack input is read whole'
+  if not carried:
+    return None, 'full', ('no leaf carried over as stored (every leaf computed, a Python scalar '
+                          'among params or opt_state, or zarr3)')
   try:
     return copy_patch.plan_patch(src, dst, layout, written, removes), 'copy_and_patch', None
   except copy_patch.NotPatchable as e:
-    return None, 'copy_through' if carried else 'full', str(e)
+    return None, 'copy_through', str(e)
 
 
 VERIFY_BATCH_BYTES = 256 << 20  # read back at most this much at once: memory stays bounded
@@ -527,6 +530,10 @@ class MigrateFn(beam.DoFn):
     beam.metrics.Metrics.counter(METRICS, 'bytes_read').inc(rec['bytes_in'])
     beam.metrics.Metrics.counter(METRICS, 'bytes_written').inc(rec['bytes_out'])
     beam.metrics.Metrics.counter(METRICS, 'bytes_carried').inc(rec['bytes_carried'])
+    beam.metrics.Metrics.counter(METRICS, 'bytes_copied_server_side').inc(rec['bytes_copied_server_side'])
+    beam.metrics.Metrics.counter(METRICS, 'bytes_uploaded').inc(rec['bytes_uploaded'])
+    if rec['write_path']:
+      beam.metrics.Metrics.counter(METRICS, rec['write_path']).inc()
     beam.metrics.Metrics.counter(METRICS, 'compilations').inc(int(rec['compiled']))
     log.info('%-7s %s -> %s (%.1fs)%s', rec['status'], src, dst, rec['seconds'],
              f": {rec['error']}" if rec['error'] else '')
