@@ -8,8 +8,9 @@ each as a whole process:
   baseline  the seed's loop, as a user writes it from the Flax guide: one
             process restoring, flattening, normalizing one kernel,
             unflattening and saving each checkpoint in turn
-  ours      `ckpt-surgery run` with the same surgery (local multi-process
-            runner); the untouched ~94% of the bytes are copied through
+  ours      `ckpt-surgery run` with the same surgery (local runner: in-process
+            below IN_PROCESS_MAX checkpoints, else worker processes); the
+            untouched ~94% of the bytes are copied through
   full      the same with --full_decode: every leaf restored, moved through
             the device and re-encoded
 It prints a table and writes JSON: wall seconds, bytes on disk, peak RSS of

