@@ -24,6 +24,7 @@ from apache_beam.portability.api import beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
+import transforms
 from pipeline import storage
 from pipeline.migrate import MigrateFn, Settings
 from pipeline.report import write_report
@@ -77,23 +78,35 @@ def _write_report(records, output, started_at, gcs_endpoint, run):
 # (each imports JAX, Orbax and Beam) and to exit; worker processes, each with
 # its own GIL, reader and saver, win long runs of CPU-bound checkpoints. With
 # copy-through in-process drew at 32 and 64 and lost at 132; with
-# copy-and-patch it still won at 132. More cores favour workers sooner (not
+# copy-and-patch (I/O, which releases the GIL) it still won at 132, by more
+# than at 64: so a run that will write by copy-and-patch stays in-process up
+# to IN_PROCESS_MAX_PATCHING. More cores favour workers sooner (not
 # measured). README, "Where a local run works".
 IN_PROCESS_MAX = 64
+IN_PROCESS_MAX_PATCHING = 256
 IN_PROCESS_MODES = ('in_memory', 'multi_threading')
 
 
-def local_defaults(beam_args: list[str], checkpoints: int | None = None) -> list[str]:
+def in_process_max(spec_text: str, settings: Settings) -> int:
+  """Below how many checkpoints a local run works in this process: more
+  where outputs will be written by copy-and-patch (no --full_decode, no op
+  that may remove data)."""
+  patching = not settings.full_decode and not transforms.may_remove(transforms.load_spec(spec_text))
+  return IN_PROCESS_MAX_PATCHING if patching else IN_PROCESS_MAX
+
+
+def local_defaults(beam_args: list[str], checkpoints: int | None = None,
+                   limit: int = IN_PROCESS_MAX) -> list[str]:
   """Quiet workers, and where the work runs unless the user said so: in this
-  process, for fewer than IN_PROCESS_MAX `checkpoints`; else one worker
-  process per core."""
+  process, for fewer than `limit` `checkpoints`; else one worker process
+  per core."""
   given = {a.split('=')[0].lstrip('-') for a in beam_args if a.startswith('--')}
   extra = []
   if 'default_sdk_harness_log_level' not in given:
     extra.append('--default_sdk_harness_log_level=ERROR')
   if 'direct_running_mode' in given:
     mode = PipelineOptions(beam_args).view_as(DirectOptions).direct_running_mode
-  elif 'direct_num_workers' not in given and checkpoints is not None and checkpoints < IN_PROCESS_MAX:
+  elif 'direct_num_workers' not in given and checkpoints is not None and checkpoints < limit:
     mode = 'in_memory'
   else:
     mode = 'multi_processing'
@@ -118,12 +131,13 @@ def local_runner(options: PipelineOptions) -> fn_runner.FnApiRunner:
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
-def make_pipeline(beam_args: list[str], checkpoints: int | None = None) -> beam.Pipeline:
+def make_pipeline(beam_args: list[str], checkpoints: int | None = None,
+                  limit: int = IN_PROCESS_MAX) -> beam.Pipeline:
   """The pipeline for `beam_args`; on the local runner, placed by how many
   `checkpoints` it will migrate (see local_defaults)."""
   options = PipelineOptions(beam_args)
   if options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
-    options = PipelineOptions(local_defaults(beam_args, checkpoints))
+    options = PipelineOptions(local_defaults(beam_args, checkpoints, limit))
     return beam.Pipeline(runner=local_runner(options), options=options)
   logging.getLogger('apache_beam').setLevel(logging.INFO)  # job ids, console URLs
   return beam.Pipeline(options=options)
@@ -136,7 +150,7 @@ def run_migration(pairs: list[tuple[str, str]], spec_text: str, output: str,
   lands under `output`/_surgery (as run `settings.run`) when the job's last
   step runs, with `started_at` in its summary."""
   started_at = started_at or time.time()
-  p = make_pipeline(beam_args, len(pairs))
+  p = make_pipeline(beam_args, len(pairs), in_process_max(spec_text, settings))
   if isinstance(p.runner, fn_runner.FnApiRunner) and in_process(p.options):
     # The DoFn runs here: this process is the launcher, which no orphan watch may end.
     settings = dataclasses.replace(settings, launcher=os.getpid())

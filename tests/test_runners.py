@@ -62,6 +62,20 @@ def test_the_local_runner_works_in_process_for_few_checkpoints(args, checkpoints
   assert placed(args, checkpoints) == expected
 
 
+def test_runs_that_will_patch_stay_in_process_longer():
+  """Copy-and-patch is I/O: a spec that cannot remove data stays in this
+  process up to IN_PROCESS_MAX_PATCHING checkpoints; one that may (or
+  --full_decode) moves to workers from IN_PROCESS_MAX."""
+  rename = "ops: [{rename: {match: '^a/', to: 'b/'}}, {normalize: {match: 'kernel$'}}]"
+  drop = "ops: [{drop: {match: '^a/'}}]"
+  assert run_lib.in_process_max(rename, migrate.Settings()) == run_lib.IN_PROCESS_MAX_PATCHING
+  assert run_lib.in_process_max(rename, migrate.Settings(full_decode=True)) == run_lib.IN_PROCESS_MAX
+  assert run_lib.in_process_max(drop, migrate.Settings()) == run_lib.IN_PROCESS_MAX
+  limit = run_lib.IN_PROCESS_MAX_PATCHING
+  mode = lambda n: run_lib.make_pipeline([], n, limit).options.view_as(DirectOptions).direct_running_mode
+  assert (mode(limit - 1), mode(limit)) == ('in_memory', 'multi_processing')
+
+
 def test_an_in_process_run_migrates_here_without_watching_for_orphans(inputs, tmp_path, monkeypatch):
   """No worker process: the records are this process's, and the DoFn's setup
   (run here, though Settings does not name this process the launcher) starts

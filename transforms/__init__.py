@@ -10,10 +10,10 @@ from transforms.placement import placement
 from transforms.spec import Spec, SpecError, load_spec, parse_spec
 from transforms.plan import Change, Plan, plan
 from transforms.paths import flatten, key_path, leaf_paths, unflatten
-from transforms.surgery import Route, Surgery, signature, signature_id, tree_bytes
+from transforms.surgery import Route, Surgery, may_remove, signature, signature_id, tree_bytes
 
 __all__ = [
     'Change', 'Fingerprint', 'OPS', 'Op', 'Plan', 'Route', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',
-    'digest', 'find_mirrors', 'fingerprint', 'fingerprints', 'flatten', 'is_collection', 'key_path', 'leaf_paths', 'load_spec', 'parse_spec', 'placement', 'plan',
+    'digest', 'find_mirrors', 'fingerprint', 'fingerprints', 'flatten', 'is_collection', 'key_path', 'leaf_paths', 'load_spec', 'may_remove', 'parse_spec', 'placement', 'plan',
     'signature', 'signature_id', 'tree_bytes', 'unflatten',
 ]

@@ -401,6 +401,14 @@ class Surgery:
 
 # Ops whose output keeps less than they read, and ops whose effect we cannot see.
 _LOSSY_OPS = {'slice': 'slices arrays', 'python': 'runs a python op (what it keeps is unproven)'}
+# Ops that may lose data, as `removal` finds: without any, a surgery keeps all of it.
+_MAY_REMOVE = {*_LOSSY_OPS, 'drop', 'drop_optimizer', 'reset_optimizer', 'reinit', 'cast'}
+
+
+def may_remove(spec: Spec) -> bool:
+  """Whether `removal` may find that this spec's surgery loses data (from
+  its ops alone, before any checkpoint is read: for planning the work)."""
+  return any(op.name in _MAY_REMOVE for op in spec.ops)
 
 
 def removal(spec: Spec, computed: Any, inputs: int, read: set[int]) -> str | None:
