@@ -176,7 +176,9 @@ def _stored_metadata(path: epath.Path, metadata_text: str) -> str | None:
   if not (path / 'manifest.ocdbt').exists():
     return None
   zarr = sorted((k, v) for k, v in storage.ocdbt_index(path).items()
-                if k.endswith((b'/.zarray', b'/zarr.json')) and isinstance(v, bytes))
+                if k.endswith((b'/.zarray', b'/zarr.json')))
+  if not all(isinstance(v, bytes) for _, v in zarr):
+    return None  # not inline (another writer's database): not one cheap read
   sharding = (path / '_sharding').read_text() if (path / '_sharding').exists() else ''
   return hashlib.sha256(repr((metadata_text, sharding, zarr)).encode()).hexdigest()
 
@@ -328,7 +330,8 @@ def _read_directly(path: epath.Path, layout: Layout, like: dict[str, Any],
   Orbax's restore uses (missing chunks an error), placed as it would place
   them: Orbax's own restore costs tens of milliseconds per call in Python
   alone. None where that is not a plain read: a JSON item, zarr3, a typed
-  key, a leaf of another type, per-process OCDBT without a merged root."""
+  key, a leaf of another type, per-process OCDBT without a merged root, an
+  older Orbax's tree that did not store chunks equal to the fill value."""
   if any(h not in TREE_HANDLERS for _, h in layout.items):
     return None
   reads = []  # (item, param name, directory, ocdbt, leaf)
@@ -336,7 +339,9 @@ def _read_directly(path: epath.Path, layout: Layout, like: dict[str, Any],
     directory = path / name if name else path
     metadata = json.loads((directory / '_METADATA').read_text())
     ocdbt = bool(metadata.get('use_ocdbt'))
-    if metadata.get('use_zarr3') or (ocdbt and not (directory / 'manifest.ocdbt').exists()):
+    if (metadata.get('use_zarr3') or 'use_ocdbt' not in metadata
+        or not metadata.get('store_array_data_equal_to_fill_value')  # Orbax fills missing chunks
+        or (ocdbt and not (directory / 'manifest.ocdbt').exists())):
       return None
     if any('"ext_metadata": {' in f.read_text() for f in _array_metadata_files(directory)):
       return None  # a typed key: Orbax rebuilds it from its impl

@@ -310,6 +310,7 @@ def commit(work: epath.Path, dst: epath.Path) -> None:
   if work != dst:
     storage.sync(work)
     work.rename(dst)
+    storage.sync_directory(dst.parent)  # the rename itself
 
 
 # --- verifying ---------------------------------------------------------------

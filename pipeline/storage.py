@@ -263,6 +263,15 @@ def sync(path: epath.Path) -> None:
     os.sync()
 
 
+def sync_directory(path: epath.Path) -> None:
+  """Make a local directory's entries (a rename into it) durable."""
+  fd = os.open(str(path), os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 def kvstore_url(path: epath.Path) -> str:
   """TensorStore's URL of a directory, local or gs://."""
   path = str(path).rstrip('/') + '/'

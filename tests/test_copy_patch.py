@@ -116,6 +116,13 @@ def test_route_removes_says_how_a_surgery_loses_data():
   assert 'drops' in removes("[{reinit: {match: '^Dense_0/', init: zeros}}]")  # the old moments are not read
   assert 'narrows' in removes("[{cast: {match: '.*', dtype: float16}}]")
   assert 'python' in removes("[{python: {fn: 'tests.fix_heads:double_bias'}}]")
+  # A drop of one piece of a stacked leaf: the trace sees every input read.
+  layers = {'params': {f'layer_{i}': {'w': jnp.full((2,), float(i))} for i in range(3)}}
+  restack = ("ops: [{stack: {match: '^layer_(\\d+)/(.*)$', to: 'layers/\\2', axis: 0}},"
+             " {unstack: {match: '^layers/(.*)$', to: 'piece_{i}/\\1', axis: 0}},"
+             " {drop: {match: '^piece_1/'}}]")
+  route = Surgery(load_spec(restack)).route(layers)[0]
+  assert len(route.needed) == 3 and 'drop' in route.removes
 
 
 def test_a_rename_onto_a_name_the_input_holds_takes_another_writer(tmp_path):

@@ -399,10 +399,13 @@ class Surgery:
     return Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled, removes)
 
 
-# Ops whose output keeps less than they read, and ops whose effect we cannot see.
-_LOSSY_OPS = {'slice': 'slices arrays', 'python': 'runs a python op (what it keeps is unproven)'}
+# Ops that lose data by what they are (a drop of one piece of an unstacked
+# leaf loses data the trace still sees read), and ops whose effect we cannot see.
+_LOSSY_OPS = {'slice': 'slices arrays', 'drop': 'drops leaves', 'drop_optimizer': 'drops opt_state',
+              'reset_optimizer': 'resets opt_state', 'reinit': 're-initialises leaves',
+              'python': 'runs a python op (what it keeps is unproven)'}
 # Ops that may lose data, as `removal` finds: without any, a surgery keeps all of it.
-_MAY_REMOVE = {*_LOSSY_OPS, 'drop', 'drop_optimizer', 'reset_optimizer', 'reinit', 'cast'}
+_MAY_REMOVE = {*_LOSSY_OPS, 'cast'}
 
 
 def may_remove(spec: Spec) -> bool:
