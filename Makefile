@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/ckpt-surgery demo --workdir demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 clean:
 	rm -rf $(VENV) demo

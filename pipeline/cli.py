@@ -1,11 +1,11 @@
-"""The command line: `ckpt-surgery run|plan|inspect|demo` (a contract: scripts call it).
+"""The command line: `ckpt-surgery run|plan|inspect|report|demo` (a contract: scripts call it).
 
 Exit codes: 0 nothing failed; 1 some checkpoint failed; 2 a usage, spec or
 discovery error found before any checkpoint was touched. Every argument that
 is not ours goes to Beam as a pipeline option.
 
 Beam (and the pipeline, which needs it) is imported only by `run` and `demo`:
-`plan`, `inspect` and `--help` start without it (`plan` in 0.8 s instead of 1.4 s, measured).
+`plan`, `inspect`, `report` and `--help` start without it (`plan` in 0.8 s instead of 1.4 s, measured).
 """
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ import importlib
 import json
 import logging
 import os
+import pathlib
 import sys
 import threading
 import time
+import webbrowser
 from typing import TYPE_CHECKING
 
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, demo, discovery, inspection, plan, report, storage
+from pipeline import checkpoint_io, demo, discovery, inspection, plan, report, report_page, storage
 
 if TYPE_CHECKING:
   from pipeline.migrate import Settings
@@ -79,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
   inspect.add_argument('--spec', metavar='SPEC.yaml',
                        help='take the params and opt_state keys from this spec '
                             '(default: params, opt_state)')
+  page = commands.add_parser(
+      'report', parents=[common], allow_abbrev=False,
+      help="build a run's HTML report page (PREFIX/_surgery/report.html) from its report.jsonl")
+  page.add_argument('prefix', metavar='PREFIX', help='the --output of the run')
+  page.add_argument('--run', metavar='RUN', help='which run (a name under PREFIX/_surgery/runs; '
+                                                 'default: the latest)')
+  page.add_argument('--open', action='store_true', help='open the page in a web browser')
   demo_cmd = commands.add_parser('demo', allow_abbrev=False, help='make sample checkpoints and migrate them')
   demo_cmd.add_argument('--workdir', default='demo')
   demo_cmd.add_argument('--count', type=int, default=6)
@@ -210,6 +219,7 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
   except OSError as e:
     raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
                      f'{e.strerror or e}') from None
+  report.save_spec(output, run, spec_text)  # for the report page, now or rebuilt later
   print(f'migrating {len(pairs)} checkpoint(s) to {output} (run {run})', flush=True)
   local = PipelineOptions(beam_args).view_as(StandardOptions).runner in LOCAL_RUNNERS
   state, trouble = _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at, local)
@@ -227,6 +237,10 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
   if trouble:
     print(f'ckpt-surgery: error: {trouble}', file=sys.stderr)
   print(f'report: {report.run_dir(output, run)}/report.jsonl')
+  try:
+    print(f'report page: {report_page.write(output, run)}')
+  except OSError as e:  # the page is a view of the report, which is written
+    print(f'ckpt-surgery: error: cannot write the report page: {e}', file=sys.stderr)
   return 1 if summary['failed'] or trouble else 0
 
 
@@ -238,7 +252,8 @@ def _report_from_records(pairs: list[tuple[str, str]], output: str, run: str, st
   for src, dst in pairs:
     if src not in records:
       records[src] = report.record(
-          src, dst, 'failed', error=f'unfinished: the job ended ({why}) before this checkpoint did')
+          src, dst, 'failed', error=f'unfinished: the job ended ({why}) before this checkpoint did',
+          finished_at=None)
   records = list(records.values())
   try:
     return records, report.write_report(output, records, started_at, run)
@@ -271,6 +286,21 @@ def show_checkpoint(path: str, spec_path: str | None) -> int:
   return 0
 
 
+def build_page(prefix: str, run: str | None, open_it: bool) -> int:
+  """Rebuild a run's report page from what it left; print its path."""
+  try:
+    page = report_page.write(prefix, run)
+  except FileNotFoundError:
+    where = report.run_dir(prefix, run) if run else report.report_dir(prefix)
+    raise UsageError(f'no report at {where}') from None
+  print(page)
+  if open_it and str(page).startswith('gs://'):
+    print('ckpt-surgery: --open: a browser cannot open gs://; download the page', file=sys.stderr)
+  elif open_it:
+    webbrowser.open(pathlib.Path(str(page)).resolve().as_uri())
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   # Our output is the progress lines and the table; libraries speak up on errors.
   logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
@@ -290,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
       return show_plan(args.input, args.spec, args.json)
     if args.command == 'inspect':
       return show_checkpoint(args.checkpoint, args.spec)
+    if args.command == 'report':
+      return build_page(args.prefix, args.run, args.open)
     pattern, output, spec = demo.prepare(args.workdir, args.count)
     return migrate(pattern, output, spec, Settings(), [])
   except UsageError as e:

@@ -11,6 +11,9 @@ to print the table and choose the exit code.
 Every record is also saved on its own, by the worker, the moment its
 checkpoint finishes (`runs/RUN/records/`): if a worker or the job dies, the
 launcher still reports every checkpoint that finished, from those.
+
+The run's spec is kept beside its report (`runs/RUN/spec.yaml`) so that the
+HTML page (`report_page`) can be rebuilt later from what the run left.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
           'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False, 'attempts': 1,
           'digest': None, 'bytes_carried': 0, 'write_path': None, 'why_not_patched': None,
           'bytes_copied_server_side': 0, 'bytes_uploaded': 0,
-          'worker': f'{socket.gethostname()}:{os.getpid()}'}
+          'worker': f'{socket.gethostname()}:{os.getpid()}',
+          'finished_at': time.time()}  # records are made as their checkpoint ends
   return {**base, **fields}
 
 
@@ -50,6 +54,19 @@ def new_run_id(started_at: float) -> str:
 
 def run_dir(prefix: str, run: str) -> epath.Path:
   return report_dir(prefix) / 'runs' / run
+
+
+SPEC_FILE = 'spec.yaml'
+
+
+def save_spec(prefix: str, run: str, spec_text: str) -> None:
+  write_whole(run_dir(prefix, run) / SPEC_FILE, spec_text)
+
+
+def read_spec(prefix: str, run: str) -> str | None:
+  """The run's spec, or None for a run that did not keep it."""
+  path = run_dir(prefix, run) / SPEC_FILE
+  return path.read_text() if path.exists() else None
 
 
 def write_whole(path: epath.Path, text: str) -> None:
@@ -127,6 +144,11 @@ def read_report(prefix: str, run: str | None = None) -> tuple[list[dict[str, Any
   out = run_dir(prefix, run) if run else report_dir(prefix)
   lines = (out / 'report.jsonl').read_text().splitlines()
   return [json.loads(l) for l in lines if l], json.loads((out / 'summary.json').read_text())
+
+
+def latest_run(prefix: str) -> str | None:
+  """The run whose report is the latest under PREFIX (None for a report written without one)."""
+  return json.loads((report_dir(prefix) / 'summary.json').read_text()).get('run')
 
 
 def size(n: float) -> str:
