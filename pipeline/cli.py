@@ -219,7 +219,6 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
   except OSError as e:
     raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
                      f'{e.strerror or e}') from None
-  report.save_spec(output, run, spec_text)  # for the report page, now or rebuilt later
   print(f'migrating {len(pairs)} checkpoint(s) to {output} (run {run})', flush=True)
   local = PipelineOptions(beam_args).view_as(StandardOptions).runner in LOCAL_RUNNERS
   state, trouble = _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at, local)
@@ -230,6 +229,8 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
   except (OSError, ValueError):  # the job did not write it (all of it)
     if not trouble and (not wait or not local and not report.count_records(output, run)):
       # Submitted and left running (--detach), or a job that ran nothing (Dataflow's --dry_run).
+      if not wait:
+        report.save_spec(output, run, spec_text)  # for its report page, built later
       print(f'job {state}; its report will be at {report.run_dir(output, run)}/')
       return 0
     records, summary = _report_from_records(pairs, output, run, started_at, trouble or state)
@@ -238,6 +239,7 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
     print(f'ckpt-surgery: error: {trouble}', file=sys.stderr)
   print(f'report: {report.run_dir(output, run)}/report.jsonl')
   try:
+    report.save_spec(output, run, spec_text)  # beside the report: the page, now or rebuilt later
     print(f'report page: {report_page.write(output, run)}')
   except OSError as e:  # the page is a view of the report, which is written
     print(f'ckpt-surgery: error: cannot write the report page: {e}', file=sys.stderr)
