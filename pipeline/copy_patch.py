@@ -49,7 +49,6 @@ from orbax.checkpoint._src.metadata import tree as tree_metadata
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import types as serialization_types
 from orbax.checkpoint._src.tree import utils as tree_utils
-import orbax.checkpoint as ocp
 
 from pipeline import checkpoint_io, storage
 from pipeline.copy_through import StoredArray
