@@ -410,7 +410,7 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch]) -> 
     renamed_to = {o: n for n, o in patch.renamed.items()}
     expected = {}  # output key -> the input key it must be
     for key, owner in old_owner.items():
-      if owner in patch.kept:
+      if owner in patch.kept or owner is None:  # None: no leaf's (a file of the user's), copied as is
         expected[key] = key
       elif owner in renamed_to:
         expected[f'{renamed_to[owner]}/'.encode() + key[len(owner) + 1:]] = key

@@ -59,6 +59,18 @@ def test_patched_outputs_restore_as_the_full_path_and_leave_the_input(tmp_path, 
   assert checkpoint_io.read_provenance(tmp_path / 'patched')['src'] == str(src)
 
 
+@pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'no_ocdbt'])
+def test_a_file_no_leaf_owns_is_carried_as_it_is(tmp_path, use_ocdbt):
+  """A user's file inside a checkpoint (notes beside the arrays) is copied;
+  the index check takes it as the input's, not as a stray key."""
+  src = tmp_path / 'in'
+  write(src, 'pytree', use_ocdbt)
+  (src / 'NOTES.txt').write_text('trained on shard 3')
+  rec = migrated(src, tmp_path / 'out')
+  assert (rec['status'], rec['write_path']) == ('ok', 'copy_and_patch'), rec['error']
+  assert (tmp_path / 'out' / 'NOTES.txt').read_text() == 'trained on shard 3'
+
+
 def test_a_typed_restore_and_a_second_migration_of_a_patched_output(tmp_path):
   src, dst = tmp_path / 'in', tmp_path / 'out'
   write(src, 'standard', True)
