@@ -166,16 +166,22 @@ def _is_gcs(path: epath.Path) -> bool:
   return str(path).startswith('gs://')
 
 
-def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None,
-                dst: epath.Path | None = None) -> None:
-  """NotPatchable where this writer cannot write outputs of `src` (at `dst`)
-  for a surgery that removes data as `removes` says (`Route.removes`)."""
+def _check_surgery(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None,
+                   dst: epath.Path | None) -> None:
+  """NotPatchable where neither the trees' formats nor their patches matter."""
   if dst is not None and _is_gcs(src) != _is_gcs(dst):
     raise NotPatchable('input and output on different storage: every byte moves either way')
   if removes:
     raise NotPatchable(f'the surgery {removes}: the copied files would keep it readable')
   if layout.msgpack:
     raise NotPatchable('a msgpack input has no stored chunks to copy')
+
+
+def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None,
+                dst: epath.Path | None = None) -> None:
+  """NotPatchable where this writer cannot write outputs of `src` (at `dst`)
+  for a surgery that removes data as `removes` says (`Route.removes`)."""
+  _check_surgery(src, layout, removes, dst)
   for name in layout.trees:
     _input_entries(src / name if name else src)
 
@@ -183,8 +189,9 @@ def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | No
 def plan_patch(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
                written: dict[str, Any], removes: str | None) -> list[TreePatch]:
   """The patches of each tree item of `src` that make `written` (the items
-  to save at `dst`); NotPatchable where this writer does not apply."""
-  check_input(src, layout, removes, dst)
+  to save at `dst`); NotPatchable where this writer does not apply (each
+  tree's format is checked as its patch is made)."""
+  _check_surgery(src, layout, removes, dst)
   return [_tree_patch(src / name if name else src, name, written[name]) for name in layout.trees]
 
 
