@@ -56,6 +56,10 @@ class CheckpointError(ValueError):
   """A checkpoint cannot be read or written as asked."""
 
 
+class VerificationError(RuntimeError):
+  """What was committed is not what was computed; the output was removed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How a checkpoint (a directory, or a Flax msgpack file) stores its state.
@@ -312,10 +316,12 @@ def _is_plain(x: Any) -> bool:
   return isinstance(x, (int, float, np.number, ocp_metadata.ScalarMetadata)) and not isinstance(x, bool)
 
 
-async def read_stored(directory: epath.Path, param: str, ocdbt: bool) -> np.ndarray:
-  """The stored array `param` of the tree at `directory`, decoded."""
+async def read_stored(directory: epath.Path, param: str, ocdbt: bool,
+                      context: ts.Context | None = None) -> np.ndarray:
+  """The stored array `param` of the tree at `directory`, decoded. Reads of
+  one tree share a `context`: its OCDBT manifest and index are read once."""
   spec = ts_utils.ArrayReadSpec(str(directory), param, use_zarr3=False, use_ocdbt=ocdbt).json
-  store = await ts.open(spec, open=True, context=ts_utils.get_ts_context(use_ocdbt=ocdbt))
+  store = await ts.open(spec, open=True, context=context or ts_utils.get_ts_context(use_ocdbt=ocdbt))
   return await store.read()
 
 
@@ -353,7 +359,8 @@ def _read_directly(path: epath.Path, layout: Layout, like: dict[str, Any],
       reads.append((name, keys, param_name(keys), directory, ocdbt, leaf))
 
   async def read_all():
-    return await asyncio.gather(*(read_stored(d, p, o) for _, _, p, d, o, _ in reads))
+    contexts = {o: ts_utils.get_ts_context(use_ocdbt=o) for o in (False, True)}
+    return await asyncio.gather(*(read_stored(d, p, o, contexts[o]) for _, _, p, d, o, _ in reads))
 
   values = {(item, tuple(keys)): (jax.device_put(v, transforms.placement(v.shape, v.dtype, devices))
                                   if is_array(leaf) else v.item())

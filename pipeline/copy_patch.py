@@ -19,8 +19,18 @@ of an output is the input's bytes. Instead of re-saving them through Orbax:
 `verify_index` then proves what was carried without reading its data: the
 output's index maps each carried key to the input's very value (the same
 inline bytes, or the same place in a data file identical to the input's),
-and holds no key but those and the computed leaves' (which are read back as
-for every writer).
+and holds no key but those and the computed leaves'.
+
+Computed leaves are encoded once, into memory, with Orbax's write spec, and
+those bytes are what is written. Verification links each stored byte to the
+values computed without decoding anything a second time (a decode costs as
+much as the encode): the array handed to the encoder has the checksum the
+surgery's result had (`transforms.fingerprint`, by leaf path), and every
+stored value read back raw has the CRC32 of the bytes encoded from it.
+
+A fresh patch (`plan_patch(fresh=True)`: `--full_decode`, or no leaf
+carried) copies no array data at all: every leaf is computed and written
+into an empty tree, so it is the full path's writer too, removals allowed.
 
 Limits, where `plan_patch` says why and another writer is used: old OCDBT
 versions and copied data files keep overwritten values readable, so a
@@ -50,10 +60,13 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import types as serialization_types
 from orbax.checkpoint._src.tree import utils as tree_utils
 
+import transforms
 from pipeline import checkpoint_io, storage
 from pipeline.copy_through import StoredArray
 
 COMMIT_FILE = 'commit_success.txt'
+NOTHING_CARRIED = ('no leaf carried over as stored (every leaf computed, a Python scalar among '
+                   'params or opt_state, or zarr3)')
 _METADATA_FIELDS = {'tree_metadata', 'use_ocdbt', 'use_zarr3',
                     'store_array_data_equal_to_fill_value', 'custom_metadata'}
 _VALUE_FIELDS = {'value_type', 'skip_deserialize', 'write_shape'}
@@ -71,12 +84,18 @@ class TreePatch:
   item: str                        # the item's directory name ('' for a single tree)
   use_ocdbt: bool
   renamed: dict[str, str]          # new param name -> the old one whose keys it takes
-  computed: dict[str, jax.Array]   # param name -> array to write
+  computed: dict[str, Any]         # param name -> array to write (a fresh patch's scalar: 0-d)
   kept: list[str]                  # names the output holds as the input did
   removed: list[str]               # old names the output does not keep (keys deleted)
   metadata: dict[str, Any]         # the output's _METADATA
   shardings: dict[str, str]        # param name -> serialized sharding, every array leaf
   arrays: list[Any]                # the output's ArrayMetadata, every array leaf
+  paths: dict[str, str]            # computed param name -> its leaf path in the migrated state
+  fresh: bool = False              # nothing of the input copied: every stored value is computed
+  # Filled by `write`: each computed array's checksum as handed to the encoder,
+  # and the CRC32 of each stored value encoded, by key.
+  encoded: dict[str, str] = dataclasses.field(default_factory=dict)
+  crcs: dict[bytes, int] = dataclasses.field(default_factory=dict)
 
 
 def _read_json(file: epath.Path) -> Any:
@@ -108,20 +127,24 @@ def _serialized(sharding: jax.sharding.Sharding) -> str:
   return sharding_metadata.from_jax_sharding(sharding).to_serialized_string()
 
 
-def _tree_patch(directory: epath.Path, item: str, tree: Any) -> TreePatch:
+def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix: str) -> TreePatch:
   """The patch that turns the copy of the tree at `directory` into `tree`
   (the output as written: StoredArrays for carried leaves, jax.Arrays for
-  computed ones, the input's other values where they were)."""
+  computed ones, the input's other values where they were); `fresh`: that
+  writes `tree` whole into an empty directory instead. `prefix`: the tree's
+  leaf paths' in the migrated state."""
   meta, entries = _input_entries(directory)
   use_ocdbt = bool(meta['use_ocdbt'])
   recorded = asyncio.run(array_metadata_store.Store().read(directory)) or {}
   ext = {m.param_name: m.ext_metadata for metas in recorded.values() for m in metas}
-  renamed, computed, kept, shardings, arrays, out_entries = {}, {}, set(), {}, [], []
+  renamed, computed, kept, paths, shardings, arrays, out_entries = {}, {}, set(), {}, {}, [], []
   options = tree_metadata.PYTREE_METADATA_OPTIONS
   for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=tree_utils.is_empty_or_leaf)[0]:
     name = checkpoint_io.param_name(path)
     if isinstance(x, (StoredArray, jax.Array)):
       if isinstance(x, StoredArray):
+        if fresh:
+          raise NotPatchable(f'{name} is carried as stored, which a fresh output copies from nothing')
         if epath.Path(x.directory) != directory:
           raise NotPatchable(f'{name} comes from another item ({x.directory})')
         if x.name == name:
@@ -132,7 +155,7 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any) -> TreePatch:
       else:
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
           raise NotPatchable(f'{name} is computed with dtype {x.dtype}')
-        computed[name] = x
+        computed[name], paths[name] = x, prefix + transforms.key_path(path)
         chunks, extra = None, None
       shape = tuple(x.shape)
       shardings[name] = _serialized(x.sharding)
@@ -144,7 +167,10 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any) -> TreePatch:
       value = tree_metadata.ValueMetadataEntry(
           empty_values.get_empty_value_typestr(x, options), True)
     elif entries.get(name, {}).get('value_metadata', {}).get('value_type') in _KEPT_TYPES:
-      kept.add(name)  # a value beside params and opt_state: the surgery never touches those
+      if fresh:  # written as Orbax's scalar handler writes it: a 0-d array
+        computed[name] = np.asarray(x)
+      else:
+        kept.add(name)  # a value beside params and opt_state: the surgery never touches those
       value = tree_metadata.ValueMetadataEntry(**entries[name]['value_metadata'])
     else:
       raise NotPatchable(f'{name}: a {type(x).__name__} that the input does not hold there')
@@ -158,8 +184,9 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any) -> TreePatch:
       tree_metadata_entries=out_entries, use_ocdbt=use_ocdbt, use_zarr3=False,
       custom_metadata=meta.get('custom_metadata'),
       store_array_data_equal_to_fill_value=True, pytree_metadata_options=options)
-  return TreePatch(item, use_ocdbt, renamed, computed, sorted(kept),
-                   sorted(stored - kept - set(computed)), metadata.to_json(), shardings, arrays)
+  removed = set() if fresh else stored - kept - set(computed)
+  return TreePatch(item, use_ocdbt, renamed, computed, sorted(kept), sorted(removed),
+                   metadata.to_json(), shardings, arrays, paths, fresh)
 
 
 def _is_gcs(path: epath.Path) -> bool:
@@ -167,14 +194,17 @@ def _is_gcs(path: epath.Path) -> bool:
 
 
 def _check_surgery(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None,
-                   dst: epath.Path | None) -> None:
-  """NotPatchable where neither the trees' formats nor their patches matter."""
+                   dst: epath.Path | None, fresh: bool = False) -> None:
+  """NotPatchable where neither the trees' formats nor their patches matter
+  (a fresh output copies nothing: it may remove, and go anywhere)."""
+  if layout.msgpack:
+    raise NotPatchable('a msgpack input has no stored chunks to copy')
+  if fresh:
+    return
   if dst is not None and _is_gcs(src) != _is_gcs(dst):
     raise NotPatchable('input and output on different storage: every byte moves either way')
   if removes:
     raise NotPatchable(f'the surgery {removes}: the copied files would keep it readable')
-  if layout.msgpack:
-    raise NotPatchable('a msgpack input has no stored chunks to copy')
 
 
 def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None,
@@ -187,12 +217,15 @@ def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | No
 
 
 def plan_patch(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
-               written: dict[str, Any], removes: str | None) -> list[TreePatch]:
+               written: dict[str, Any], removes: str | None, fresh: bool = False
+               ) -> list[TreePatch]:
   """The patches of each tree item of `src` that make `written` (the items
-  to save at `dst`); NotPatchable where this writer does not apply (each
-  tree's format is checked as its patch is made)."""
-  _check_surgery(src, layout, removes, dst)
-  return [_tree_patch(src / name if name else src, name, written[name]) for name in layout.trees]
+  to save at `dst`), `fresh` ones if so asked; NotPatchable where this
+  writer does not apply (each tree's format is checked as its patch is made)."""
+  _check_surgery(src, layout, removes, dst, fresh)
+  several = len(layout.trees) > 1  # the state is then {item: tree}
+  return [_tree_patch(src / name if name else src, name, written[name], fresh,
+                      f'{name}/' if several else '') for name in layout.trees]
 
 
 # --- writing -----------------------------------------------------------------
@@ -209,56 +242,83 @@ def _unsynced(kvstore: dict[str, Any]) -> dict[str, Any]:
   return {k: _unsynced(v) if isinstance(v, dict) else v for k, v in kvstore.items()}
 
 
-async def _write_computed(directory: epath.Path, patch: TreePatch, txn: ts.Transaction | None
-                          ) -> None:
-  """Each computed leaf through the zarr driver, with Orbax's own write spec."""
-  async def write(name, x):
+def _encode(directory: epath.Path, patch: TreePatch) -> dict[bytes, bytes]:
+  """Each computed leaf encoded once, into memory, through the zarr driver
+  with Orbax's own write spec: {its keys, relative to the tree: the bytes
+  to store}. Records in `patch.encoded` the checksum of each array as the
+  encoder got it."""
+  context = ts.Context()
+
+  async def encode(name, x):
+    x = np.asarray(x)
+    if name in patch.paths:
+      patch.encoded[name] = transforms.fingerprint(x).checksum
     info = serialization_types.ParamInfo(
         name=name, parent_dir=directory, is_ocdbt_checkpoint=patch.use_ocdbt, use_zarr3=False,
-        use_compression=True, ocdbt_target_data_file_size=None,
-        ts_context=_context(patch.use_ocdbt))
+        use_compression=True, ocdbt_target_data_file_size=None, ts_context=_context(patch.use_ocdbt))
     spec = ts_utils.build_array_write_spec(
         info, None, global_shape=tuple(x.shape), local_shape=tuple(x.shape),
         dtype=np.dtype(x.dtype), use_ocdbt=patch.use_ocdbt, process_index=None).json
-    array = await ts.open({**spec, 'kvstore': _unsynced(spec['kvstore'])}, create=True, open=False, transaction=txn,
-                          context=_context(patch.use_ocdbt))
-    await array.write(np.asarray(x))
-  await asyncio.gather(*(write(n, x) for n, x in patch.computed.items()))
+    array = await ts.open({**spec, 'kvstore': {'driver': 'memory', 'path': f'{name}/'}},
+                          create=True, open=False, context=context)
+    await array.write(x)
+
+  async def encode_all():
+    await asyncio.gather(*(encode(n, x) for n, x in patch.computed.items()))
+    memory = await ts.KvStore.open({'driver': 'memory'}, context=context)
+    keys = await memory.list()
+    return {k: r.value for k, r in zip(keys, await asyncio.gather(*(memory.read(k) for k in keys)))}
+  return asyncio.run(encode_all())
 
 
-async def _patch_ocdbt(directory: epath.Path, patch: TreePatch) -> None:
+async def _open_tree(directory: epath.Path, use_ocdbt: bool, synced: bool = True,
+                     fresh: bool = False) -> ts.KvStore:
+  """The tree's key-value store: its OCDBT database (`fresh`: a new one,
+  configured as Orbax configures its own, small values inline), or its
+  directory."""
+  options = ts_utils.OcdbtKvStoreWriteOptions(ts_utils.OcdbtWriteMode.WRITE) if fresh else None
+  spec = (ts_utils.build_kvstore_tspec(str(directory), use_ocdbt=True, ocdbt_write_options=options)
+          if use_ocdbt else ts.KvStore.Spec(storage.kvstore_url(directory)).to_json())
+  return await ts.KvStore.open(spec if synced else _unsynced(spec), context=_context(use_ocdbt))
+
+
+async def _patch_ocdbt(directory: epath.Path, patch: TreePatch, encoded: dict[bytes, bytes]
+                       ) -> None:
   """Two transactions. The first renames (index-only copies, then the old
   keys' deletes: in that order, as TensorStore reads a copy's source through
   the transaction) and deletes what is removed or recomputed; the second
-  writes the computed leaves (a zarr open in the first would not see its
-  deletes)."""
-  root = await ts.KvStore.open(_unsynced(ts_utils.build_kvstore_tspec(str(directory), use_ocdbt=True)),
-                               context=_context(True))
+  writes the computed leaves' encoded values (kept apart: a write after a
+  delete of its range in one transaction is not read back reliably)."""
+  root = await _open_tree(directory, True, synced=False, fresh=patch.fresh)
+  deleted = [] if patch.fresh else [*patch.removed, *patch.computed]
+  if patch.renamed or deleted:
+    txn = ts.Transaction()
+    staged = root.with_transaction(txn)
+    await asyncio.gather(*((root / f'{old}/').experimental_copy_range_to(staged / f'{new}/')
+                           for new, old in patch.renamed.items()))
+    await asyncio.gather(*((staged / f'{old}/').delete_range(ts.KvStore.KeyRange())
+                           for old in deleted))
+    await txn.commit_async()
   txn = ts.Transaction()
   staged = root.with_transaction(txn)
-  await asyncio.gather(*((root / f'{old}/').experimental_copy_range_to(staged / f'{new}/')
-                         for new, old in patch.renamed.items()))
-  await asyncio.gather(*((staged / f'{old}/').delete_range(ts.KvStore.KeyRange())
-                         for old in [*patch.removed, *patch.computed]))
+  await asyncio.gather(*(staged.write(k, v) for k, v in encoded.items()))
   await txn.commit_async()
-  if patch.computed:
-    txn = ts.Transaction()
-    await _write_computed(directory, patch, txn)
-    await txn.commit_async()
 
 
-async def _patch_directories(directory: epath.Path, patch: TreePatch) -> None:
+async def _patch_directories(directory: epath.Path, patch: TreePatch,
+                             encoded: dict[bytes, bytes]) -> None:
   """Per-array directories: move renamed ones (after the removed ones go;
   a target is never a name the input holds), then write the computed ones."""
   moved = {old: directory / f'.{i}.moving' for i, old in enumerate(patch.renamed.values())}
   for old, temporary in moved.items():
     storage.move_tree(directory / old, temporary)
-  for old in [*patch.removed, *patch.computed]:
+  for old in [] if patch.fresh else [*patch.removed, *patch.computed]:
     if old not in moved and (directory / old).exists():
       (directory / old).rmtree()
   for new, old in patch.renamed.items():
     storage.move_tree(moved[old], directory / new)
-  await _write_computed(directory, patch, None)
+  root = await _open_tree(directory, False, synced=False)
+  await asyncio.gather(*(root.write(k, v) for k, v in encoded.items()))
 
 
 def _write_metadata(directory: epath.Path, patch: TreePatch) -> None:
@@ -294,18 +354,34 @@ def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
   'bytes_copied'}."""
   remote = _is_gcs(dst)
   work = dst if remote else dst.parent / f'{dst.name}.orbax-checkpoint-tmp-{time.time_ns()}'
-  copied = storage.copy_tree(src, work, skip=frozenset({COMMIT_FILE}))
+  copied = _copy_input(src, work, layout, patches)
   uploaded = 0
   for patch in patches:
     directory = work / patch.item if patch.item else work
-    asyncio.run((_patch_ocdbt if patch.use_ocdbt else _patch_directories)(directory, patch))
+    encoded = _encode(directory, patch)
+    patch.crcs = {k: zlib.crc32(v) for k, v in encoded.items()}
+    asyncio.run((_patch_ocdbt if patch.use_ocdbt else _patch_directories)(directory, patch, encoded))
     _write_metadata(directory, patch)
-    uploaded += sum(int(x.nbytes) for x in patch.computed.values())
+    uploaded += sum(len(v) for v in encoded.values())
+    del encoded
   (work / '_CHECKPOINT_METADATA').write_text(json.dumps(_checkpoint_metadata(src, layout, provenance)))
   commit(work, dst)
   return {'bytes_copied_server_side': copied.bytes_copied_server_side,
           'bytes_uploaded': copied.bytes_uploaded + (uploaded if remote else 0),
           'bytes_linked': copied.bytes_linked, 'bytes_copied': copied.bytes_copied}
+
+
+def _copy_input(src: epath.Path, work: epath.Path, layout: checkpoint_io.Layout,
+                patches: list[TreePatch]) -> storage.CopyStats:
+  """The copy to patch: src's files; for fresh patches, only its other
+  items' (JSON items), each tree item's directory left empty."""
+  if not any(p.fresh for p in patches):
+    return storage.copy_tree(src, work, skip=frozenset({COMMIT_FILE}))
+  stats = [storage.copy_tree(src / name, work / name)
+           for name, handler in layout.items if handler not in checkpoint_io.TREE_HANDLERS]
+  for patch in patches:
+    (work / patch.item).mkdir(parents=True, exist_ok=True)
+  return storage.CopyStats(*(sum(s[i] for s in stats) for i in range(len(storage.CopyStats._fields))))
 
 
 def commit(work: epath.Path, dst: epath.Path) -> None:
@@ -321,7 +397,7 @@ def commit(work: epath.Path, dst: epath.Path) -> None:
 
 # --- verifying ---------------------------------------------------------------
 
-class IndexMismatch(RuntimeError):
+class IndexMismatch(checkpoint_io.VerificationError):
   """The output's index is not the input's where it must be."""
 
 
@@ -386,11 +462,10 @@ _METADATA_FILES = {'_METADATA', '_sharding', '_CHECKPOINT_METADATA', COMMIT_FILE
 
 
 def verify(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
-           patches: list[TreePatch]) -> None:
-  """What only this writer needs proven of the committed output at dst
-  (its computed leaves are read back as for any writer): Orbax reads its
-  metadata as the tree written, every array of its shape and dtype; and
-  `verify_index`."""
+           patches: list[TreePatch], prints: dict[str, transforms.Fingerprint]) -> None:
+  """The committed output at dst is what was computed (`prints`, by leaf
+  path) and carried: Orbax reads its metadata as the tree written, every
+  array of its shape and dtype; and `verify_index`."""
   for patch, (name, tree) in zip(patches, checkpoint_io.item_metadata(dst, layout).items()):
     got = {m.name: (tuple(m.shape), np.dtype(m.dtype)) for m in jax.tree_util.tree_leaves(tree)
            if checkpoint_io.is_array(m)}
@@ -398,19 +473,21 @@ def verify(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
     if got != want:
       raise IndexMismatch(f'{dst / name}: Orbax reads its arrays as '
                           f'{sorted(set(got.items()) ^ set(want.items()))[:3]}')
-  verify_index(src, dst, patches)
+  verify_index(src, dst, patches, prints)
 
 
-def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch]) -> None:
+def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch],
+                 prints: dict[str, transforms.Fingerprint]) -> None:
   """The committed output at dst holds each carried leaf as the input's very
   stored value (the same index entry, and data files identical to the
-  input's), and no key but those and the computed leaves'."""
+  input's), each computed leaf as the very bytes encoded from the values
+  computed (`_check_computed`), and no other key."""
   for patch in patches:
     before = src / patch.item if patch.item else src
     after = dst / patch.item if patch.item else dst
     read = storage.ocdbt_index if patch.use_ocdbt else _files
-    old, new = read(before), read(after)
-    if patch.use_ocdbt:
+    old, new = ({} if patch.fresh else read(before)), read(after)
+    if patch.use_ocdbt and not patch.fresh:
       _check_bounds(before, old)
     old_owner = _owners(old, set(patch.kept) | set(patch.removed) | set(patch.computed))
     new_owner = _owners(new, set(patch.kept) | set(patch.renamed) | set(patch.computed))
@@ -426,11 +503,41 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch]) -> 
     if differ:
       raise IndexMismatch(f"{after}: its stored keys differ from the input's at "
                           f"{[k.decode(errors='replace') for k in differ[:3]]}")
+    _check_computed(after, patch, {k for k, owner in new_owner.items() if owner in patch.computed},
+                    prints)
     if patch.use_ocdbt:
       pairs = {(v[0], v[0]) for v in (new[k] for k in got) if isinstance(v, tuple)}
     else:
       pairs = {(expected[k].decode(), k.decode()) for k in got}
-    listing = {**storage.listing(before), **storage.listing(after)} if _is_gcs(after) else {}
+    listing = {**storage.listing(before), **storage.listing(after)} if pairs and _is_gcs(after) else {}
     bad = sorted(b for a, b in pairs if not _same_file(before / a, after / b, listing))
     if bad:
       raise IndexMismatch(f"{after}: stored files differ from the input's: {bad[:3]}")
+
+
+def _check_computed(directory: epath.Path, patch: TreePatch, keys: set[bytes],
+                    prints: dict[str, transforms.Fingerprint]) -> None:
+  """What is stored for the computed leaves in the committed tree at
+  `directory` (its `keys`) is what TensorStore encoded from the values
+  computed, with no second decode: each array handed to the encoder had the
+  checksum of the surgery's result (`prints`) at its path; the stored keys
+  are the keys encoded; and each value read back raw has the CRC32 of the
+  bytes encoded."""
+  differ = sorted(p for n, p in patch.paths.items()
+                  if p not in prints or patch.encoded.get(n) != prints[p].checksum)
+  if differ:
+    raise checkpoint_io.VerificationError(
+        f'{directory}: the arrays encoded differ from those computed at {differ[:3]}')
+  if keys != set(patch.crcs):
+    raise IndexMismatch(f"{directory}: computed leaves' stored keys differ from those written at "
+                        f"{[k.decode(errors='replace') for k in sorted(keys ^ set(patch.crcs))[:3]]}")
+
+  async def read_back():
+    root = await _open_tree(directory, patch.use_ocdbt)
+    return await asyncio.gather(*(root.read(k) for k in sorted(patch.crcs)))
+
+  bad = [k.decode(errors='replace') for k, r in zip(sorted(patch.crcs), asyncio.run(read_back()))
+         if r.state != 'value' or zlib.crc32(r.value) != patch.crcs[k]]
+  if bad:
+    raise checkpoint_io.VerificationError(
+        f'{directory}: computed values read back differ from those written at {bad[:3]}')

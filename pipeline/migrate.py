@@ -33,6 +33,7 @@ from etils import epath
 import transforms
 from pipeline import checkpoint_io, copy_patch, copy_through, lease, outputs, report, storage
 from pipeline.deadline import Deadline
+from pipeline.checkpoint_io import VerificationError
 from pipeline.report import record
 
 log = logging.getLogger('ckpt_surgery')
@@ -143,10 +144,6 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
       except Exception as cleanup:  # report both
         raise RuntimeError(f'{e}; and cleaning up {dst} failed: {cleanup}') from e
       raise
-
-
-class VerificationError(RuntimeError):
-  """What was committed is not what was computed; the output was removed."""
 
 
 def check_recorded(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
@@ -272,40 +269,48 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],
               bytes_uploaded=moved['bytes_uploaded'])
   written = checkpoint_io.abstract(written)  # verification reads the arrays back in batches
-  verify(dst, written, prints, stored=not patches)  # if it fails, the attempt's recovery removes dst
-  if patches:
-    copy_patch.verify(src, dst, layout, patches)
+  verify(src, dst, layout, written, prints, patches)  # if it fails, the attempt's recovery removes dst
   return done
 
 
 def _choose_writer(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
                    written: dict[str, Any], removes: str | None, carried: dict[str, Any],
                    settings: Settings) -> tuple[list[copy_patch.TreePatch] | None, str, str | None]:
-  """(the copy-and-patch plan or None, the write path taken, why not
-  copy-and-patch). --full_decode asks for the full save."""
-  if settings.full_decode:
-    return None, 'full', '--full_decode'
+  """(the patches to write or None for an Orbax save, the write path taken,
+  why not copy-and-patch). The full path (--full_decode, or nothing
+  carried) writes fresh patches where it can: every leaf encoded once."""
   if layout.msgpack:
     return None, 'full', 'a Flax msgpack input is read whole'
-  if not carried:
-    return None, 'full', ('no leaf carried over as stored (every leaf computed, a Python scalar '
-                          'among params or opt_state, or zarr3)')
+  full = ('--full_decode' if settings.full_decode else
+          None if carried else copy_patch.NOTHING_CARRIED)
   try:
-    return copy_patch.plan_patch(src, dst, layout, written, removes), 'copy_and_patch', None
+    patches = copy_patch.plan_patch(src, dst, layout, written, removes, fresh=bool(full))
+    return patches, 'full' if full else 'copy_and_patch', full
   except copy_patch.NotPatchable as e:
-    return None, 'copy_through', str(e)
+    return None, 'full' if full else 'copy_through', full or str(e)
 
 
 VERIFY_BATCH_BYTES = 256 << 20  # read back at most this much at once: memory stays bounded
 
 
-def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transforms.Fingerprint],
-           stored: bool = True) -> None:
-  """Reopen what was committed at dst: it must hold the arrays of `written`
-  (the items as saved, arrays or their abstract form), reading back
-  `prints`' checksums, and (with `stored`) the stored chunks of its
-  StoredArrays as copied. Arrays are read back a batch of
-  VERIFY_BATCH_BYTES at a time."""
+def verify(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
+           written: dict[str, Any], prints: dict[str, transforms.Fingerprint],
+           patches: list[copy_patch.TreePatch] | None) -> None:
+  """Prove that what was committed at dst is what was computed, or raise:
+  by its stored bytes where `patches` wrote it (`copy_patch.verify`), else
+  by reading back what Orbax's save wrote (`verify_saved`)."""
+  if patches:
+    copy_patch.verify(src, dst, layout, patches, prints)
+  else:
+    verify_saved(dst, written, prints)
+
+
+def verify_saved(dst: epath.Path, written: dict[str, Any],
+                 prints: dict[str, transforms.Fingerprint]) -> None:
+  """Reopen what Orbax's save committed at dst: it must hold the arrays of
+  `written` (the items as saved, arrays or their abstract form), reading
+  back `prints`' checksums, and the stored chunks of its StoredArrays as
+  copied. Arrays are read back a batch of VERIFY_BATCH_BYTES at a time."""
   expected = checkpoint_io.array_specs(written)
   batches, size = [set()], 0
   for k, x in jax.tree_util.tree_flatten_with_path(written)[0]:
@@ -327,7 +332,7 @@ def verify(dst: epath.Path, written: dict[str, Any], prints: dict[str, transform
     differ = sorted(set(got.items()) ^ set(expected.items()))[:3]
     raise VerificationError(f'{dst}: committed arrays differ from what was computed: {differ}')
   bad = sorted(p for p, f in prints.items() if p not in back or back[p].checksum != f.checksum)
-  for name, tree in written.items() if stored else ():
+  for name, tree in written.items():
     names = dict(jax.tree_util.tree_flatten_with_path(ocp.tree.get_param_names(tree))[0])
     stored = [(names[k], x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
               if isinstance(x, copy_through.StoredArray)]

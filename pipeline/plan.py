@@ -61,6 +61,8 @@ def _writer(src: epath.Path, layout: checkpoint_io.Layout, tree: Any,
             surgery: transforms.Surgery, untouched: int) -> dict[str, Any]:
   """How `run` will write outputs of this signature (unless --full_decode),
   and why not by copy-and-patch."""
+  if not untouched and not layout.msgpack:
+    return {'write_path': 'full', 'why_not_patched': copy_patch.NOTHING_CARRIED}
   try:
     removes = None if layout.msgpack else surgery.removes(tree)
     copy_patch.check_input(src, layout, removes)

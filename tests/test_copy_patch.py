@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from etils import epath
 
 from pipeline import checkpoint_io, copy_patch, migrate, storage
 from tests.conftest import mlp
-from tests.test_copy_through import SPEC, restored_bits, state, write
+from tests.test_copy_through import SPEC, decoded, restored_bits, state, write  # pylint: disable=unused-import
 from tests.test_storage_copy import snapshot
 from transforms import Surgery, load_spec
 
@@ -90,6 +91,91 @@ def test_a_typed_restore_and_a_second_migration_of_a_patched_output(tmp_path):
                                 ['Dense_9']['kernel'], before['params']['Dense_0']['kernel'])
 
 
+def inodes(path) -> set[int]:
+  return {os.stat(p).st_ino for p in pathlib.Path(path).glob('**/*') if p.is_file()}
+
+
+def decline(*args, **kwargs):
+  raise copy_patch.NotPatchable('this test wants Orbax\'s save')
+
+
+@pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'no_ocdbt'])
+@pytest.mark.parametrize('layout', ['pytree', 'standard', 'step'])
+def test_the_full_path_writes_every_leaf_afresh_as_orbax_save_would(tmp_path, monkeypatch, decoded,
+                                                                    layout, use_ocdbt):
+  """--full_decode writes a fresh tree (nothing of the input's copied or
+  linked) that plain Orbax restores bit for bit as its own save of the same
+  state, and decodes each leaf once: its verification reads stored bytes."""
+  src = tmp_path / 'in'
+  write(src, layout, use_ocdbt)
+  before = snapshot(src)
+  fresh = migrated(src, tmp_path / 'fresh', full_decode=True)
+  assert (fresh['status'], fresh['write_path']) == ('ok', 'full'), fresh['error']
+  assert sorted(decoded) == sorted(set(decoded))  # read once, never read back decoded
+  with monkeypatch.context() as m:
+    m.setattr(copy_patch, 'plan_patch', decline)
+    saved = migrated(src, tmp_path / 'saved', full_decode=True)
+  assert saved['status'] == 'ok', saved['error']
+  assert restored_bits(tmp_path / 'fresh', layout) == restored_bits(tmp_path / 'saved', layout)
+  assert not inodes(tmp_path / 'fresh') & inodes(src)
+  assert snapshot(src) == before
+  meta = lambda p: checkpoint_io.array_specs(checkpoint_io.read_metadata(p)[1])
+  assert meta(tmp_path / 'fresh') == meta(tmp_path / 'saved')
+  assert checkpoint_io.read_provenance(tmp_path / 'fresh')['spec_hash'] == (
+      checkpoint_io.read_provenance(tmp_path / 'saved')['spec_hash'])
+
+
+def test_a_fresh_output_restores_typed_and_keeps_its_step(tmp_path):
+  src = tmp_path / 'in'
+  write(src, 'standard', True)
+  rec = migrated(src, tmp_path / 'full', RENAME, full_decode=True)
+  assert (rec['status'], rec['write_path']) == ('ok', 'full'), rec['error']
+  before = state()
+  params = {'Linear_0': before['params']['Dense_0'], 'Dense_1': before['params']['Dense_1']}
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {**before, 'params': params})
+  abstract['opt_state'] = jax.eval_shape(optax.adam(1e-2).init, abstract['params'])
+  after = ocp.StandardCheckpointer().restore(tmp_path / 'full', abstract)
+  assert isinstance(after['opt_state'][0], optax.ScaleByAdamState) and after['step'] == 3
+  np.testing.assert_array_equal(after['opt_state'][0].mu['Linear_0']['kernel'],
+                                before['opt_state'][0].mu['Dense_0']['kernel'])
+
+
+def flip_a_bit_of_the_largest_value(tree: pathlib.Path) -> None:
+  """One bit flipped in the middle of the largest stored value under `tree`
+  (in its OCDBT data file, or its chunk file)."""
+  if (tree / 'manifest.ocdbt').exists():
+    file, offset, length = max((v for v in storage.ocdbt_index(tree).values() if isinstance(v, tuple)),
+                               key=lambda v: int(v[2]))
+    path, at = tree / file, int(offset) + int(length) // 2
+  else:
+    path = max((p for p in tree.glob('*/*') if re.fullmatch(r'[0-9.]+', p.name)),
+               key=lambda p: p.stat().st_size)
+    at = path.stat().st_size // 2
+  data = bytearray(path.read_bytes())
+  data[at] ^= 1
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'no_ocdbt'])
+def test_a_value_changed_on_its_way_to_storage_fails_the_checkpoint(tmp_path, monkeypatch, use_ocdbt):
+  """The stored bytes read back must be the bytes encoded: one flipped bit
+  in a stored value, between the write and the commit, fails the checkpoint
+  and leaves nothing at dst."""
+  src, out = tmp_path / 'in', tmp_path / 'out'
+  ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)).save(
+      src, {'params': mlp((64, 64, 64)), 'step': 1})  # 16 KB kernels: stored out of line
+  real = copy_patch.commit
+
+  def flip_then_commit(work, dst):
+    flip_a_bit_of_the_largest_value(pathlib.Path(work))
+    real(work, dst)
+
+  monkeypatch.setattr(copy_patch, 'commit', flip_then_commit)
+  rec = migrated(src, out / 'x', full_decode=True)
+  assert rec['status'] == 'failed' and 'read back differ' in rec['error'], rec
+  assert list(out.iterdir()) == []
+
+
 def stored_keys_of_every_version(path) -> set[bytes]:
   """Every key any version of the OCDBT database at `path` holds."""
   manifest = ts.ocdbt.dump(ts.KvStore.open(storage.kvstore_url(path)).result()).result()
@@ -154,10 +240,11 @@ def test_the_index_check_catches_a_swapped_rename(tmp_path, monkeypatch):
   write(src, 'pytree', True)
   real = copy_patch._patch_ocdbt
 
-  async def swapped(directory, patch):
+  async def swapped(directory, patch, encoded):
     targets = sorted(patch.renamed)
     olds = [patch.renamed[t] for t in targets]
-    await real(directory, dataclasses.replace(patch, renamed=dict(zip(targets, olds[1:] + olds[:1]))))
+    await real(directory, dataclasses.replace(patch, renamed=dict(zip(targets, olds[1:] + olds[:1]))),
+               encoded)
 
   monkeypatch.setattr(copy_patch, '_patch_ocdbt', swapped)
   rec = migrated(src, out / 'x', RENAME)
@@ -205,3 +292,17 @@ def test_on_gcs_a_rename_uploads_no_array_byte(gcs, bucket, tmp_path):
   assert uploaded < 0.05 * stored  # metadata and index nodes
   assert full['status'] == 'ok', full['error']
   assert restored_bits(f'{bucket}/out', 'pytree') == restored_bits(tmp_path / 'out', 'pytree')
+
+
+def test_a_fresh_output_goes_from_local_to_gcs(gcs, bucket, tmp_path):
+  """The full path copies nothing, so it writes anywhere: local -> gs://,
+  every encoded byte uploaded once, restoring as the local output does."""
+  src = tmp_path / 'in'
+  write(src, 'step', True)
+  local = migrated(src, tmp_path / 'out', RENAME, full_decode=True)
+  gcs.reset_counters()
+  rec = migrated(src, f'{bucket}/out', RENAME, full_decode=True)
+  assert (rec['status'], rec['write_path']) == ('ok', 'full'), rec['error']
+  assert 0 < rec['bytes_uploaded'] <= gcs.counters()['bytes_uploaded']
+  assert local['status'] == 'ok', local['error']
+  assert restored_bits(f'{bucket}/out', 'step') == restored_bits(tmp_path / 'out', 'step')

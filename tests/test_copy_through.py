@@ -78,9 +78,9 @@ def decoded(monkeypatch):
     names.extend(info.name for info in infos)
     return await real(self, infos, args)
 
-  async def spy_read(directory, param, ocdbt):
+  async def spy_read(directory, param, *args):
     names.append(param)
-    return await real_read(directory, param, ocdbt)
+    return await real_read(directory, param, *args)
 
   monkeypatch.setattr(ocp.type_handlers.ArrayHandler, 'deserialize', spy)
   monkeypatch.setattr(checkpoint_io, 'read_stored', spy_read)
