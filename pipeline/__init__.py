@@ -2,11 +2,33 @@
 
 What an op does lives in `transforms`; this package moves checkpoints.
 """
+import ctypes
 import os
 
 # A worker restores whole checkpoints next to Orbax's host buffers: JAX must
 # not take most of each GPU's memory up front (read when a backend starts).
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+
+def _limit_heap_arenas(arenas: int = 2) -> None:
+  """Let glibc's malloc keep `arenas` heaps, not up to 8 per core. It gives
+  each thread that contends for the heap an arena of its own and keeps what
+  is freed there, so with TensorStore's many I/O threads a worker's RSS grew
+  by about a checkpoint's bytes with every checkpoint, though nothing
+  leaked. With two, the next checkpoint reuses what the last one freed:
+  measured on 32 checkpoints of 32 MB, peak RSS 0.7 GB where unlimited
+  arenas reached 1.7 GB, and no malloc_trim after each checkpoint, whose
+  page faults cost more time than the trim saved memory. A user's
+  MALLOC_ARENA_MAX wins; not glibc, nothing to do."""
+  if 'MALLOC_ARENA_MAX' in os.environ:
+    return
+  try:
+    ctypes.CDLL('libc.so.6').mallopt(-8, arenas)  # M_ARENA_MAX
+  except (OSError, AttributeError):
+    pass
+
+
+_limit_heap_arenas()
 
 import importlib
 

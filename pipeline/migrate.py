@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import ctypes
 import dataclasses
 import datetime
 import importlib.metadata
@@ -354,22 +353,19 @@ def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
   """
   start = time.perf_counter()
   deadline = deadline or Deadline(settings.checkpoint_timeout)
-  try:
-    for attempt in range(1, attempts + 1):
-      try:
-        deadline.check()
-        fields = _attempt(src, dst, surgery, settings, deadline)
-        return record(src, dst, seconds=time.perf_counter() - start, attempts=attempt, **fields)
-      except Exception as e:  # every failure becomes this checkpoint's record
-        error = e
-        if attempt == attempts or deadline.cancelled.is_set() or not storage.is_transient(e):
-          break
-        log.info('retrying %s after %s: %s', src, type(e).__name__, e)
-        time.sleep(backoff * 2 ** (attempt - 1))
-    return record(src, dst, 'failed', error=describe(error),
-                  seconds=time.perf_counter() - start, attempts=attempt)
-  finally:
-    return_freed_memory()
+  for attempt in range(1, attempts + 1):
+    try:
+      deadline.check()
+      fields = _attempt(src, dst, surgery, settings, deadline)
+      return record(src, dst, seconds=time.perf_counter() - start, attempts=attempt, **fields)
+    except Exception as e:  # every failure becomes this checkpoint's record
+      error = e
+      if attempt == attempts or deadline.cancelled.is_set() or not storage.is_transient(e):
+        break
+      log.info('retrying %s after %s: %s', src, type(e).__name__, e)
+      time.sleep(backoff * 2 ** (attempt - 1))
+  return record(src, dst, 'failed', error=describe(error),
+                seconds=time.perf_counter() - start, attempts=attempt)
 
 
 # What storage libraries' error codes mean for a checkpoint's files.
@@ -388,25 +384,6 @@ def describe(error: BaseException) -> str:
   text = f'{type(error).__name__}: {lines[0][:400] if lines else ""}'.rstrip(': ')
   cause = next((c for code, c in _CAUSES.items() if code in (lines[0] if lines else '')), None)
   return f'{text} ({cause})' if cause else text
-
-
-def _load_libc():
-  try:
-    return ctypes.CDLL('libc.so.6')
-  except OSError:  # not glibc: nothing to trim
-    return None
-
-
-_LIBC = _load_libc()
-
-
-def return_freed_memory() -> None:
-  """Hand freed heap back to the system. glibc keeps what TensorStore's I/O
-  threads free in per-thread arenas, so without this a worker's RSS climbs by
-  about a checkpoint's bytes with every copied-through checkpoint (measured),
-  though nothing leaks."""
-  if _LIBC is not None:
-    _LIBC.malloc_trim(0)
 
 
 def peak_rss() -> int:
