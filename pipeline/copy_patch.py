@@ -45,6 +45,7 @@ import base64
 import dataclasses
 import functools
 import json
+import mmap
 import os
 import time
 import zlib
@@ -519,7 +520,7 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch],
     if differ:
       raise IndexMismatch(f"{after}: its stored keys differ from the input's at "
                           f"{[k.decode(errors='replace') for k in differ[:3]]}")
-    _check_computed(after, patch, {k for k, owner in new_owner.items() if owner in patch.computed},
+    _check_computed(after, patch, {k: v for k, v in new.items() if new_owner[k] in patch.computed},
                     prints)
     if patch.use_ocdbt:
       pairs = {(v[0], v[0]) for v in (new[k] for k in got) if isinstance(v, tuple)}
@@ -531,29 +532,51 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch],
       raise IndexMismatch(f"{after}: stored files differ from the input's: {bad[:3]}")
 
 
-def _check_computed(directory: epath.Path, patch: TreePatch, keys: set[bytes],
+def _check_computed(directory: epath.Path, patch: TreePatch, stored: dict[bytes, Any],
                     prints: dict[str, transforms.Fingerprint]) -> None:
   """What is stored for the computed leaves in the committed tree at
-  `directory` (its `keys`) is what TensorStore encoded from the values
-  computed, with no second decode: each array handed to the encoder had the
-  checksum of the surgery's result (`prints`) at its path; the stored keys
-  are the keys encoded; and each value read back raw has the CRC32 of the
-  bytes encoded."""
+  `directory` (`stored`: their keys in its index) is what TensorStore
+  encoded from the values computed, with no second decode: each array
+  handed to the encoder had the checksum of the surgery's result (`prints`)
+  at its path; the stored keys are the keys encoded; and each value read
+  back raw has the CRC32 of the bytes encoded."""
   differ = sorted(p for n, p in patch.paths.items()
                   if p not in prints or patch.encoded.get(n) != prints[p].checksum)
   if differ:
     raise checkpoint_io.VerificationError(
         f'{directory}: the arrays encoded differ from those computed at {differ[:3]}')
-  if keys != set(patch.crcs):
+  if set(stored) != set(patch.crcs):
     raise IndexMismatch(f"{directory}: computed leaves' stored keys differ from those written at "
-                        f"{[k.decode(errors='replace') for k in sorted(keys ^ set(patch.crcs))[:3]]}")
-
-  async def read_back():
-    root = await _open_tree(directory, patch.use_ocdbt)
-    return await asyncio.gather(*(root.read(k) for k in sorted(patch.crcs)))
-
-  bad = [k.decode(errors='replace') for k, r in zip(sorted(patch.crcs), asyncio.run(read_back()))
-         if r.state != 'value' or zlib.crc32(r.value) != patch.crcs[k]]
+                        f"{[k.decode(errors='replace') for k in sorted(set(stored) ^ set(patch.crcs))[:3]]}")
+  bad = [k.decode(errors='replace') for k, crc in _stored_crcs(directory, patch, stored).items()
+         if crc != patch.crcs[k]]
   if bad:
     raise checkpoint_io.VerificationError(
         f'{directory}: computed values read back differ from those written at {bad[:3]}')
+
+
+def _stored_crcs(directory: epath.Path, patch: TreePatch, stored: dict[bytes, Any]
+                 ) -> dict[bytes, int | None]:
+  """The CRC32 of each value `stored` names (None: unreadable), read back
+  raw: a local OCDBT database's from its index (inline values) and its data
+  files, mapped, each once; others through TensorStore."""
+  if patch.use_ocdbt and not _is_gcs(directory):
+    crcs = {k: zlib.crc32(v) for k, v in stored.items() if isinstance(v, bytes)}
+    for file in {v[0] for v in stored.values() if isinstance(v, tuple)}:
+      values = {k: (int(v[1]), int(v[1]) + int(v[2])) for k, v in stored.items()
+                if isinstance(v, tuple) and v[0] == file}
+      with open(directory / file, 'rb') as f:
+        if not os.fstat(f.fileno()).st_size:  # mmap refuses an empty file
+          crcs.update(dict.fromkeys(values))
+          continue
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data, memoryview(data) as view:
+          crcs.update({k: zlib.crc32(view[start:end]) if end <= len(view) else None
+                       for k, (start, end) in values.items()})
+    return crcs
+
+  async def read_back():
+    root = await _open_tree(directory, patch.use_ocdbt)
+    return await asyncio.gather(*(root.read(k) for k in stored))
+
+  return {k: zlib.crc32(r.value) if r.state == 'value' else None
+          for k, r in zip(stored, asyncio.run(read_back()))}
