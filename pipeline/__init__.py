@@ -18,10 +18,16 @@ def _limit_heap_arenas(arenas: int = 2) -> None:
   leaked. With two, the next checkpoint reuses what the last one freed:
   measured on 32 checkpoints of 32 MB, peak RSS 0.7 GB where unlimited
   arenas reached 1.7 GB, and no malloc_trim after each checkpoint, whose
-  page faults cost more time than the trim saved memory. A user's
-  MALLOC_ARENA_MAX wins; not glibc, nothing to do."""
+  page faults cost more time than the trim saved memory.
+
+  For this process, already running, by mallopt; for the worker processes
+  it starts (the local runner's), by MALLOC_ARENA_MAX, which glibc reads
+  before their first thread (a worker imports us only once its runner's
+  threads hold arenas of their own; deploy/Dockerfile sets it for Dataflow).
+  A user's MALLOC_ARENA_MAX wins; not glibc, nothing to do."""
   if 'MALLOC_ARENA_MAX' in os.environ:
     return
+  os.environ['MALLOC_ARENA_MAX'] = str(arenas)
   try:
     ctypes.CDLL('libc.so.6').mallopt(-8, arenas)  # M_ARENA_MAX
   except (OSError, AttributeError):

@@ -305,7 +305,8 @@ async def _patch_ocdbt(directory: epath.Path, patch: TreePatch, encoded: dict[by
   keys' deletes: in that order, as TensorStore reads a copy's source through
   the transaction) and deletes what is removed or recomputed; the second
   writes the computed leaves' encoded values (kept apart: a write after a
-  delete of its range in one transaction is not read back reliably)."""
+  delete of its range in one transaction is not read back reliably),
+  emptying `encoded` as each is staged: the transaction holds the copy."""
   root = await _open_tree(directory, True, synced=False, fresh=patch.fresh)
   deleted = [] if patch.fresh else [*patch.removed, *patch.computed]
   if patch.renamed or deleted:
@@ -318,14 +319,15 @@ async def _patch_ocdbt(directory: epath.Path, patch: TreePatch, encoded: dict[by
     await txn.commit_async()
   txn = ts.Transaction()
   staged = root.with_transaction(txn)
-  await asyncio.gather(*(staged.write(k, v) for k, v in encoded.items()))
+  await asyncio.gather(*(staged.write(k, encoded.pop(k)) for k in list(encoded)))
   await txn.commit_async()
 
 
 async def _patch_directories(directory: epath.Path, patch: TreePatch,
                              encoded: dict[bytes, bytes]) -> None:
   """Per-array directories: move renamed ones (after the removed ones go;
-  a target is never a name the input holds), then write the computed ones."""
+  a target is never a name the input holds), then write the computed ones
+  (emptying `encoded`)."""
   moved = {old: directory / f'.{i}.moving' for i, old in enumerate(patch.renamed.values())}
   for old, temporary in moved.items():
     storage.move_tree(directory / old, temporary)
@@ -335,7 +337,7 @@ async def _patch_directories(directory: epath.Path, patch: TreePatch,
   for new, old in patch.renamed.items():
     storage.move_tree(moved[old], directory / new)
   root = await _open_tree(directory, False, synced=False)
-  await asyncio.gather(*(root.write(k, v) for k, v in encoded.items()))
+  await asyncio.gather(*(root.write(k, encoded.pop(k)) for k in list(encoded)))
 
 
 def _write_metadata(directory: epath.Path, patch: TreePatch) -> None:
@@ -377,10 +379,9 @@ def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
     directory = work / patch.item if patch.item else work
     encoded = _encode(patch, remote)
     patch.crcs = {k: zlib.crc32(v) for k, v in encoded.items()}
+    uploaded += sum(len(v) for v in encoded.values())
     asyncio.run((_patch_ocdbt if patch.use_ocdbt else _patch_directories)(directory, patch, encoded))
     _write_metadata(directory, patch)
-    uploaded += sum(len(v) for v in encoded.values())
-    del encoded
   (work / '_CHECKPOINT_METADATA').write_text(json.dumps(_checkpoint_metadata(src, layout, provenance)))
   commit(work, dst)
   return {'bytes_copied_server_side': copied.bytes_copied_server_side,
