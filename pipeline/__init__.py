@@ -9,25 +9,24 @@ import os
 # not take most of each GPU's memory up front (read when a backend starts).
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
+ARENAS = 2  # malloc arenas per process (see _limit_heap_arenas)
 
-def _limit_heap_arenas(arenas: int = 2) -> None:
-  """Let glibc's malloc keep `arenas` heaps, not up to 8 per core. It gives
-  each thread that contends for the heap an arena of its own and keeps what
-  is freed there, so with TensorStore's many I/O threads a worker's RSS grew
-  by about a checkpoint's bytes with every checkpoint, though nothing
-  leaked. With two, the next checkpoint reuses what the last one freed:
-  measured on 32 checkpoints of 32 MB, peak RSS 0.7 GB where unlimited
-  arenas reached 1.7 GB, and no malloc_trim after each checkpoint, whose
-  page faults cost more time than the trim saved memory.
 
-  For this process, already running, by mallopt; for the worker processes
-  it starts (the local runner's), by MALLOC_ARENA_MAX, which glibc reads
-  before their first thread (a worker imports us only once its runner's
-  threads hold arenas of their own; deploy/Dockerfile sets it for Dataflow).
-  A user's MALLOC_ARENA_MAX wins; not glibc, nothing to do."""
+def _limit_heap_arenas(arenas: int = ARENAS) -> None:
+  """Let glibc's malloc keep `arenas` heaps in this process, not up to 8 per
+  core. It gives each thread that contends for the heap an arena of its own
+  and keeps what is freed there, so with TensorStore's many I/O threads a
+  worker's RSS grew by about a checkpoint's bytes with every checkpoint,
+  though nothing leaked. With two, the next checkpoint reuses what the last
+  one freed: measured on 32 checkpoints of 32 MB, peak RSS 0.7 GB where
+  unlimited arenas reached 1.7 GB, and no malloc_trim after each
+  checkpoint, whose page faults cost more time than the trim saved memory.
+  Worker processes get it from MALLOC_ARENA_MAX, before their first thread
+  (`cli.main` sets it for those it starts; deploy/Dockerfile on Dataflow): a
+  worker imports us only once its runner's threads hold arenas. A user's
+  MALLOC_ARENA_MAX wins; not glibc, nothing to do."""
   if 'MALLOC_ARENA_MAX' in os.environ:
     return
-  os.environ['MALLOC_ARENA_MAX'] = str(arenas)
   try:
     ctypes.CDLL('libc.so.6').mallopt(-8, arenas)  # M_ARENA_MAX
   except (OSError, AttributeError):

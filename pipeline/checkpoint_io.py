@@ -321,7 +321,9 @@ async def read_stored(directory: epath.Path, param: str, ocdbt: bool,
   """The stored array `param` of the tree at `directory`, decoded. Reads of
   one tree share a `context`: its OCDBT manifest and index are read once."""
   spec = ts_utils.ArrayReadSpec(str(directory), param, use_zarr3=False, use_ocdbt=ocdbt).json
-  store = await ts.open(spec, open=True, context=context or ts_utils.get_ts_context(use_ocdbt=ocdbt))
+  if context is None:
+    context = ts_utils.get_ts_context(use_ocdbt=ocdbt)
+  store = await ts.open(spec, open=True, context=context)
   return await store.read()
 
 

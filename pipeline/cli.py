@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, demo, discovery, inspection, plan, report, report_page, storage
+from pipeline import ARENAS, checkpoint_io, demo, discovery, inspection, plan, report, report_page, storage
 
 if TYPE_CHECKING:
   from pipeline.migrate import Settings
@@ -304,6 +304,9 @@ def build_page(prefix: str, run: str | None, open_it: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  # Inherited by the worker processes a local run starts (see pipeline/__init__),
+  # set while this process has no thread that could read its environment.
+  os.environ.setdefault('MALLOC_ARENA_MAX', str(ARENAS))
   # Our output is the progress lines and the table; libraries speak up on errors.
   logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.ERROR)  # Orbax logs through absl's own logger

@@ -5,12 +5,13 @@ and the surgery provably removes nothing (`transforms.Route.removes`), most
 of an output is the input's bytes. Instead of re-saving them through Orbax:
   1. copy  the input's files (`storage.copy_tree`: hard links for the OCDBT
            data files TensorStore never rewrites, a server-side copy on GCS);
-  2. patch the copy, one tree item at a time. In an OCDBT database, in one
-           TensorStore transaction: a renamed leaf's keys are copied
-           index-only (the new key points at the same file, offset and
-           length) and its old keys deleted, then computed leaves are written
-           through the zarr driver with the spec Orbax itself would use. In
-           per-array directories, a renamed leaf's directory is moved;
+  2. patch the copy, one tree item at a time. In an OCDBT database: a
+           renamed leaf's keys are copied index-only (the new key points at
+           the same file, offset and length) and its old keys deleted, in
+           one TensorStore transaction; then computed leaves are written, in
+           a second, as the bytes the zarr driver encodes them to with the
+           spec Orbax itself would use (below). In per-array directories, a
+           renamed leaf's directory is moved;
   3. rewrite Orbax's metadata (`_METADATA`, `_sharding`, `array_metadatas`,
            `_CHECKPOINT_METADATA` with our provenance), built with Orbax's own
            metadata classes;
@@ -21,29 +22,37 @@ output's index maps each carried key to the input's very value (the same
 inline bytes, or the same place in a data file identical to the input's),
 and holds no key but those and the computed leaves'.
 
-Computed leaves are encoded once, into memory, with Orbax's write spec, and
-those bytes are what is written. Verification links each stored byte to the
-values computed without decoding anything a second time (a decode costs as
-much as the encode): the array handed to the encoder has the checksum the
-surgery's result had (`transforms.fingerprint`, by leaf path), and every
-stored value read back raw has the CRC32 of the bytes encoded from it.
+Computed leaves are encoded once, into memory, with Orbax's write spec (one
+chunk per shard, as Orbax writes them), and those bytes are what is written.
+Verification links each stored byte to the values computed without decoding
+anything a second time (a decode costs as much as the encode): the array
+handed to the encoder has the checksum the surgery's result had
+(`transforms.fingerprint`, by leaf path); the encoder made every key of the
+array's chunk grid; the output stores exactly those keys; and every value
+read back raw has the CRC32 of the bytes encoded.
 
 A fresh patch (`plan_patch(fresh=True)`: `--full_decode`, or no leaf
 carried) copies no array data at all: every leaf is computed and written
-into an empty tree, so it is the full path's writer too, removals allowed.
+into an empty tree (a new OCDBT database configured as Orbax configures
+its own, or a directory per array, as the input had), so it is the full
+path's writer too, and a surgery that removes data may take it.
 
 Limits, where `plan_patch` says why and another writer is used: old OCDBT
 versions and copied data files keep overwritten values readable, so a
-surgery that removes data must not come here; nor inputs whose format this
-module does not know (zarr3, per-process databases without a merged root,
-metadata fields or value types Orbax 0.12 does not write).
+surgery that removes data takes only fresh patches; and neither kind takes
+inputs whose format this module does not know (zarr3, per-process
+databases without a merged root, metadata fields or value types Orbax 0.12
+does not write), typed PRNG keys computed, or leaves of other types.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import copy
 import dataclasses
 import functools
+import itertools
 import json
 import mmap
 import os
@@ -82,11 +91,13 @@ class NotPatchable(Exception):
 
 @dataclasses.dataclass
 class TreePatch:
-  """What one tree item's output changes in the copy of its input."""
+  """What one tree item's output changes in the copy of its input (a fresh
+  patch: writes into an empty directory)."""
   item: str                        # the item's directory name ('' for a single tree)
   use_ocdbt: bool
   renamed: dict[str, str]          # new param name -> the old one whose keys it takes
-  computed: dict[str, Any]         # param name -> array to write (a fresh patch's scalar: 0-d)
+  computed: dict[str, Any]         # param name -> array to write (a fresh patch's scalar: 0-d;
+                                   # None once written: verification needs only the names)
   kept: list[str]                  # names the output holds as the input did
   removed: list[str]               # old names the output does not keep (keys deleted)
   metadata: dict[str, Any]         # the output's _METADATA
@@ -95,7 +106,7 @@ class TreePatch:
   paths: dict[str, str]            # computed param name -> its leaf path in the migrated state
   fresh: bool = False              # nothing of the input copied: every stored value is computed
   # Filled by `write`: each computed array's checksum as handed to the encoder,
-  # and the CRC32 of each stored value encoded, by key.
+  # and the CRC32 of each value encoded, by key (every key of every chunk grid).
   encoded: dict[str, str] = dataclasses.field(default_factory=dict)
   crcs: dict[bytes, int] = dataclasses.field(default_factory=dict)
 
@@ -134,8 +145,9 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
   """The patch that turns the copy of the tree at `directory` into `tree`
   (the output as written: StoredArrays for carried leaves, jax.Arrays for
   computed ones, the input's other values where they were); `fresh`: that
-  writes `tree` whole into an empty directory instead. `prefix`: the tree's
-  leaf paths' in the migrated state; `remote`: the output is on GCS."""
+  writes `tree` whole into an empty directory instead. `prefix`: what
+  comes before the tree's leaf paths in the migrated state; `remote`: the
+  output is on GCS."""
   meta, entries = _input_entries(directory)
   use_ocdbt = bool(meta['use_ocdbt'])
   recorded = asyncio.run(array_metadata_store.Store().read(directory)) or {}
@@ -155,18 +167,22 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
         else:
           renamed[name] = x.name
         chunks, extra = x.chunk_shape, ext.get(x.name)
+        written = entries.get(x.name, {}).get('value_metadata', {}).get('write_shape')
       else:
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
           raise NotPatchable(f'{name} is computed with dtype {x.dtype}')
         computed[name], paths[name] = x, prefix + transforms.key_path(path)
-        spec = _array_spec(tuple(x.shape), np.dtype(x.dtype), use_ocdbt, remote)
-        chunks, extra = spec['metadata']['chunks'], None
+        written = _write_shape(x)
+        chunks = _array_spec(tuple(x.shape), written, np.dtype(x.dtype), use_ocdbt,
+                             remote)['metadata']['chunks']
+        extra = None
       shape = tuple(x.shape)
+      written = tuple(written or shape)
       shardings[name] = _serialized(x.sharding)
       arrays.append(array_metadata.ArrayMetadata(
-          param_name=name, shape=shape, dtype=np.dtype(x.dtype), write_shape=shape,
+          param_name=name, shape=shape, dtype=np.dtype(x.dtype), write_shape=written,
           chunk_shape=tuple(chunks), use_ocdbt=use_ocdbt, use_zarr3=False, ext_metadata=extra))
-      value = tree_metadata.ValueMetadataEntry('jax.Array', False, shape)
+      value = tree_metadata.ValueMetadataEntry('jax.Array', False, written)
     elif empty_values.is_supported_empty_value(x, options):
       value = tree_metadata.ValueMetadataEntry(
           empty_values.get_empty_value_typestr(x, options), True)
@@ -188,6 +204,8 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
       tree_metadata_entries=out_entries, use_ocdbt=use_ocdbt, use_zarr3=False,
       custom_metadata=meta.get('custom_metadata'),
       store_array_data_equal_to_fill_value=True, pytree_metadata_options=options)
+  if fresh and use_ocdbt and not computed:  # no value to write: no database to make
+    raise NotPatchable(f'{directory}: a tree with no stored value')
   removed = set() if fresh else stored - kept - set(computed)
   return TreePatch(item, use_ocdbt, renamed, computed, sorted(kept), sorted(removed),
                    metadata.to_json(), shardings, arrays, paths, fresh)
@@ -229,7 +247,8 @@ def plan_patch(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
   _check_surgery(src, layout, removes, dst, fresh)
   several = len(layout.trees) > 1  # the state is then {item: tree}
   return [_tree_patch(src / name if name else src, name, written[name], fresh,
-                      f'{name}/' if several else '', _is_gcs(dst)) for name in layout.trees]
+                      transforms.key_path((jax.tree_util.DictKey(name),)) + '/' if several else '',
+                      _is_gcs(dst)) for name in layout.trees]
 
 
 # --- writing -----------------------------------------------------------------
@@ -246,36 +265,58 @@ def _unsynced(kvstore: dict[str, Any]) -> dict[str, Any]:
   return {k: _unsynced(v) if isinstance(v, dict) else v for k, v in kvstore.items()}
 
 
+def _write_shape(x: Any) -> tuple[int, ...]:
+  """The shape Orbax writes an array in, a chunk each: its shards' (a
+  jax.Array spread over devices), else its own."""
+  return tuple(x.sharding.shard_shape(x.shape)) if isinstance(x, jax.Array) else tuple(np.shape(x))
+
+
+def _array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dtype: np.dtype,
+                use_ocdbt: bool, remote: bool) -> dict[str, Any]:
+  """The TensorStore spec Orbax writes an array of this shape, shard shape
+  and dtype with (zarr metadata, chunks, compression), but its kvstore: the
+  same for every leaf of a kind on one storage (`remote`: GCS, whose OCDBT
+  data files, and so the largest chunks, Orbax keeps smaller). A copy of
+  one built once: Orbax's builder costs about 0.1 ms a leaf."""
+  return copy.deepcopy(_cached_array_spec(shape, write_shape, dtype, use_ocdbt, remote))
+
+
 @functools.lru_cache(maxsize=256)
-def _array_spec(shape: tuple[int, ...], dtype: np.dtype, use_ocdbt: bool, remote: bool
-                ) -> dict[str, Any]:
-  """The TensorStore spec Orbax writes an array of this shape and dtype with
-  (zarr metadata, chunks, compression), but its kvstore: the same for every
-  leaf of a kind on one storage (`remote`: GCS, whose OCDBT data files, and
-  so the largest chunks, Orbax keeps smaller), and Orbax's builder costs
-  about 0.1 ms a leaf."""
+def _cached_array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dtype: np.dtype,
+                       use_ocdbt: bool, remote: bool) -> dict[str, Any]:
   parent = epath.Path('gs://bucket' if remote else '/directory')  # never opened
   info = serialization_types.ParamInfo(
       name='array', parent_dir=parent, is_ocdbt_checkpoint=use_ocdbt, use_zarr3=False,
       use_compression=True, ocdbt_target_data_file_size=None, ts_context=_context(use_ocdbt))
   spec = ts_utils.build_array_write_spec(
-      info, None, global_shape=shape, local_shape=shape, dtype=dtype, use_ocdbt=use_ocdbt,
+      info, None, global_shape=shape, local_shape=write_shape, dtype=dtype, use_ocdbt=use_ocdbt,
       process_index=None).json
   return {k: v for k, v in spec.items() if k != 'kvstore'}
+
+
+def _chunk_keys(name: str, shape: tuple[int, ...], chunks: tuple[int, ...]) -> set[bytes]:
+  """Every key zarr v2 stores an array under: its metadata, and each chunk
+  of its grid ('.'-separated indices; '0' for a 0-d array)."""
+  grid = itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks)))
+  return {f'{name}/.zarray'.encode()} | {f'{name}/{".".join(map(str, i)) or "0"}'.encode() for i in grid}
 
 
 def _encode(patch: TreePatch, remote: bool) -> dict[bytes, bytes]:
   """Each computed leaf encoded once, into memory, through the zarr driver
   with Orbax's own write spec (for GCS where `remote`): {its keys, relative
   to the tree: the bytes to store}. Records in `patch.encoded` the checksum
-  of each array as the encoder got it."""
+  of each array as the encoder got it; VerificationError where the encoder
+  did not make every key of an array's chunk grid."""
   context = ts.Context()
+  expected = set()
 
   async def encode(name, x):
+    spec = _array_spec(tuple(np.shape(x)), _write_shape(x), np.dtype(x.dtype), patch.use_ocdbt,
+                       remote)
+    expected.update(_chunk_keys(name, spec['metadata']['shape'], spec['metadata']['chunks']))
     x = np.asarray(x)
     if name in patch.paths:
       patch.encoded[name] = transforms.fingerprint(x).checksum
-    spec = _array_spec(tuple(x.shape), np.dtype(x.dtype), patch.use_ocdbt, remote)
     array = await ts.open({**spec, 'kvstore': {'driver': 'memory', 'path': f'{name}/'}},
                           create=True, open=False, context=context)
     await array.write(x)
@@ -283,9 +324,21 @@ def _encode(patch: TreePatch, remote: bool) -> dict[bytes, bytes]:
   async def encode_all():
     await asyncio.gather(*(encode(n, x) for n, x in patch.computed.items()))
     memory = await ts.KvStore.open({'driver': 'memory'}, context=context)
+
+    async def take(key):  # each value leaves the store as it is copied out
+      value = (await memory.read(key)).value
+      await memory.write(key, None)
+      return value
+
     keys = await memory.list()
-    return {k: r.value for k, r in zip(keys, await asyncio.gather(*(memory.read(k) for k in keys)))}
-  return asyncio.run(encode_all())
+    return dict(zip(keys, await asyncio.gather(*(take(k) for k in keys))))
+
+  encoded = asyncio.run(encode_all())
+  if set(encoded) != expected:
+    raise checkpoint_io.VerificationError(
+        f'the encoder made keys other than the chunk grids\': '
+        f"{[k.decode(errors='replace') for k in sorted(set(encoded) ^ expected)[:3]]}")
+  return encoded
 
 
 async def _open_tree(directory: epath.Path, use_ocdbt: bool, synced: bool = True,
@@ -301,7 +354,7 @@ async def _open_tree(directory: epath.Path, use_ocdbt: bool, synced: bool = True
 
 async def _patch_ocdbt(directory: epath.Path, patch: TreePatch, encoded: dict[bytes, bytes]
                        ) -> None:
-  """Two transactions. The first renames (index-only copies, then the old
+  """Two transactions (one for a fresh patch). The first renames (index-only copies, then the old
   keys' deletes: in that order, as TensorStore reads a copy's source through
   the transaction) and deletes what is removed or recomputed; the second
   writes the computed leaves' encoded values (kept apart: a write after a
@@ -368,8 +421,8 @@ def _checkpoint_metadata(src: epath.Path, layout: checkpoint_io.Layout,
 
 def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
           patches: list[TreePatch], provenance: dict[str, Any]) -> dict[str, int]:
-  """Copy src, patch the copy, commit it at dst (which must not exist); what
-  was moved: {'bytes_copied_server_side', 'bytes_uploaded', 'bytes_linked',
+  """Copy src (for fresh patches, its JSON items only), patch the copy,
+  commit it at dst (which must not exist); what was moved: {'bytes_copied_server_side', 'bytes_uploaded', 'bytes_linked',
   'bytes_copied'}."""
   remote = _is_gcs(dst)
   work = dst if remote else dst.parent / f'{dst.name}.orbax-checkpoint-tmp-{time.time_ns()}'
@@ -378,6 +431,7 @@ def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
   for patch in patches:
     directory = work / patch.item if patch.item else work
     encoded = _encode(patch, remote)
+    patch.computed = dict.fromkeys(patch.computed)  # the arrays are free to go
     patch.crcs = {k: zlib.crc32(v) for k, v in encoded.items()}
     uploaded += sum(len(v) for v in encoded.values())
     asyncio.run((_patch_ocdbt if patch.use_ocdbt else _patch_directories)(directory, patch, encoded))
@@ -483,7 +537,13 @@ def verify(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
            patches: list[TreePatch], prints: dict[str, transforms.Fingerprint]) -> None:
   """The committed output at dst is what was computed (`prints`, by leaf
   path) and carried: Orbax reads its metadata as the tree written, every
-  array of its shape and dtype; and `verify_index`."""
+  array of its shape and dtype; every array computed was written (by one
+  patch or another); and `verify_index`."""
+  computed = {path for patch in patches for path in patch.paths.values()}
+  if set(prints) != computed:
+    raise checkpoint_io.VerificationError(
+        f'{dst}: arrays computed but not written, or written but not computed: '
+        f'{sorted(set(prints) ^ computed)[:3]}')
   for patch, (name, tree) in zip(patches, checkpoint_io.item_metadata(dst, layout).items()):
     got = {m.name: (tuple(m.shape), np.dtype(m.dtype)) for m in jax.tree_util.tree_leaves(tree)
            if checkpoint_io.is_array(m)}
@@ -539,8 +599,9 @@ def _check_computed(directory: epath.Path, patch: TreePatch, stored: dict[bytes,
   `directory` (`stored`: their keys in its index) is what TensorStore
   encoded from the values computed, with no second decode: each array
   handed to the encoder had the checksum of the surgery's result (`prints`)
-  at its path; the stored keys are the keys encoded; and each value read
-  back raw has the CRC32 of the bytes encoded."""
+  at its path (`_encode` saw it make each whole chunk grid); the stored
+  keys are the keys encoded; and each value read back raw has the CRC32 of
+  the bytes encoded."""
   differ = sorted(p for n, p in patch.paths.items()
                   if p not in prints or patch.encoded.get(n) != prints[p].checksum)
   if differ:
@@ -549,35 +610,55 @@ def _check_computed(directory: epath.Path, patch: TreePatch, stored: dict[bytes,
   if set(stored) != set(patch.crcs):
     raise IndexMismatch(f"{directory}: computed leaves' stored keys differ from those written at "
                         f"{[k.decode(errors='replace') for k in sorted(set(stored) ^ set(patch.crcs))[:3]]}")
-  bad = [k.decode(errors='replace') for k, crc in _stored_crcs(directory, patch, stored).items()
-         if crc != patch.crcs[k]]
+  got = _stored_crcs(directory, patch, stored)
+  bad = [k.decode(errors='replace') for k, crc in patch.crcs.items() if got.get(k) != crc]
   if bad:
     raise checkpoint_io.VerificationError(
-        f'{directory}: computed values read back differ from those written at {bad[:3]}')
+        f'{directory}: computed values read back differ from those written (or are unreadable) '
+        f'at {bad[:3]}')
+
+
+_READS = 16  # values read back at once, where they come through TensorStore
 
 
 def _stored_crcs(directory: epath.Path, patch: TreePatch, stored: dict[bytes, Any]
                  ) -> dict[bytes, int | None]:
   """The CRC32 of each value `stored` names (None: unreadable), read back
   raw: a local OCDBT database's from its index (inline values) and its data
-  files, mapped, each once; others through TensorStore."""
+  files, mapped, each once; others through TensorStore, _READS at a time."""
   if patch.use_ocdbt and not _is_gcs(directory):
     crcs = {k: zlib.crc32(v) for k, v in stored.items() if isinstance(v, bytes)}
-    for file in {v[0] for v in stored.values() if isinstance(v, tuple)}:
-      values = {k: (int(v[1]), int(v[1]) + int(v[2])) for k, v in stored.items()
-                if isinstance(v, tuple) and v[0] == file}
-      with open(directory / file, 'rb') as f:
-        if not os.fstat(f.fileno()).st_size:  # mmap refuses an empty file
-          crcs.update(dict.fromkeys(values))
-          continue
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data, memoryview(data) as view:
-          crcs.update({k: zlib.crc32(view[start:end]) if end <= len(view) else None
-                       for k, (start, end) in values.items()})
+    by_file = collections.defaultdict(dict)  # data file -> {key: (start, end)}
+    for k, v in stored.items():
+      if isinstance(v, tuple):
+        by_file[v[0]][k] = (int(v[1]), int(v[1]) + int(v[2]))
+    for file, values in by_file.items():
+      crcs.update(_file_crcs(directory / file, values))
     return crcs
 
   async def read_back():
     root = await _open_tree(directory, patch.use_ocdbt)
-    return await asyncio.gather(*(root.read(k) for k in stored))
+    at_once = asyncio.Semaphore(_READS)
 
-  return {k: zlib.crc32(r.value) if r.state == 'value' else None
-          for k, r in zip(stored, asyncio.run(read_back()))}
+    async def crc(key):
+      async with at_once:
+        read = await root.read(key)
+        return zlib.crc32(read.value) if read.state == 'value' else None
+
+    return await asyncio.gather(*(crc(k) for k in stored))
+
+  return dict(zip(stored, asyncio.run(read_back())))
+
+
+def _file_crcs(file: epath.Path, values: dict[bytes, tuple[int, int]]) -> dict[bytes, int | None]:
+  """{key: the CRC32 of bytes [start, end) of `file`}, mapped, not copied;
+  None for what the file does not hold (missing, shorter, unreadable)."""
+  try:
+    with open(file, 'rb') as f:
+      if os.fstat(f.fileno()).st_size:  # mmap refuses an empty file
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data, memoryview(data) as view:
+          return {k: zlib.crc32(view[start:end]) if end <= len(view) else None
+                  for k, (start, end) in values.items()}
+  except OSError:
+    pass
+  return dict.fromkeys(values)

@@ -267,7 +267,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       moved = {'bytes_copied_server_side': 0, 'bytes_uploaded': uploaded}
   done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],
               bytes_uploaded=moved['bytes_uploaded'])
-  written = checkpoint_io.abstract(written)  # verification reads the arrays back in batches
+  written = checkpoint_io.abstract(written)  # verify_saved reads the arrays back in batches
   verify(src, dst, layout, written, prints, patches)  # if it fails, the attempt's recovery removes dst
   return done
 
@@ -286,7 +286,9 @@ def _choose_writer(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layou
     patches = copy_patch.plan_patch(src, dst, layout, written, removes, fresh=bool(full))
     return patches, 'full' if full else 'copy_and_patch', full
   except copy_patch.NotPatchable as e:
-    return None, 'full' if full else 'copy_through', full or str(e)
+    if full:
+      return None, 'full', f"{full}; by Orbax's save: {e}"
+    return None, 'copy_through', str(e)
 
 
 VERIFY_BATCH_BYTES = 256 << 20  # read back at most this much at once: memory stays bounded

@@ -176,6 +176,20 @@ def test_a_value_changed_on_its_way_to_storage_fails_the_checkpoint(tmp_path, mo
   assert list(out.iterdir()) == []
 
 
+def test_an_encoder_that_leaves_out_a_chunk_fails_the_checkpoint(tmp_path, monkeypatch):
+  """Where the encoder's keys are not every array's whole chunk grid (one
+  expected here that it never makes), nothing is written and the checkpoint
+  fails by name: the stored bytes alone would not show a missing chunk."""
+  src, out = tmp_path / 'in', tmp_path / 'out'
+  write(src, 'pytree', True)
+  real = copy_patch._chunk_keys
+  monkeypatch.setattr(copy_patch, '_chunk_keys',
+                      lambda name, *grid: real(name, *grid) | {f'{name}/9'.encode()})
+  rec = migrated(src, out / 'x', full_decode=True)
+  assert rec['status'] == 'failed' and "keys other than the chunk grids'" in rec['error'], rec
+  assert list(out.iterdir()) == []
+
+
 def stored_keys_of_every_version(path) -> set[bytes]:
   """Every key any version of the OCDBT database at `path` holds."""
   manifest = ts.ocdbt.dump(ts.KvStore.open(storage.kvstore_url(path)).result()).result()
@@ -294,11 +308,12 @@ def test_on_gcs_a_rename_uploads_no_array_byte(gcs, bucket, tmp_path):
   assert restored_bits(f'{bucket}/out', 'pytree') == restored_bits(tmp_path / 'out', 'pytree')
 
 
-def test_a_fresh_output_goes_from_local_to_gcs(gcs, bucket, tmp_path):
+@pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'no_ocdbt'])
+def test_a_fresh_output_goes_from_local_to_gcs(gcs, bucket, tmp_path, use_ocdbt):
   """The full path copies nothing, so it writes anywhere: local -> gs://,
   every encoded byte uploaded once, restoring as the local output does."""
   src = tmp_path / 'in'
-  write(src, 'step', True)
+  write(src, 'step', use_ocdbt)
   local = migrated(src, tmp_path / 'out', RENAME, full_decode=True)
   gcs.reset_counters()
   rec = migrated(src, f'{bucket}/out', RENAME, full_decode=True)

@@ -29,6 +29,12 @@ SCRIPT = textwrap.dedent('''
                                    migrate.Settings(full_decode=name == 'full'))
                for name in ('full', 'carried')]
     outs = [ocp.PyTreeCheckpointer().restore(work / name)['params'] for name in ('full', 'carried')]
+    # Orbax's own save of the full path's output, restored as a worker places it.
+    ocp.PyTreeCheckpointer().save(work / 'orbax', checkpoint_io.restore(work / 'full')[1][''])
+    from pipeline import storage
+    zarray = lambda n: json.loads(storage.ocdbt_index(work / n)[b'params.big/.zarray'])['chunks']
+    tree = lambda n: json.loads((work / n / '_METADATA').read_text())['tree_metadata']
+    write_shape = lambda n: tree(n)["('params', 'big')"]['value_metadata']['write_shape']
     print(json.dumps({
         'devices': jax.local_device_count(),
         'big': [len(big.sharding.device_set), str(big.sharding.spec)],
@@ -37,6 +43,9 @@ SCRIPT = textwrap.dedent('''
         'normalized': [np.asarray(o['big']).tolist()[0][:4] for o in outs],
         'same': all(np.array_equal(o['big'], outs[0]['big']) for o in outs),
         'preallocate': __import__('os').environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'),
+        'writers': [(r['write_path'], r['why_not_patched']) for r in records],
+        'chunks': [zarray(n) for n in ('full', 'orbax')],
+        'write_shapes': [write_shape(n) for n in ('full', 'orbax')],
     }))
 ''')
 
@@ -58,5 +67,8 @@ def test_large_leaves_are_restored_and_migrated_sharded_over_local_devices(tmp_p
   rng = np.random.default_rng(0)
   big = rng.standard_normal((1024, 1030)).astype(np.float32)
   np.testing.assert_allclose(got['normalized'][0], (big / np.linalg.norm(big))[0, :4], rtol=1e-5)
+  # The full path writes a fresh tree (not Orbax's save), chunked per shard as Orbax's save is.
+  assert got['writers'][0] == ['full', '--full_decode']
+  assert got['chunks'] == [[256, 1030]] * 2 and got['write_shapes'] == [[256, 1030]] * 2
   # Importing the pipeline keeps JAX from preallocating accelerator memory.
   assert got['preallocate'] == 'false'
