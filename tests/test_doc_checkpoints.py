@@ -10,6 +10,7 @@ output: where the tool cannot prove the output, the record names the leaf.
 from __future__ import annotations
 
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,19 @@ from tests import doc_checkpoints as docs
 from transforms import key_path
 
 
+SETTINGS = migrate.Settings()  # what `run` migrates with: see `writer`
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=['default', 'full_decode'])
+def writer(request, monkeypatch):
+  """Every case twice: written the default way (copy-and-patch or
+  copy-through), and with every leaf rewritten (--full_decode)."""
+  monkeypatch.setattr(sys.modules[__name__], 'SETTINGS', migrate.Settings(full_decode=request.param))
+
+
 def run(src, out, spec):
   migrate._SURGERIES.clear()
-  return migrate.migrate_one(str(src), str(out), migrate.surgery_for(spec))
+  return migrate.migrate_one(str(src), str(out), migrate.surgery_for(spec), SETTINGS)
 
 
 def restore(case, path, target):
