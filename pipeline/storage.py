@@ -137,9 +137,11 @@ class CopyError(OSError):
   """A file of a tree that could not be copied (the message names it)."""
 
 
-# OCDBT data files: content-addressed, written once, never rewritten in place
-# (TensorStore writes new ones), so a hard link is as good as a copy.
-_IMMUTABLE = re.compile(r'(^|/)ocdbt\.process_\d+/d/[^/]+$')
+# OCDBT data files: content-addressed (32 hex digits), written once, never
+# rewritten in place (TensorStore writes new ones), so a hard link is as good
+# as a copy. Orbax's per-process databases keep them in ocdbt.process_N/d/;
+# a merged root, and the trees we write ourselves, in d/.
+_IMMUTABLE = re.compile(r'(^|/)(ocdbt\.process_\d+/)?d/[0-9a-f]{32}$')
 # What os.link raises where this file system (or pair of them) cannot link.
 _CANNOT_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP,
                 errno.ENOSYS, errno.EACCES}

@@ -36,7 +36,9 @@ def migrated(src, dst, spec=SPEC, **settings):
 
 
 def data_inodes(path) -> set[int]:
-  return {os.stat(p).st_ino for p in pathlib.Path(path).glob('**/ocdbt.process_*/d/*')}
+  """The inodes of an OCDBT tree's data files (Orbax's per-process ones, or a root's)."""
+  return {os.stat(p).st_ino for p in pathlib.Path(path).glob('**/d/*')
+          if re.fullmatch('[0-9a-f]{32}', p.name)}
 
 
 @pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'no_ocdbt'])
@@ -51,8 +53,8 @@ def test_patched_outputs_restore_as_the_full_path_and_leave_the_input(tmp_path, 
   assert (full['write_path'], full['why_not_patched']) == ('full', '--full_decode')
   assert restored_bits(tmp_path / 'patched', layout) == restored_bits(tmp_path / 'full', layout)
   assert patched['bytes_uploaded'] == patched['bytes_copied_server_side'] == 0
-  if use_ocdbt:  # the data files are the input's own, linked
-    assert data_inodes(tmp_path / 'patched') and data_inodes(tmp_path / 'patched') <= data_inodes(src)
+  if use_ocdbt:  # the input's data files are the output's too, linked (beside the patch's new ones)
+    assert data_inodes(src) and data_inodes(src) <= data_inodes(tmp_path / 'patched')
   # A later write to the output reaches nothing of the input's.
   for manifest in (tmp_path / 'patched').glob('**/manifest.ocdbt'):
     manifest.write_bytes(b'overwritten')
@@ -123,6 +125,10 @@ def test_the_full_path_writes_every_leaf_afresh_as_orbax_save_would(tmp_path, mo
   assert meta(tmp_path / 'fresh') == meta(tmp_path / 'saved')
   assert checkpoint_io.read_provenance(tmp_path / 'fresh')['spec_hash'] == (
       checkpoint_io.read_provenance(tmp_path / 'saved')['spec_hash'])
+  # A fresh output migrated again is copied and patched: its data files linked.
+  again = migrated(tmp_path / 'fresh', tmp_path / 'again', "ops: [{rename: {match: '^Linear_0/', to: 'In/'}}]")
+  assert (again['status'], again['write_path']) == ('ok', 'copy_and_patch'), again['error']
+  assert not use_ocdbt or data_inodes(tmp_path / 'again') & data_inodes(tmp_path / 'fresh')
 
 
 def test_a_fresh_output_restores_typed_and_keeps_its_step(tmp_path):
