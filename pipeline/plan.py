@@ -54,6 +54,8 @@ def _plan_one(surgery: transforms.Surgery, meta: Any) -> dict[str, Any]:
       'bytes_after': result.bytes_after,
       'bytes_untouched': result.bytes_untouched,
       'roles': result.roles,
+      'dependency_groups': len(result.groups),
+      'largest_group_bytes': max((g.nbytes for g in result.groups), default=0),
   }
 
 
@@ -96,6 +98,10 @@ def format_plan(result: dict[str, Any]) -> str:
         f'{k} {report.size(before[k])} -> {report.size(after[k])}' for k in before))
     lines.append(f"  untouched: {report.size(group['bytes_untouched'])} of {report.size(after['total'])}, "
                  'carried over as stored bytes (unless --full_decode, or read from a Flax msgpack file)')
+    if group['dependency_groups']:
+      lines.append(f"  computed: {group['dependency_groups']} dependency group(s), each reading "
+                   f"inputs no other reads; the largest holds {report.size(group['largest_group_bytes'])} "
+                   '(inputs and outputs)')
     why = f" ({group['why_not_patched']})" if group['why_not_patched'] else ''
     lines.append(f"  written by {group['write_path'].replace('_', '-')}{why}")
   if result['unreadable']:

@@ -25,3 +25,11 @@ def hangs_once(state):
   if len(_calls) == 1:
     RELEASE.wait()
   return state
+
+
+def unit_global_norm(state):
+  """A python: op that reads every param: each is divided by their global norm."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  norm = optax.global_norm(state['params'])
+  return {**state, 'params': jax.tree.map(lambda x: x / norm, state['params'])}

@@ -117,3 +117,17 @@ def test_plan_says_which_writer_run_takes(inputs, tmp_path):
     assert (rec['status'], rec['write_path']) == ('ok', path), rec['error']
   assert 'written by copy-through (the surgery drops ' in cli(
       'plan', '--input', inputs / 'run_b', '--spec', tmp_path / 'spec.yaml').stdout
+
+
+def test_plan_says_how_the_computed_leaves_split(inputs, tmp_path):
+  """Per signature: how many groups the computed leaves make (each reading
+  inputs no other reads) and the largest group's bytes, inputs and outputs."""
+  spec_text = "ops: [{normalize: {match: '^Dense_0/kernel$'}}, {normalize: {match: '^Dense_1/kernel$'}}]"
+  result, plan = plan_json(tmp_path, inputs / 'run_b', spec_text)
+  assert result.returncode == 0, result.stderr
+  (group,) = plan['groups']
+  _, meta = checkpoint_io.read_metadata(inputs / 'run_b')
+  kernels = [2 * transforms.tree_bytes(meta['params'][n]['kernel']) for n in ('Dense_0', 'Dense_1')]
+  assert (group['dependency_groups'], group['largest_group_bytes']) == (2, max(kernels))
+  assert '  computed: 2 dependency group(s), each reading inputs no other reads; the largest holds ' in cli(
+      'plan', '--input', inputs / 'run_b', '--spec', tmp_path / 'spec.yaml').stdout

@@ -122,3 +122,21 @@ def test_seed_normalize_is_bit_exact(cnn_state):
       {k: np.asarray(v).tobytes() for k, v in flat.items() if k != 'Dense_1/kernel'}
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(
       lambda a, b: np.asarray(a).tobytes() == np.asarray(b).tobytes(), out['opt_state'], cnn_state['opt_state']))
+
+
+def test_dependency_groups_are_what_reads_disjoint_inputs(adam_state):
+  """A normalize: one group per kernel. A stack of three layers: one per
+  stacked leaf (the params' and each moment's) with its three sources. A
+  python op that reads every param: one group."""
+  def groups(spec_text, state):
+    surgery = Surgery(load_spec(spec_text))
+    tree, _ = surgery.split(state)
+    return sorted((len(g.inputs), len(g.outputs), g.nbytes) for g in surgery.groups(tree))
+
+  kernels = sorted(2 * v.nbytes for p, v in leaves(adam_state['params']).items() if 'kernel' in p)
+  assert groups("ops: [{normalize: {match: 'kernel$'}}]", adam_state) == [(1, 1, n) for n in kernels]
+  layers = {f'layer_{i}': {'w': jnp.full((2, 3), float(i))} for i in range(3)}
+  stacked = {'params': layers, 'opt_state': optax.adam(1e-3).init(layers)}
+  assert groups(r"ops: [{stack: {match: '^layer_(\d+)/w$', to: 'w', axis: 0}}]", stacked) == [(3, 1, 144)] * 3
+  assert [g[:2] for g in groups("ops: [{python: {fn: 'tests.fix_heads:unit_global_norm'}}]",
+                                adam_state)] == [(4, 4)]

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from transforms import mirrors, paths
-from transforms.surgery import OpTrace, Surgery, tree_bytes
+from transforms.surgery import Group, OpTrace, Surgery, tree_bytes
 
 
 class Change(NamedTuple):
@@ -32,6 +32,7 @@ class Plan(NamedTuple):
   bytes_after: dict[str, int]
   bytes_untouched: int           # of bytes_after['total']: output leaves that are input leaves
   roles: dict[str, str]          # each mirror and collection of the input -> what it follows
+  groups: list[Group]            # the computed leaves, in groups that read disjoint inputs
 
 
 def abstract(tree: Any) -> Any:
@@ -88,7 +89,7 @@ def plan(surgery: Surgery, state: Any) -> Plan:
   outputs = jax.tree_util.tree_leaves(out_shape)
   untouched = tree_bytes([outputs[o] for o in carried]) + tree_bytes(rest)
   return Plan(trace, changes, _bytes(tree, rest, surgery), _bytes(out, rest, surgery), untouched,
-              roles(surgery, tree))
+              roles(surgery, tree), surgery.groups(tree))
 
 
 def roles(surgery: Surgery, tree: dict[str, Any]) -> dict[str, str]:

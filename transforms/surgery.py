@@ -165,6 +165,47 @@ class Route(NamedTuple):
          for i in range(self.out_treedef.num_leaves)])
 
 
+class Group(NamedTuple):
+  """Computed outputs and the inputs they read, which no other group reads:
+  restored, computed and written on their own, they give what the whole
+  surgery gives."""
+  outputs: tuple[int, ...]  # output leaf indices
+  inputs: tuple[int, ...]   # input leaf indices
+  nbytes: int               # the inputs' bytes and the outputs'
+
+
+def dependency_groups(jaxpr: Any, inputs: tuple[int, ...], outputs: tuple[int, ...]) -> list[Group]:
+  """The connected components of `jaxpr`'s dataflow: an equation joins all
+  it reads and makes (one with a jaxpr inside, as a python op's, joins all
+  of it: never finer than what is proven). `inputs` and `outputs` give the
+  leaf index of each of its invars and outvars, in order."""
+  parent: dict[Any, Any] = {}
+
+  def root(v):
+    parent.setdefault(v, v)
+    while parent[v] is not v:
+      parent[v] = parent[parent[v]]
+      v = parent[v]
+    return v
+
+  for eqn in jaxpr.eqns:
+    joined = [v for v in (*eqn.invars, *eqn.outvars) if isinstance(v, jex.core.Var)]
+    for v in joined[1:]:
+      parent[root(v)] = root(joined[0])
+  members: dict[Any, tuple[list[int], list[int], list[Any]]] = {}
+  for leaf, v in zip(inputs, jaxpr.invars):
+    ins, _, avals = members.setdefault(root(v), ([], [], []))
+    ins.append(leaf)
+    avals.append(v.aval)
+  for leaf, v in zip(outputs, jaxpr.outvars):  # a literal output reads nothing: a group alone
+    _, outs, avals = members.setdefault(root(v) if isinstance(v, jex.core.Var) else (leaf,),
+                                        ([], [], []))
+    outs.append(leaf)
+    avals.append(v.aval)
+  return [Group(tuple(outs), tuple(ins), tree_bytes(avals))
+          for ins, outs, avals in members.values() if outs]
+
+
 class _View:
   """The params as a flat dict, each opt_state mirror and each collection as
   one keyed by full param paths, while ops run; `close` puts them back."""
@@ -385,6 +426,13 @@ class Surgery:
     needed = tuple(i for i, u in enumerate(used) if u)
     removes = removal(self.spec, pruned, len(jaxpr.invars), set(carried.values()) | set(needed))
     return closed, out_shape, carried, pruned, needed, removes
+
+  def groups(self, tree: dict[str, Any]) -> list[Group]:
+    """The computed outputs of this tree's signature (abstract is fine), in
+    groups that read disjoint inputs (`dependency_groups`)."""
+    closed, _, carried, pruned, needed, _ = self._split_computed(tree)
+    computed = tuple(o for o in range(len(closed.jaxpr.outvars)) if o not in carried)
+    return dependency_groups(pruned, needed, computed)
 
   def removes(self, tree: dict[str, Any]) -> str | None:
     """How this surgery loses data of `tree` (abstract is fine), or None:
