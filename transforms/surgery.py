@@ -272,6 +272,7 @@ class Surgery:
     self.optimizer = spec.optimizer.make() if spec.optimizer else None
     self._compiled: dict[Signature, Any] = {}
     self._routes: dict[Signature, Route] = {}
+    self._traced: dict[Signature, tuple[Any, ...]] = {}  # see _split_computed
     self._compiling = threading.Lock()  # a worker's threads share one compilation per signature
 
   @property
@@ -408,6 +409,9 @@ class Surgery:
   def trace(self, tree: dict[str, Any]) -> tuple[Any, Any, dict[int, int]]:
     """(the surgery's closed jaxpr on this tree's leaves, its output shapes,
     {output leaf index: the input leaf index it is}). No array is read."""
+    return self._split_computed(tree)[:3]
+
+  def _trace(self, tree: dict[str, Any]) -> tuple[Any, Any, dict[int, int]]:
     abstract, treedef = _abstract_leaves(tree)
     closed, out_shape = jax.make_jaxpr(
         lambda flat: self.apply(treedef.unflatten(flat)), return_shape=True)(abstract)
@@ -419,13 +423,17 @@ class Surgery:
   def _split_computed(self, tree: dict[str, Any]) -> tuple[Any, Any, dict[int, int], Any,
                                                             tuple[int, ...], str | None]:
     """(closed jaxpr, output shapes, carried, the jaxpr of the computed
-    outputs alone, the inputs it reads, how the surgery removes data)."""
-    closed, out_shape, carried = self.trace(tree)
-    jaxpr = closed.jaxpr
-    pruned, used = dce_jaxpr(jaxpr, [o not in carried for o in range(len(jaxpr.outvars))])
-    needed = tuple(i for i, u in enumerate(used) if u)
-    removes = removal(self.spec, pruned, len(jaxpr.invars), set(carried.values()) | set(needed))
-    return closed, out_shape, carried, pruned, needed, removes
+    outputs alone, the inputs it reads, how the surgery removes data), traced
+    once per signature: `plan` asks for its parts three times."""
+    sig = signature(tree)
+    if sig not in self._traced:
+      closed, out_shape, carried = self._trace(tree)
+      jaxpr = closed.jaxpr
+      pruned, used = dce_jaxpr(jaxpr, [o not in carried for o in range(len(jaxpr.outvars))])
+      needed = tuple(i for i, u in enumerate(used) if u)
+      removes = removal(self.spec, pruned, len(jaxpr.invars), set(carried.values()) | set(needed))
+      self._traced[sig] = closed, out_shape, carried, pruned, needed, removes
+    return self._traced[sig]
 
   def groups(self, tree: dict[str, Any]) -> list[Group]:
     """The computed outputs of this tree's signature (abstract is fine), in
