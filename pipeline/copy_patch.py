@@ -110,6 +110,12 @@ class TreePatch:
   encoded: dict[str, str] = dataclasses.field(default_factory=dict)
   crcs: dict[bytes, int] = dataclasses.field(default_factory=dict)
 
+  @property
+  def cleared(self) -> list[str]:
+    """The names whose stored values go before the computed leaves are
+    written: those removed or recomputed (none in a fresh tree)."""
+    return [] if self.fresh else [*self.removed, *self.computed]
+
 
 def _read_json(file: epath.Path) -> Any:
   return json.loads(file.read_text())
@@ -354,21 +360,21 @@ async def _open_tree(directory: epath.Path, use_ocdbt: bool, synced: bool = True
 
 async def _patch_ocdbt(directory: epath.Path, patch: TreePatch, encoded: dict[bytes, bytes]
                        ) -> None:
-  """Two transactions (one for a fresh patch). The first renames (index-only copies, then the old
-  keys' deletes: in that order, as TensorStore reads a copy's source through
-  the transaction) and deletes what is removed or recomputed; the second
+  """Two transactions (one for a fresh patch). The first renames
+  (index-only copies, then the old keys' deletes: in that order, as
+  TensorStore reads a copy's source through the transaction) and deletes
+  what is removed or recomputed (`cleared`); the second
   writes the computed leaves' encoded values (kept apart: a write after a
   delete of its range in one transaction is not read back reliably),
   emptying `encoded` as each is staged: the transaction holds the copy."""
   root = await _open_tree(directory, True, synced=False, fresh=patch.fresh)
-  deleted = [] if patch.fresh else [*patch.removed, *patch.computed]
-  if patch.renamed or deleted:
+  if patch.renamed or patch.cleared:
     txn = ts.Transaction()
     staged = root.with_transaction(txn)
     await asyncio.gather(*((root / f'{old}/').experimental_copy_range_to(staged / f'{new}/')
                            for new, old in patch.renamed.items()))
     await asyncio.gather(*((staged / f'{old}/').delete_range(ts.KvStore.KeyRange())
-                           for old in deleted))
+                           for old in patch.cleared))
     await txn.commit_async()
   txn = ts.Transaction()
   staged = root.with_transaction(txn)
@@ -384,7 +390,7 @@ async def _patch_directories(directory: epath.Path, patch: TreePatch,
   moved = {old: directory / f'.{i}.moving' for i, old in enumerate(patch.renamed.values())}
   for old, temporary in moved.items():
     storage.move_tree(directory / old, temporary)
-  for old in [] if patch.fresh else [*patch.removed, *patch.computed]:
+  for old in patch.cleared:
     if old not in moved and (directory / old).exists():
       (directory / old).rmtree()
   for new, old in patch.renamed.items():
@@ -422,8 +428,8 @@ def _checkpoint_metadata(src: epath.Path, layout: checkpoint_io.Layout,
 def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
           patches: list[TreePatch], provenance: dict[str, Any]) -> dict[str, int]:
   """Copy src (for fresh patches, its JSON items only), patch the copy,
-  commit it at dst (which must not exist); what was moved: {'bytes_copied_server_side', 'bytes_uploaded', 'bytes_linked',
-  'bytes_copied'}."""
+  commit it at dst (which must not exist); what was moved:
+  {'bytes_copied_server_side', 'bytes_uploaded', 'bytes_linked', 'bytes_copied'}."""
   remote = _is_gcs(dst)
   work = dst if remote else dst.parent / f'{dst.name}.orbax-checkpoint-tmp-{time.time_ns()}'
   copied = _copy_input(src, work, layout, patches)
