@@ -258,13 +258,13 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
   patches, done['write_path'], done['why_not_patched'] = _choose_writer(
       src, dst, layout, written, removes, carried, settings)
-  uploaded = done['bytes_out'] if str(dst).startswith('gs://') else 0
   with deadline.hold(_SAVING), deadline.writing():
     if patches:
       moved = copy_patch.write(src, dst, layout, patches, provenance)
     else:
       checkpoint_io.save(dst, layout, written, provenance)
-      moved = {'bytes_copied_server_side': 0, 'bytes_uploaded': uploaded}
+      moved = {'bytes_copied_server_side': 0,
+               'bytes_uploaded': done['bytes_out'] if str(dst).startswith('gs://') else 0}
   done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],
               bytes_uploaded=moved['bytes_uploaded'])
   written = checkpoint_io.abstract(written)  # verify_saved reads the arrays back in batches
