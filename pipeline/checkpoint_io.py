@@ -316,15 +316,26 @@ def _is_plain(x: Any) -> bool:
   return isinstance(x, (int, float, np.number, ocp_metadata.ScalarMetadata)) and not isinstance(x, bool)
 
 
+def _read_spec(directory: epath.Path, param: str, ocdbt: bool,
+               context: ts.Context | None) -> tuple[dict[str, Any], ts.Context]:
+  spec = ts_utils.ArrayReadSpec(str(directory), param, use_zarr3=False, use_ocdbt=ocdbt).json
+  return spec, context or ts_utils.get_ts_context(use_ocdbt=ocdbt)
+
+
 async def read_stored(directory: epath.Path, param: str, ocdbt: bool,
                       context: ts.Context | None = None) -> np.ndarray:
   """The stored array `param` of the tree at `directory`, decoded. Reads of
   one tree share a `context`: its OCDBT manifest and index are read once."""
-  spec = ts_utils.ArrayReadSpec(str(directory), param, use_zarr3=False, use_ocdbt=ocdbt).json
-  if context is None:
-    context = ts_utils.get_ts_context(use_ocdbt=ocdbt)
+  spec, context = _read_spec(directory, param, ocdbt, context)
   store = await ts.open(spec, open=True, context=context)
   return await store.read()
+
+
+def open_stored(directory: epath.Path, param: str, ocdbt: bool) -> ts.TensorStore:
+  """The stored array `param` of the tree at `directory`, opened to read
+  parts of it, as Orbax's restore reads it."""
+  spec, context = _read_spec(directory, param, ocdbt, None)
+  return ts.open(spec, open=True, context=context).result()
 
 
 def _array_metadata_files(directory: epath.Path) -> list[epath.Path]:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import threading
 import time
@@ -48,8 +49,17 @@ def _parser() -> argparse.ArgumentParser:
       '--gcs_endpoint', metavar='URL', default=os.environ.get(storage.ENDPOINT_ENV),
       help='send gs:// to this GCS-protocol server (an emulator) instead of Google '
            f'Cloud Storage; default ${storage.ENDPOINT_ENV}')
+  memory = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  memory.add_argument('--checkpoints_in_flight', type=_at_least_one, default=2, metavar='N',
+                      help='checkpoints each worker holds at once: while one is written the next '
+                           'is read (default 2; 1 halves the memory a worker needs)')
+  memory.add_argument('--memory_budget', type=_bytes, default=0, metavar='BYTES',
+                      help='bytes a worker may hold per checkpoint in flight (512MB, 4GiB, ...): '
+                           'a checkpoint that computes more is migrated a pack of leaves at a '
+                           "time (default: the worker's memory per core, less 1 GB, shared by "
+                           'its checkpoints in flight)')
   run = commands.add_parser(
-      'run', parents=[common], allow_abbrev=False, help='migrate every checkpoint PATTERN names',
+      'run', parents=[common, memory], allow_abbrev=False, help='migrate every checkpoint PATTERN names',
       epilog='Every other --option is a Beam pipeline option (--runner, ...).')
   run.add_argument('--input', required=True, metavar='PATTERN',
                    help='checkpoint directories, CheckpointManager roots or legacy Flax '
@@ -63,16 +73,13 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument('--full_decode', action='store_true',
                    help='restore, move through the device and rewrite every leaf, even those '
                         'the surgery leaves untouched (default: carry their stored bytes over)')
-  run.add_argument('--checkpoints_in_flight', type=_at_least_one, default=2, metavar='N',
-                   help='checkpoints each worker holds at once: while one is written the next '
-                        'is read (default 2; 1 halves the memory a worker needs)')
   run.add_argument('--checkpoint_timeout', type=_seconds, default=7200.0, metavar='SECONDS',
                    help='a checkpoint not done after this long fails and its lease is freed, so '
                         'a rerun can take it (default 7200; set it above your slowest checkpoint)')
   run.add_argument('--detach', action='store_true',
                    help='submit the job and exit without waiting (Dataflow, flex templates)')
   plan = commands.add_parser(
-      'plan', parents=[common], allow_abbrev=False, help='what run would do, from metadata only: per-signature diffs and errors')
+      'plan', parents=[common, memory], allow_abbrev=False, help='what run would do, from metadata only: per-signature diffs and errors')
   plan.add_argument('--input', required=True, metavar='PATTERN')
   plan.add_argument('--spec', required=True, metavar='SPEC.yaml')
   plan.add_argument('--json', action='store_true', help='print the plan as JSON')
@@ -98,6 +105,19 @@ def _at_least_one(text: str) -> int:
   if not text.isdigit() or int(text) < 1:
     raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of at least 1')
   return int(text)
+
+
+_UNITS = {'': 1, 'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12,
+          'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'TIB': 2**40}
+
+
+def _bytes(text: str) -> int:
+  """'512MB', '4GiB', '1000000' -> bytes."""
+  match = re.fullmatch(r'\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*', text)
+  unit = match and _UNITS.get(match.group(2).upper())
+  if not unit or float(match.group(1)) * unit < 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a size in bytes (512MB, 4GiB, 1000000)')
+  return int(float(match.group(1)) * unit)
 
 
 def _seconds(text: str) -> float:
@@ -265,14 +285,15 @@ def _report_from_records(pairs: list[tuple[str, str]], output: str, run: str, st
     return records, {**report.summarize(records, started_at), 'run': run}
 
 
-def show_plan(pattern: str, spec_path: str, as_json: bool) -> int:
+def show_plan(pattern: str, spec_path: str, as_json: bool, budget: int = 0,
+              in_flight: int = 2) -> int:
   """Plan every checkpoint PATTERN names; exit 1 if some would fail."""
   spec, _ = load_spec(spec_path)
   try:
     pairs = discovery.discover(pattern)
   except discovery.DiscoveryError as e:
     raise UsageError(str(e)) from None
-  result = plan.plan_checkpoints([src for src, _ in pairs], spec)
+  result = plan.plan_checkpoints([src for src, _ in pairs], spec, budget, in_flight)
   print(json.dumps(result, indent=2) if as_json else plan.format_plan(result))
   return 1 if result['would_fail'] else 0
 
@@ -317,12 +338,14 @@ def main(argv: list[str] | None = None) -> int:
       from pipeline.migrate import Settings  # pylint: disable=g-import-not-at-top
     if args.command == 'run':
       settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint, args.full_decode,
-                          args.checkpoints_in_flight, args.checkpoint_timeout)
+                          in_flight=args.checkpoints_in_flight, memory_budget=args.memory_budget,
+                          checkpoint_timeout=args.checkpoint_timeout)
       return migrate(args.input, args.output, args.spec, settings, rest, not args.detach)
     if rest:
       raise UsageError(f'unrecognized arguments: {" ".join(rest)}')
     if args.command == 'plan':
-      return show_plan(args.input, args.spec, args.json)
+      return show_plan(args.input, args.spec, args.json, args.memory_budget,
+                       args.checkpoints_in_flight)
     if args.command == 'inspect':
       return show_checkpoint(args.checkpoint, args.spec)
     if args.command == 'report':

@@ -58,7 +58,7 @@ import mmap
 import os
 import time
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -97,7 +97,8 @@ class TreePatch:
   use_ocdbt: bool
   renamed: dict[str, str]          # new param name -> the old one whose keys it takes
   computed: dict[str, Any]         # param name -> array to write (a fresh patch's scalar: 0-d;
-                                   # None once written: verification needs only the names)
+                                   # abstract where streamed in packs; None once written:
+                                   # verification needs only the names)
   kept: list[str]                  # names the output holds as the input did
   removed: list[str]               # old names the output does not keep (keys deleted)
   metadata: dict[str, Any]         # the output's _METADATA
@@ -105,10 +106,13 @@ class TreePatch:
   arrays: list[Any]                # the output's ArrayMetadata, every array leaf
   paths: dict[str, str]            # computed param name -> its leaf path in the migrated state
   fresh: bool = False              # nothing of the input copied: every stored value is computed
+  chunk_bytes: int | None = None   # computed leaves' chunks at most this large (None: Orbax's default)
   # Filled by `write`: each computed array's checksum as handed to the encoder,
   # and the CRC32 of each value encoded, by key (every key of every chunk grid).
   encoded: dict[str, str] = dataclasses.field(default_factory=dict)
   crcs: dict[bytes, int] = dataclasses.field(default_factory=dict)
+  # A leaf written a slab at a time: its checksum so far.
+  encoding: dict[str, transforms.Fingerprinter] = dataclasses.field(default_factory=dict)
 
   @property
   def cleared(self) -> list[str]:
@@ -147,10 +151,11 @@ def _serialized(sharding: jax.sharding.Sharding) -> str:
 
 
 def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix: str,
-                remote: bool) -> TreePatch:
+                remote: bool, chunk_bytes: int | None) -> TreePatch:
   """The patch that turns the copy of the tree at `directory` into `tree`
   (the output as written: StoredArrays for carried leaves, jax.Arrays for
-  computed ones, the input's other values where they were); `fresh`: that
+  computed ones, or their abstract form where they are written in packs
+  later, the input's other values where they were); `fresh`: that
   writes `tree` whole into an empty directory instead. `prefix`: what
   comes before the tree's leaf paths in the migrated state; `remote`: the
   output is on GCS."""
@@ -162,7 +167,7 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
   options = tree_metadata.PYTREE_METADATA_OPTIONS
   for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=tree_utils.is_empty_or_leaf)[0]:
     name = checkpoint_io.param_name(path)
-    if isinstance(x, (StoredArray, jax.Array)):
+    if isinstance(x, (StoredArray, jax.Array, jax.ShapeDtypeStruct)):
       if isinstance(x, StoredArray):
         if fresh:
           raise NotPatchable(f'{name} is carried as stored, which a fresh output copies from nothing')
@@ -180,7 +185,7 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
         computed[name], paths[name] = x, prefix + transforms.key_path(path)
         written = _write_shape(x)
         chunks = _array_spec(tuple(x.shape), written, np.dtype(x.dtype), use_ocdbt,
-                             remote)['metadata']['chunks']
+                             remote, chunk_bytes)['metadata']['chunks']
         extra = None
       shape = tuple(x.shape)
       written = tuple(written or shape)
@@ -214,7 +219,7 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
     raise NotPatchable(f'{directory}: a tree with no stored value')
   removed = set() if fresh else stored - kept - set(computed)
   return TreePatch(item, use_ocdbt, renamed, computed, sorted(kept), sorted(removed),
-                   metadata.to_json(), shardings, arrays, paths, fresh)
+                   metadata.to_json(), shardings, arrays, paths, fresh, chunk_bytes)
 
 
 def _is_gcs(path: epath.Path) -> bool:
@@ -245,16 +250,17 @@ def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | No
 
 
 def plan_patch(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
-               written: dict[str, Any], removes: str | None, fresh: bool = False
-               ) -> list[TreePatch]:
+               written: dict[str, Any], removes: str | None, fresh: bool = False,
+               chunk_bytes: int | None = None) -> list[TreePatch]:
   """The patches of each tree item of `src` that make `written` (the items
-  to save at `dst`), `fresh` ones if so asked; NotPatchable where this
-  writer does not apply (each tree's format is checked as its patch is made)."""
+  to save at `dst`), `fresh` ones if so asked, computed leaves in chunks of
+  at most `chunk_bytes` where given; NotPatchable where this writer does
+  not apply (each tree's format is checked as its patch is made)."""
   _check_surgery(src, layout, removes, dst, fresh)
   several = len(layout.trees) > 1  # the state is then {item: tree}
   return [_tree_patch(src / name if name else src, name, written[name], fresh,
                       transforms.key_path((jax.tree_util.DictKey(name),)) + '/' if several else '',
-                      _is_gcs(dst)) for name in layout.trees]
+                      _is_gcs(dst), chunk_bytes) for name in layout.trees]
 
 
 # --- writing -----------------------------------------------------------------
@@ -278,57 +284,81 @@ def _write_shape(x: Any) -> tuple[int, ...]:
 
 
 def _array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dtype: np.dtype,
-                use_ocdbt: bool, remote: bool) -> dict[str, Any]:
+                use_ocdbt: bool, remote: bool, chunk_bytes: int | None = None) -> dict[str, Any]:
   """The TensorStore spec Orbax writes an array of this shape, shard shape
   and dtype with (zarr metadata, chunks, compression), but its kvstore: the
   same for every leaf of a kind on one storage (`remote`: GCS, whose OCDBT
   data files, and so the largest chunks, Orbax keeps smaller). A copy of
-  one built once: Orbax's builder costs about 0.1 ms a leaf."""
-  return copy.deepcopy(_cached_array_spec(shape, write_shape, dtype, use_ocdbt, remote))
+  one built once: Orbax's builder costs about 0.1 ms a leaf. `chunk_bytes`:
+  chunks of at most that many bytes, as Orbax's `SaveArgs.chunk_byte_size`
+  chooses them."""
+  return copy.deepcopy(_cached_array_spec(shape, write_shape, dtype, use_ocdbt, remote, chunk_bytes))
 
 
 @functools.lru_cache(maxsize=256)
 def _cached_array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dtype: np.dtype,
-                       use_ocdbt: bool, remote: bool) -> dict[str, Any]:
+                       use_ocdbt: bool, remote: bool, chunk_bytes: int | None) -> dict[str, Any]:
   parent = epath.Path('gs://bucket' if remote else '/directory')  # never opened
   info = serialization_types.ParamInfo(
       name='array', parent_dir=parent, is_ocdbt_checkpoint=use_ocdbt, use_zarr3=False,
       use_compression=True, ocdbt_target_data_file_size=None, ts_context=_context(use_ocdbt))
+  args = serialization_types.SaveArgs(chunk_byte_size=chunk_bytes) if chunk_bytes else None
   spec = ts_utils.build_array_write_spec(
-      info, None, global_shape=shape, local_shape=write_shape, dtype=dtype, use_ocdbt=use_ocdbt,
+      info, args, global_shape=shape, local_shape=write_shape, dtype=dtype, use_ocdbt=use_ocdbt,
       process_index=None).json
   return {k: v for k, v in spec.items() if k != 'kvstore'}
 
 
-def _chunk_keys(name: str, shape: tuple[int, ...], chunks: tuple[int, ...]) -> set[bytes]:
+class Slab(NamedTuple):
+  """Rows [start, start + len(value)) of a computed leaf too large to hold
+  whole, written on their own (in order, whole chunks of its grid)."""
+  value: Any
+  start: int
+
+
+def _chunk_keys(name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
+                rows: tuple[int, int] | None = None) -> set[bytes]:
   """Every key zarr v2 stores an array under: its metadata, and each chunk
-  of its grid ('.'-separated indices; '0' for a 0-d array)."""
-  grid = itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks)))
+  of its grid ('.'-separated indices; '0' for a 0-d array); of the chunks,
+  only those of leading `rows` [start, stop) where given."""
+  ranges = [range(-(-n // c)) for n, c in zip(shape, chunks)]
+  if rows:
+    ranges[0] = range(rows[0] // chunks[0], -(-rows[1] // chunks[0]))
+  grid = itertools.product(*ranges)
   return {f'{name}/.zarray'.encode()} | {f'{name}/{".".join(map(str, i)) or "0"}'.encode() for i in grid}
 
 
-def _encode(patch: TreePatch, remote: bool) -> dict[bytes, bytes]:
-  """Each computed leaf encoded once, into memory, through the zarr driver
-  with Orbax's own write spec (for GCS where `remote`): {its keys, relative
-  to the tree: the bytes to store}. Records in `patch.encoded` the checksum
-  of each array as the encoder got it; VerificationError where the encoder
-  did not make every key of an array's chunk grid."""
+def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[bytes, bytes]:
+  """Each of `arrays` (computed leaves of `patch`, or Slabs of them) encoded
+  once, into memory, through the zarr driver with Orbax's own write spec
+  (for GCS where `remote`): {its keys, relative to the tree: the bytes to
+  store}. Records in `patch.encoded` the checksum of each array as the
+  encoder got it (a slabbed one's once its last slab is in); VerificationError
+  where the encoder did not make every key of an array's chunk grid (of
+  a slab's rows)."""
   context = ts.Context()
   expected = set()
+  meta = {a.param_name: a for a in patch.arrays}
 
   async def encode(name, x):
-    spec = _array_spec(tuple(np.shape(x)), _write_shape(x), np.dtype(x.dtype), patch.use_ocdbt,
-                       remote)
-    expected.update(_chunk_keys(name, spec['metadata']['shape'], spec['metadata']['chunks']))
-    x = np.asarray(x)
+    slab = x if isinstance(x, Slab) else None
+    x = np.asarray(slab.value if slab else x)
+    shape, write_shape = ((meta[name].shape, meta[name].write_shape) if slab else
+                          (tuple(np.shape(x)), _write_shape(x)))
+    spec = _array_spec(shape, write_shape, np.dtype(x.dtype), patch.use_ocdbt, remote,
+                       patch.chunk_bytes)
+    rows = (slab.start, slab.start + len(x)) if slab else None
+    expected.update(_chunk_keys(name, shape, spec['metadata']['chunks'], rows))
     if name in patch.paths:
-      patch.encoded[name] = transforms.fingerprint(x).checksum
+      patch.encoding.setdefault(name, transforms.Fingerprinter()).update(x)
+      if not slab or rows[1] == shape[0]:
+        patch.encoded[name] = patch.encoding.pop(name).result().checksum
     array = await ts.open({**spec, 'kvstore': {'driver': 'memory', 'path': f'{name}/'}},
                           create=True, open=False, context=context)
-    await array.write(x)
+    await (array[rows[0]:rows[1]] if slab else array).write(x)
 
   async def encode_all():
-    await asyncio.gather(*(encode(n, x) for n, x in patch.computed.items()))
+    await asyncio.gather(*(encode(n, x) for n, x in arrays.items()))
     memory = await ts.KvStore.open({'driver': 'memory'}, context=context)
 
     async def take(key):  # each value leaves the store as it is copied out
@@ -358,17 +388,15 @@ async def _open_tree(directory: epath.Path, use_ocdbt: bool, synced: bool = True
   return await ts.KvStore.open(spec if synced else _unsynced(spec), context=_context(use_ocdbt))
 
 
-async def _patch_ocdbt(directory: epath.Path, patch: TreePatch, encoded: dict[bytes, bytes]
-                       ) -> None:
-  """Two transactions (one for a fresh patch). The first renames
-  (index-only copies, then the old keys' deletes: in that order, as
-  TensorStore reads a copy's source through the transaction) and deletes
-  what is removed or recomputed (`cleared`); the second
-  writes the computed leaves' encoded values (kept apart: a write after a
-  delete of its range in one transaction is not read back reliably),
-  emptying `encoded` as each is staged: the transaction holds the copy."""
-  root = await _open_tree(directory, True, synced=False, fresh=patch.fresh)
+async def _clear_ocdbt(directory: epath.Path, patch: TreePatch) -> None:
+  """One transaction: renames (index-only copies, then the old keys'
+  deletes: in that order, as TensorStore reads a copy's source through the
+  transaction) and deletes of what is removed or recomputed (`cleared`).
+  Computed values are written after it, in transactions of their own (a
+  write after a delete of its range in one transaction is not read back
+  reliably)."""
   if patch.renamed or patch.cleared:
+    root = await _open_tree(directory, True, synced=False)
     txn = ts.Transaction()
     staged = root.with_transaction(txn)
     await asyncio.gather(*((root / f'{old}/').experimental_copy_range_to(staged / f'{new}/')
@@ -376,17 +404,11 @@ async def _patch_ocdbt(directory: epath.Path, patch: TreePatch, encoded: dict[by
     await asyncio.gather(*((staged / f'{old}/').delete_range(ts.KvStore.KeyRange())
                            for old in patch.cleared))
     await txn.commit_async()
-  txn = ts.Transaction()
-  staged = root.with_transaction(txn)
-  await asyncio.gather(*(staged.write(k, encoded.pop(k)) for k in list(encoded)))
-  await txn.commit_async()
 
 
-async def _patch_directories(directory: epath.Path, patch: TreePatch,
-                             encoded: dict[bytes, bytes]) -> None:
-  """Per-array directories: move renamed ones (after the removed ones go;
-  a target is never a name the input holds), then write the computed ones
-  (emptying `encoded`)."""
+def _clear_directories(directory: epath.Path, patch: TreePatch) -> None:
+  """Per-array directories: move renamed ones (after the removed ones go; a
+  target is never a name the input holds)."""
   moved = {old: directory / f'.{i}.moving' for i, old in enumerate(patch.renamed.values())}
   for old, temporary in moved.items():
     storage.move_tree(directory / old, temporary)
@@ -395,8 +417,18 @@ async def _patch_directories(directory: epath.Path, patch: TreePatch,
       (directory / old).rmtree()
   for new, old in patch.renamed.items():
     storage.move_tree(moved[old], directory / new)
-  root = await _open_tree(directory, False, synced=False)
-  await asyncio.gather(*(root.write(k, encoded.pop(k)) for k in list(encoded)))
+
+
+async def _store(directory: epath.Path, patch: TreePatch, encoded: dict[bytes, bytes]) -> None:
+  """Write encoded values into the tree (an OCDBT database: in one
+  transaction, a new one made on the first write of a fresh patch),
+  emptying `encoded` as each is staged: the transaction holds the copy."""
+  root = await _open_tree(directory, patch.use_ocdbt, synced=False, fresh=patch.fresh)
+  txn = ts.Transaction() if patch.use_ocdbt else None
+  staged = root.with_transaction(txn) if txn else root
+  await asyncio.gather(*(staged.write(k, encoded.pop(k)) for k in list(encoded)))
+  if txn:
+    await txn.commit_async()
 
 
 def _write_metadata(directory: epath.Path, patch: TreePatch) -> None:
@@ -429,23 +461,65 @@ def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
           patches: list[TreePatch], provenance: dict[str, Any]) -> dict[str, int]:
   """Copy src (for fresh patches, its JSON items only), patch the copy,
   commit it at dst (which must not exist); what was moved:
-  {'bytes_copied_server_side', 'bytes_uploaded', 'bytes_linked', 'bytes_copied'}."""
+  {'bytes_copied_server_side', 'bytes_uploaded', 'bytes_linked', 'bytes_copied'}.
+  The computed leaves are the patches' own; `begin`, `write_pack` and
+  `finish` do the same a pack of computed leaves at a time."""
+  work = begin(src, dst, layout, patches)
+  write_pack(work, patches, {p.item: p.computed for p in patches})
+  return finish(src, work, dst, layout, patches, provenance)
+
+
+@dataclasses.dataclass
+class Work:
+  """An output being written: where, and what has moved so far."""
+  path: epath.Path
+  remote: bool
+  copied: storage.CopyStats
+  uploaded: int = 0
+
+
+def begin(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
+          patches: list[TreePatch]) -> Work:
+  """The copy to patch, its renames and deletes done: not yet visible at
+  dst (a temporary directory locally; on GCS, dst without its commit file)."""
   remote = _is_gcs(dst)
-  work = dst if remote else dst.parent / f'{dst.name}.orbax-checkpoint-tmp-{time.time_ns()}'
-  copied = _copy_input(src, work, layout, patches)
-  uploaded = 0
+  path = dst if remote else dst.parent / f'{dst.name}.orbax-checkpoint-tmp-{time.time_ns()}'
+  work = Work(path, remote, _copy_input(src, path, layout, patches))
   for patch in patches:
-    directory = work / patch.item if patch.item else work
-    encoded = _encode(patch, remote)
-    patch.computed = dict.fromkeys(patch.computed)  # the arrays are free to go
-    patch.crcs = {k: zlib.crc32(v) for k, v in encoded.items()}
-    uploaded += sum(len(v) for v in encoded.values())
-    asyncio.run((_patch_ocdbt if patch.use_ocdbt else _patch_directories)(directory, patch, encoded))
-    _write_metadata(directory, patch)
-  (work / '_CHECKPOINT_METADATA').write_text(json.dumps(_checkpoint_metadata(src, layout, provenance)))
-  commit(work, dst)
+    directory = work.path / patch.item if patch.item else work.path
+    if patch.use_ocdbt:
+      asyncio.run(_clear_ocdbt(directory, patch))
+    else:
+      _clear_directories(directory, patch)
+  return work
+
+
+def write_pack(work: Work, patches: list[TreePatch], arrays: dict[str, dict[str, Any]]) -> None:
+  """Encode and store computed leaves (`arrays`: {item: {param name: array
+  or Slab}}), one transaction per tree item, and drop them: whatever holds
+  them may let them go. Each value's CRC32 is kept for `verify`."""
+  for patch in patches:
+    if not arrays.get(patch.item):
+      continue
+    encoded = _encode(patch, arrays[patch.item], work.remote)
+    arrays[patch.item] = {}  # the arrays are free to go
+    patch.crcs.update((k, zlib.crc32(v)) for k, v in encoded.items())
+    work.uploaded += sum(len(v) for v in encoded.values())
+    asyncio.run(_store(work.path / patch.item if patch.item else work.path, patch, encoded))
+
+
+def finish(src: epath.Path, work: Work, dst: epath.Path, layout: checkpoint_io.Layout,
+           patches: list[TreePatch], provenance: dict[str, Any]) -> dict[str, int]:
+  """Orbax's metadata written and the output committed at dst; what was moved."""
+  for patch in patches:
+    patch.computed = dict.fromkeys(patch.computed)  # verification needs only the names
+    _write_metadata(work.path / patch.item if patch.item else work.path, patch)
+  (work.path / '_CHECKPOINT_METADATA').write_text(
+      json.dumps(_checkpoint_metadata(src, layout, provenance)))
+  commit(work.path, dst)
+  copied = work.copied
   return {'bytes_copied_server_side': copied.bytes_copied_server_side,
-          'bytes_uploaded': copied.bytes_uploaded + (uploaded if remote else 0),
+          'bytes_uploaded': copied.bytes_uploaded + (work.uploaded if work.remote else 0),
           'bytes_linked': copied.bytes_linked, 'bytes_copied': copied.bytes_copied}
 
 

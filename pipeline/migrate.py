@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_patch, copy_through, lease, outputs, report, storage
+from pipeline import checkpoint_io, copy_patch, copy_through, lease, outputs, report, storage, stream
 from pipeline.deadline import Deadline
 from pipeline.checkpoint_io import VerificationError
 from pipeline.report import record
@@ -77,6 +77,7 @@ class Settings:
   gcs_endpoint: str | None = None  # a GCS emulator, for workers to use too
   full_decode: bool = False      # restore and rewrite every leaf, even untouched ones
   in_flight: int = 2             # checkpoints a worker holds at once (one reads as one writes)
+  memory_budget: int = 0         # bytes per checkpoint in flight (0: stream.default_budget)
   checkpoint_timeout: float = 7200.0  # seconds before a checkpoint fails and its lease is freed
   output: str = ''               # the run's PREFIX and id: where workers save each record
   run: str = ''
@@ -146,21 +147,17 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
 
 
 def check_recorded(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
-                   state: Any = None) -> None:
+                   state: Any = None, budget: int | None = None) -> None:
   """An input we wrote (a migration of a migration) must still hold what we
   recorded: each leaf whose checksum its provenance lists must match it.
   Storage formats do not checksum array data; we did. `state`: the restored
-  state, where the caller has it; else those leaves are read here."""
+  state, where the caller has it; else those leaves are read here, at most
+  `budget` bytes at a time where given."""
   recorded = (checkpoint_io.read_provenance(src) or {}).get('checksums') or {}
   if not recorded:
     return
-  if state is None:
-    only = jax.tree_util.tree_map_with_path(
-        lambda k, m: m if transforms.key_path(k) in recorded else ocp.PLACEHOLDER,
-        layout.join(checkpoint_io.trees(meta)))
-    _, items = checkpoint_io.restore(src, like=layout.split(only, {}))
-    state = layout.join(items)
-  bad = sorted(p for p, x in transforms.leaf_paths(state).items()
+  states = [state] if state is not None else _restored_in_batches(src, layout, meta, recorded, budget)
+  bad = sorted(p for state in states for p, x in transforms.leaf_paths(state).items()
                if p in recorded and checkpoint_io.is_array(x) and
                transforms.fingerprint(x).checksum != recorded[p])
   if bad:
@@ -168,6 +165,25 @@ def check_recorded(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str
         f'{src}: {", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""} no longer match the '
         'checksums ckpt-surgery recorded when it wrote this checkpoint: its stored data changed '
         'since (a flipped bit, a partial overwrite)')
+
+
+def _restored_in_batches(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
+                         paths: set[str] | dict[str, Any], budget: int | None):
+  """The state of src with only the leaves at `paths` restored, in states
+  of at most `budget` bytes each (one, where None), one at a time."""
+  whole = layout.join(checkpoint_io.trees(meta))
+  batches, size = [set()], 0
+  for k, m in jax.tree_util.tree_flatten_with_path(whole)[0]:
+    if transforms.key_path(k) in paths:
+      if budget is not None and size and size + transforms.tree_bytes(m) > budget:
+        batches, size = batches + [set()], 0
+      batches[-1].add(transforms.key_path(k))
+      size += transforms.tree_bytes(m)
+  for batch in batches:
+    only = jax.tree_util.tree_map_with_path(
+        lambda k, m, batch=batch: m if transforms.key_path(k) in batch else ocp.PLACEHOLDER, whole)
+    _, items = checkpoint_io.restore(src, like=layout.split(only, {}))
+    yield layout.join(items)
 
 
 def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
@@ -186,8 +202,9 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
     return None
   devices = jax.local_devices()
   place = lambda m: transforms.placement(m.shape, m.dtype, devices)
-  route, sig, compiled = surgery.route(treedef.unflatten(
-      [jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m)) for m in leaves]))
+  abstract = treedef.unflatten(
+      [jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m)) for m in leaves])
+  route, sig = surgery.route(abstract)
   rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
   if not route.carried and not rest_arrays:
     return None
@@ -204,7 +221,8 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
   _, items = checkpoint_io.restore(src, like=layout.split(like, {}))
   tree, rest = surgery.split(layout.join(items))
   restored = treedef.flatten_up_to(tree)
-  new_tree = route.assemble(route.compiled([restored[i] for i in route.needed]),
+  compute, compiled = surgery.route_function(abstract)
+  new_tree = route.assemble(compute([restored[i] for i in route.needed]),
                             [stand_in(leaves[j]) for _, j in sorted(route.carried.items())])
   rest = jax.tree_util.tree_map(lambda x, m: stand_in(m) if x is ocp.PLACEHOLDER else x,
                                 rest, rest_meta)
@@ -214,7 +232,10 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
 def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
            settings: Settings, deadline: Deadline) -> dict[str, Any]:
   """Restore, operate, check, write at dst (empty) the cheapest way that
-  applies (copy-and-patch, copy-through, full save), verify."""
+  applies (copy-and-patch, copy-through, full save), verify; a pack at a
+  time where what the surgery computes exceeds the memory budget (`stream`)."""
+  budget = settings.memory_budget or stream.default_budget(settings.in_flight)
+  why_not_streamed = None
   with deadline.hold(_READING):
     layout = checkpoint_io.read_layout(src)
     if layout.msgpack:  # one file, read once and whole: no metadata, no stored chunks to copy
@@ -224,6 +245,12 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
     else:
       meta = checkpoint_io.item_metadata(src, layout)
       trees_in = checkpoint_io.trees(meta)
+      try:
+        streamed = stream.plan(src, dst, layout, meta, surgery, budget, settings.full_decode)
+      except (stream.NotStreamed, copy_patch.NotPatchable) as e:
+        streamed, why_not_streamed = None, str(e)
+      if streamed:
+        return _write_streamed(src, dst, layout, meta, streamed, surgery, settings, deadline)
       migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery)
       if migrated is None:
         _, items = checkpoint_io.restore(src, like=trees_in)
@@ -239,21 +266,9 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
         'pass --allow_nonfinite to write them anyway')
   carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(new_state)[0]
              if isinstance(x, copy_through.StoredArray)}
-  spec = surgery.spec
-  provenance = {
-      'src': str(src), 'spec_hash': spec.hash, 'spec': spec.canonical,
-      'version': tool_version(),
-      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      'digest': transforms.digest(prints),
-      'checksums': {p: f.checksum for p, f in prints.items()},
-      'carried': sorted(carried),  # stored bytes copied, values never decoded
-      'run': settings.run,
-  }
-  arrays_in = [x for x in jax.tree_util.tree_leaves(trees_in) if checkpoint_io.is_array(x)]
-  done = {'status': 'ok', 'bytes_in': transforms.tree_bytes(arrays_in),
-          'bytes_out': transforms.tree_bytes(new_state),
-          'bytes_carried': transforms.tree_bytes(list(carried.values())),
-          'signature': sig, 'compiled': compiled, 'digest': provenance['digest']}
+  provenance = _provenance(src, surgery.spec, prints, carried, settings)
+  done = _fields(trees_in, new_state, carried, sig, compiled, provenance)
+  done.update(memory_budget=budget, why_not_streamed=why_not_streamed)
   written = layout.split(new_state, items)
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
   patches, done['write_path'], done['why_not_patched'] = _choose_writer(
@@ -269,6 +284,56 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
               bytes_uploaded=moved['bytes_uploaded'])
   written = checkpoint_io.abstract(written)  # verify_saved reads the arrays back in batches
   verify(src, dst, layout, written, prints, patches)  # if it fails, the attempt's recovery removes dst
+  return done
+
+
+def _provenance(src: epath.Path, spec: transforms.Spec, prints: dict[str, transforms.Fingerprint],
+                carried: dict[str, Any], settings: Settings) -> dict[str, Any]:
+  """What an output records of its making, in its _CHECKPOINT_METADATA."""
+  return {
+      'src': str(src), 'spec_hash': spec.hash, 'spec': spec.canonical,
+      'version': tool_version(),
+      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'digest': transforms.digest(prints),
+      'checksums': {p: f.checksum for p, f in prints.items()},
+      'carried': sorted(carried),  # stored bytes copied, values never decoded
+      'run': settings.run,
+  }
+
+
+def _fields(trees_in: dict[str, Any], new_state: Any, carried: dict[str, Any], sig: str,
+          compiled: int, provenance: dict[str, Any]) -> dict[str, Any]:
+  """The record's fields of a migration about to be written."""
+  arrays_in = [x for x in jax.tree_util.tree_leaves(trees_in) if checkpoint_io.is_array(x)]
+  return {'status': 'ok', 'bytes_in': transforms.tree_bytes(arrays_in),
+          'bytes_out': transforms.tree_bytes(new_state),
+          'bytes_carried': transforms.tree_bytes(list(carried.values())),
+          'signature': sig, 'compiled': bool(compiled), 'compilations': int(compiled),
+          'digest': provenance['digest']}
+
+
+def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
+                    meta: dict[str, Any], streamed: stream.Streamed, surgery: transforms.Surgery,
+                    settings: Settings, deadline: Deadline) -> dict[str, Any]:
+  """Write `streamed` at dst a pack at a time, verify. It reads and writes
+  in turn, so it holds both locks: the other checkpoint in flight waits
+  instead of holding a checkpoint's worth beside it."""
+  check_recorded(src, layout, meta, budget=streamed.budget)
+  run = stream.Run(src, layout, streamed, surgery, settings.allow_nonfinite)
+  with deadline.hold(_SAVING), deadline.writing():
+    work = copy_patch.begin(src, dst, layout, streamed.patches)
+    run.write(work, on_pack=lambda i, n: log.info('  %s: pack %d of %d', src, i + 1, n)
+              if n > 1 and (i + 1) % 10 == 0 else None)
+    provenance = _provenance(src, surgery.spec, run.prints, streamed.carried, settings)
+    moved = copy_patch.finish(src, work, dst, layout, streamed.patches, provenance)
+  copy_patch.verify(src, dst, layout, streamed.patches, run.prints)
+  done = _fields(checkpoint_io.trees(meta), streamed.written, streamed.carried, streamed.signature,
+               run.compilations, provenance)
+  done.update(write_path='full' if streamed.whole else 'copy_and_patch',
+              why_not_patched=streamed.fresh,
+              packs=len(streamed.packs), memory_budget=streamed.budget,
+              bytes_copied_server_side=moved['bytes_copied_server_side'],
+              bytes_uploaded=moved['bytes_uploaded'])
   return done
 
 

@@ -8,16 +8,22 @@ are planned once and grouped. The result is plain data (`--json` prints it);
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import jax
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_patch, report
+from pipeline import checkpoint_io, copy_patch, report, stream
 
 
-def plan_checkpoints(sources: list[str], spec: transforms.Spec) -> dict[str, Any]:
-  """{'groups': [...], 'unreadable': [...], 'would_migrate': n, 'would_fail': n}."""
+def plan_checkpoints(sources: list[str], spec: transforms.Spec, budget: int = 0,
+                     in_flight: int = 2) -> dict[str, Any]:
+  """{'groups': [...], 'unreadable': [...], 'would_migrate': n, 'would_fail': n},
+  under a memory budget of `budget` bytes per checkpoint (0: the default,
+  for `in_flight` checkpoints per worker, as `run` takes it here)."""
+  budget = budget or stream.default_budget(in_flight)
   surgery = transforms.Surgery(spec)
   groups: dict[str, dict[str, Any]] = {}
   unreadable = []
@@ -34,6 +40,8 @@ def plan_checkpoints(sources: list[str], spec: transforms.Spec) -> dict[str, Any
       if not groups[sig]['error']:
         groups[sig].update(_writer(epath.Path(src), layout, tree, surgery,
                                    groups[sig]['bytes_untouched']))
+        groups[sig].update(_memory(surgery, tree, groups[sig]['write_path'],
+                                   sys.maxsize if layout.msgpack else budget, in_flight))
     groups[sig]['checkpoints'].append(src)
   planned = list(groups.values())
   would_fail = sum(len(g['checkpoints']) for g in planned if g['error']) + len(unreadable)
@@ -74,6 +82,34 @@ def _writer(src: epath.Path, layout: checkpoint_io.Layout, tree: Any,
     return {'write_path': 'copy_through' if carried else 'full', 'why_not_patched': str(e)}
 
 
+def _memory(surgery: transforms.Surgery, tree: Any, write_path: str, budget: int,
+            in_flight: int) -> dict[str, Any]:
+  """How `run` holds this signature's checkpoints in memory under `budget`
+  (unless --full_decode): whole where what it computes and reads fits, else
+  a pack of dependency groups at a time (`stream`), as a fresh tree where
+  copy-and-patch does not apply; a group over the budget streams in slabs,
+  or fails its checkpoint (this signature's `error`)."""
+  computed = sum(g.nbytes for g in surgery.groups(tree))
+  out = {'memory_budget': budget, 'packs': 0, 'largest_pack_bytes': computed, 'over_budget': []}
+  if computed > budget:
+    whole = write_path != 'copy_and_patch'
+    packs = transforms.pack(surgery.groups(tree, whole), budget)
+    names = [transforms.key_path(k) for k, _ in
+             jax.tree_util.tree_flatten_with_path(surgery.trace(tree)[1])[0]]
+    for p in packs:
+      if p.over:
+        why = surgery.why_not_slabs(tree, p.groups[0], whole)
+        out['over_budget'].append({'path': names[p.groups[0].outputs[0]],
+                                   'bytes': p.nbytes, 'slabs': why is None, 'why': why})
+        if why and not out.get('error'):
+          error = stream.too_large(names[p.groups[0].outputs[0]], p.groups[0], budget, why)
+          out['error'] = f'SurgeryError: {error}'
+    out.update(packs=len(packs), largest_pack_bytes=transforms.packs.largest(packs),
+               write_path='full' if whole else write_path)
+  out['worker_memory'] = in_flight * min(computed, budget) + stream.FOOTPRINT
+  return out
+
+
 def format_plan(result: dict[str, Any]) -> str:
   lines = []
   for group in result['groups']:
@@ -104,9 +140,26 @@ def format_plan(result: dict[str, Any]) -> str:
                    '(inputs and outputs)')
     why = f" ({group['why_not_patched']})" if group['why_not_patched'] else ''
     lines.append(f"  written by {group['write_path'].replace('_', '-')}{why}")
+    lines += _format_memory(group)
   if result['unreadable']:
     lines.append(f"unreadable: {len(result['unreadable'])} checkpoint(s) would FAIL")
     lines += [f"  {u['src']}: {u['error']}" for u in result['unreadable']]
   lines.append(f"{result['would_migrate']} would migrate, {result['would_fail']} would fail "
                f"({len(result['groups'])} signature(s), spec {result['spec_hash']})")
   return '\n'.join(lines)
+
+
+def _format_memory(group: dict[str, Any]) -> list[str]:
+  budget = report.size(group['memory_budget'])
+  if not group['packs']:
+    lines = [f"  memory: held whole ({report.size(group['largest_pack_bytes'])} computed, within "
+             f"the budget of {budget})"]
+  else:
+    lines = [f"  memory: streamed under the budget of {budget}: {group['packs']} pack(s), the "
+             f"largest holding {report.size(group['largest_pack_bytes'])}"]
+  lines += [f"    over the budget: {o['path']} ({report.size(o['bytes'])}): " +
+            ('streams a slab of rows at a time' if o['slabs'] else f"would FAIL ({o['why']})")
+            for o in group['over_budget']]
+  lines.append(f"  a worker needs about {report.size(group['worker_memory'])} (checkpoints in "
+               'flight times what each holds, plus its own footprint)')
+  return lines

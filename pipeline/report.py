@@ -38,9 +38,12 @@ def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
           'bytes_out': 0, 'seconds': 0.0, 'signature': None, 'compiled': False, 'attempts': 1,
           'digest': None, 'bytes_carried': 0, 'write_path': None, 'why_not_patched': None,
           'bytes_copied_server_side': 0, 'bytes_uploaded': 0,
+          'memory_budget': 0, 'packs': 0, 'why_not_streamed': None,
           'worker': f'{socket.gethostname()}:{os.getpid()}',
           'finished_at': time.time()}  # records are made as their checkpoint ends
-  return {**base, **fields}
+  rec = {**base, **fields}
+  rec.setdefault('compilations', int(rec['compiled']))  # a streamed checkpoint may make several
+  return rec
 
 
 def report_dir(prefix: str) -> epath.Path:
@@ -107,7 +110,7 @@ def summarize(records: Iterable[dict[str, Any]], started_at: float) -> dict[str,
   summary: dict[str, Any] = {s: sum(r['status'] == s for r in records) for s in STATUSES}
   summary.update(
       checkpoints=len(records),
-      compilations=sum(bool(r['compiled']) for r in records),
+      compilations=sum(r.get('compilations', bool(r['compiled'])) for r in records),
       signatures=len({r['signature'] for r in records if r['signature']}),
       bytes_read=sum(r['bytes_in'] for r in records),
       bytes_written=sum(r['bytes_out'] for r in records),
@@ -117,11 +120,24 @@ def summarize(records: Iterable[dict[str, Any]], started_at: float) -> dict[str,
       write_paths={p: n for p in WRITE_PATHS
                    if (n := sum(r.get('write_path') == p for r in records if r['status'] == 'ok'))},
       peak_rss_over_idle=max((r.get('peak_rss_over_idle', 0) for r in records), default=0),  # of any worker
+      peak_rss_over_idle_by_worker=_worker_peaks(records),
+      memory_budget=max((r.get('memory_budget', 0) for r in records), default=0),  # per checkpoint in flight
+      streamed=sum(bool(r.get('packs')) for r in records if r['status'] == 'ok'),
       seconds=round(time.time() - started_at, 3),
       started_at=started_at,  # identifies the run that wrote this summary
       checkpoint_seconds=round(sum(r['seconds'] for r in records), 3),
   )
   return summary
+
+
+def _worker_peaks(records: list[dict[str, Any]]) -> dict[str, int]:
+  """{worker: its peak resident memory over its idle footprint}: each
+  record has the peak of its worker so far."""
+  peaks: dict[str, int] = {}
+  for r in records:
+    if 'peak_rss_over_idle' in r:
+      peaks[r['worker']] = max(peaks.get(r['worker'], 0), r['peak_rss_over_idle'])
+  return peaks
 
 
 def write_report(prefix: str, records: list[dict[str, Any]], started_at: float,
@@ -172,5 +188,7 @@ def format_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
       f"{summary['compilations']} compilation(s) for {summary['signatures']} signature(s); "
       f"read {size(summary['bytes_read'])}, wrote {size(summary['bytes_written'])} "
       f"({size(summary['bytes_carried'])} of it carried over) in {summary['seconds']:.1f}s"
-      + ''.join(f"; {n} by {p.replace('_', '-')}" for p, n in summary.get('write_paths', {}).items()))
+      + ''.join(f"; {n} by {p.replace('_', '-')}" for p, n in summary.get('write_paths', {}).items())
+      + (f"; {summary['streamed']} streamed under a budget of {size(summary['memory_budget'])}"
+         if summary.get('streamed') else ''))
   return '\n'.join(lines)

@@ -258,15 +258,14 @@ def test_the_index_check_catches_a_swapped_rename(tmp_path, monkeypatch):
   storage library's) fails the checkpoint, and nothing is left at dst."""
   src, out = tmp_path / 'in', tmp_path / 'out'
   write(src, 'pytree', True)
-  real = copy_patch._patch_ocdbt
+  real = copy_patch._clear_ocdbt
 
-  async def swapped(directory, patch, encoded):
+  async def swapped(directory, patch):
     targets = sorted(patch.renamed)
     olds = [patch.renamed[t] for t in targets]
-    await real(directory, dataclasses.replace(patch, renamed=dict(zip(targets, olds[1:] + olds[:1]))),
-               encoded)
+    await real(directory, dataclasses.replace(patch, renamed=dict(zip(targets, olds[1:] + olds[:1]))))
 
-  monkeypatch.setattr(copy_patch, '_patch_ocdbt', swapped)
+  monkeypatch.setattr(copy_patch, '_clear_ocdbt', swapped)
   rec = migrated(src, out / 'x', RENAME)
   assert rec['status'] == 'failed' and 'IndexMismatch' in rec['error'], rec
   assert list(out.iterdir()) == []

@@ -29,21 +29,39 @@ class Fingerprint(NamedTuple):
   finite: bool    # False if any NaN or inf (always True for integers)
 
 
+class Fingerprinter:
+  """A Fingerprint built from an array's leading-axis slices, in order: what
+  `fingerprint` gives for their concatenation (a leaf too large to hold is
+  checksummed slab by slab as it streams)."""
+
+  def __init__(self):
+    self.plain = self.weighted = 0  # wrapping uint32 sums, kept as Python ints
+    self.words = 0  # words seen so far: where the next slice's positions start
+    self.finite = True
+
+  def update(self, x: Any) -> 'Fingerprinter':
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)  # a typed key: its bits
+    flat = np.ascontiguousarray(x).reshape(-1)
+    words = flat.view(_WORDS[flat.dtype.itemsize])
+    for start in range(0, words.size, _SLICE):
+      chunk = words[start:start + _SLICE].astype(np.uint32)
+      at = self.words + start + 1
+      position = np.arange(at, at + chunk.size, dtype=np.uint64).astype(np.uint32)
+      self.plain = (self.plain + int(chunk.sum(dtype=np.uint32))) & 0xffffffff
+      self.weighted = (self.weighted + int((chunk * position).sum(dtype=np.uint32))) & 0xffffffff
+    self.words += words.size
+    self.finite = self.finite and (not jnp.issubdtype(flat.dtype, jnp.inexact) or all(
+        np.isfinite(flat[start:start + _SLICE]).all() for start in range(0, flat.size, _SLICE)))
+    return self
+
+  def result(self) -> Fingerprint:
+    return Fingerprint(f'{self.plain:08x}{self.weighted:08x}', bool(self.finite))
+
+
 def fingerprint(x: Any) -> Fingerprint:
   """The Fingerprint of one array (a jax.Array is brought to the host)."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)  # a typed key: its bits
-  flat = np.ascontiguousarray(x).reshape(-1)
-  words = flat.view(_WORDS[flat.dtype.itemsize])
-  plain = weighted = np.uint32(0)
-  for start in range(0, words.size, _SLICE):
-    chunk = words[start:start + _SLICE].astype(np.uint32)
-    position = np.arange(start + 1, start + chunk.size + 1, dtype=np.uint32)
-    plain += chunk.sum(dtype=np.uint32)
-    weighted += (chunk * position).sum(dtype=np.uint32)
-  finite = not jnp.issubdtype(flat.dtype, jnp.inexact) or all(
-      np.isfinite(flat[start:start + _SLICE]).all() for start in range(0, flat.size, _SLICE))
-  return Fingerprint(f'{int(plain):08x}{int(weighted):08x}', bool(finite))
+  return Fingerprinter().update(x).result()
 
 
 def fingerprints(tree: Any) -> dict[str, Fingerprint]:

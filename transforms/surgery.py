@@ -24,11 +24,12 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.extend as jex
+import numpy as np
 # The one private JAX name we use: dead-code elimination of a traced jaxpr,
 # which finds the inputs that the computed outputs read.
 from jax._src.interpreters.partial_eval import dce_jaxpr
 
-from transforms import guard, mirrors, paths
+from transforms import chunkwise, guard, mirrors, paths
 from transforms.ops import (STALE, Context, Grown, MatchOp, Op, Reinit, StateOp, SurgeryError,
                             apply_to_mirror)
 from transforms.spec import Spec
@@ -148,12 +149,12 @@ class Route(NamedTuple):
 
   A carried output *is* an input leaf (untouched or renamed): nothing about
   it needs computing. The computed outputs read only the `needed` inputs;
-  `compiled` maps those to the computed outputs, in output order.
+  `Surgery.route_function` maps those to the computed outputs, in output
+  order (or `Surgery.groups` splits them, to compute a part at a time).
   """
   out_treedef: Any
   carried: dict[int, int]     # output leaf index -> the input leaf index it is
   needed: tuple[int, ...]     # input leaf indices the computed outputs read
-  compiled: Any               # [needed input leaves] -> [computed output leaves]
   removes: str | None = None  # how the output loses input data (see `removal`), or None
 
   def assemble(self, computed: list[Any], carried: list[Any]) -> Any:
@@ -272,12 +273,14 @@ class Surgery:
     self.optimizer = spec.optimizer.make() if spec.optimizer else None
     self._compiled: dict[Signature, Any] = {}
     self._routes: dict[Signature, Route] = {}
+    self._route_functions: dict[Signature, Any] = {}
     self._traced: dict[Signature, tuple[Any, ...]] = {}  # see _split_computed
+    self._group_functions: dict[Any, Any] = {}  # by group signature: see group_function
     self._compiling = threading.Lock()  # a worker's threads share one compilation per signature
 
   @property
   def compilations(self) -> int:
-    return len(self._compiled) + len(self._routes)
+    return len(self._compiled) + len(self._route_functions) + len(self._group_functions)
 
   def split(self, state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what the surgery changes, the rest of the state).
@@ -396,15 +399,29 @@ class Surgery:
     compiled, sig, fresh = self.compiled_for(tree)
     return Migrated(self.join(compiled(tree), rest), signature_id(sig), fresh)
 
-  def route(self, tree: dict[str, Any]) -> tuple[Route, Signature, bool]:
-    """(the Route of this tree's signature, the signature, whether it was
-    compiled now). `tree` may be abstract: anything with shape and dtype."""
+  def route(self, tree: dict[str, Any]) -> tuple[Route, Signature]:
+    """(the Route of this tree's signature, the signature), traced once per
+    signature. `tree` may be abstract: anything with shape and dtype."""
     sig = signature(tree)
     with self._compiling:
-      if sig in self._routes:
-        return self._routes[sig], sig, False
-      self._routes[sig] = self._trace_route(tree)
-      return self._routes[sig], sig, True
+      if sig not in self._routes:
+        self._routes[sig] = self._trace_route(tree)
+      return self._routes[sig], sig
+
+  def route_function(self, tree: dict[str, Any]) -> tuple[Any, bool]:
+    """([needed input leaves] -> [computed output leaves] of this tree's
+    Route, compiled once per signature for `tree`'s shapes, dtypes and
+    placements; whether it was compiled now)."""
+    sig = signature(tree)
+    closed, _, _, pruned, needed, _ = self._split_computed(tree)
+    with self._compiling:
+      fresh = sig not in self._route_functions
+      if fresh:
+        compute = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(pruned, closed.consts))
+        abstract, _ = _abstract_leaves(tree)  # with their shardings, which avals lack
+        self._route_functions[sig] = _compile_donating(lambda xs: compute(*xs),
+                                                       [abstract[i] for i in needed])
+      return self._route_functions[sig], fresh
 
   def trace(self, tree: dict[str, Any]) -> tuple[Any, Any, dict[int, int]]:
     """(the surgery's closed jaxpr on this tree's leaves, its output shapes,
@@ -435,24 +452,99 @@ class Surgery:
       self._traced[sig] = closed, out_shape, carried, pruned, needed, removes
     return self._traced[sig]
 
-  def groups(self, tree: dict[str, Any]) -> list[Group]:
+  def groups(self, tree: dict[str, Any], whole: bool = False) -> list[Group]:
     """The computed outputs of this tree's signature (abstract is fine), in
-    groups that read disjoint inputs (`dependency_groups`)."""
+    groups that read disjoint inputs (`dependency_groups`); `whole`: every
+    output, the carried ones too (as read and written again: a fresh output)."""
+    jaxpr, inputs, outputs = self._computation(tree, whole)
+    return dependency_groups(jaxpr, inputs, outputs)
+
+  def _computation(self, tree: dict[str, Any], whole: bool
+                   ) -> tuple[Any, tuple[int, ...], tuple[int, ...]]:
+    """(the jaxpr of the computed outputs, or of every output where `whole`;
+    the input leaf index of each of its inputs; the output leaf index of
+    each of its outputs)."""
     closed, _, carried, pruned, needed, _ = self._split_computed(tree)
-    computed = tuple(o for o in range(len(closed.jaxpr.outvars)) if o not in carried)
-    return dependency_groups(pruned, needed, computed)
+    jaxpr = closed.jaxpr
+    if whole:
+      return jaxpr, tuple(range(len(jaxpr.invars))), tuple(range(len(jaxpr.outvars)))
+    return pruned, needed, tuple(o for o in range(len(jaxpr.outvars)) if o not in carried)
 
   def removes(self, tree: dict[str, Any]) -> str | None:
     """How this surgery loses data of `tree` (abstract is fine), or None:
     `Route.removes` without compiling (for `plan`)."""
     return self._split_computed(tree)[-1]
 
+  def _group_jaxpr(self, tree: dict[str, Any], group: Group, whole: bool
+                   ) -> tuple[Any, list[Any], tuple[int, ...]]:
+    """(the jaxpr of `group`'s outputs alone (one of `groups(tree, whole)`),
+    taking the constants it uses and then its inputs; those constants; the
+    input leaf indices it reads)."""
+    closed = self._split_computed(tree)[0]
+    computation, inputs, outputs = self._computation(tree, whole)
+    wanted = set(group.outputs)
+    jaxpr, used = dce_jaxpr(computation, [o in wanted for o in outputs])
+    reads = tuple(i for i, u in zip(inputs, used) if u)
+    read = {v for v in (*(v for eqn in jaxpr.eqns for v in eqn.invars), *jaxpr.outvars)
+            if isinstance(v, jex.core.Var)}
+    consts = [(v, c) for v, c in zip(jaxpr.constvars, closed.consts) if v in read]
+    jaxpr = jaxpr.replace(constvars=[], invars=[*(v for v, _ in consts), *jaxpr.invars])
+    return jaxpr, [c for _, c in consts], reads
+
+  def group_function(self, tree: dict[str, Any], group: Group, out_shardings: list[Any],
+                     whole: bool = False) -> tuple[Any, tuple[int, ...], bool]:
+    """(f(*inputs) -> `group`'s outputs, placed on `out_shardings`; the
+    input leaf indices it reads, in order; whether it was compiled now).
+    One compilation serves every group of the same computation on inputs
+    of the same shapes, dtypes and placements (a model's layers), in every
+    checkpoint. Its inputs are donated."""
+    jaxpr, consts, reads = self._group_jaxpr(tree, group, whole)
+    abstract, _ = _abstract_leaves(tree)
+    args = [jax.ShapeDtypeStruct(np.shape(c), np.result_type(c)) for c in consts] + [
+        abstract[i] for i in reads]
+    key = (str(jaxpr), tuple((a.shape, str(a.dtype), repr(a.sharding)) for a in args),
+           tuple(map(repr, out_shardings)))
+    with self._compiling:
+      fresh = key not in self._group_functions
+      if fresh:
+        as_fun = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(jaxpr, []))
+        compute = lambda *args: tuple(as_fun(*args))
+        with warnings.catch_warnings():
+          warnings.filterwarnings('ignore', 'Some donated buffers were not usable')
+          self._group_functions[key] = jax.jit(
+              compute, out_shardings=tuple(out_shardings),
+              donate_argnums=tuple(range(len(consts), len(args)))).lower(*args).compile()
+    compiled = self._group_functions[key]
+    return (lambda *inputs: compiled(*consts, *inputs)), reads, fresh
+
+  def why_not_slabs(self, tree: dict[str, Any], group: Group, whole: bool = False) -> str | None:
+    """None where `group` can be computed a slab of rows at a time
+    (`chunkwise`); else why not. Nothing is compiled."""
+    return chunkwise.why_not(self._group_jaxpr(tree, group, whole)[0])
+
+  def slab_function(self, tree: dict[str, Any], group: Group, rows: int, whole: bool = False
+                    ) -> tuple[Any, int, bool]:
+    """(f(slab) -> the output's slab, for slabs of `rows` leading rows of
+    `group`'s one input; the input leaf index; whether it was compiled now),
+    where `chunkwise` accepts the group's computation; else SurgeryError
+    saying why not. Compiled once per computation and slab shape."""
+    if why := self.why_not_slabs(tree, group, whole):
+      raise SurgeryError(why)
+    jaxpr, consts, reads = self._group_jaxpr(tree, group, whole)
+    x = jaxpr.invars[-1].aval
+    slab = jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype)
+    key = ('slab', str(jaxpr), rows)
+    with self._compiling:
+      fresh = key not in self._group_functions
+      if fresh:
+        self._group_functions[key] = jax.jit(chunkwise.on_slab(jaxpr, rows)).lower(
+            *consts, slab).compile()
+    compiled = self._group_functions[key]
+    return (lambda s: compiled(*consts, s)), reads[0], fresh
+
   def _trace_route(self, tree: dict[str, Any]) -> Route:
-    closed, out_shape, carried, pruned, needed, removes = self._split_computed(tree)
-    compute = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(pruned, closed.consts))
-    abstract, _ = _abstract_leaves(tree)  # with their shardings, which avals lack
-    compiled = _compile_donating(lambda xs: compute(*xs), [abstract[i] for i in needed])
-    return Route(jax.tree_util.tree_structure(out_shape), carried, needed, compiled, removes)
+    _, out_shape, carried, _, needed, removes = self._split_computed(tree)
+    return Route(jax.tree_util.tree_structure(out_shape), carried, needed, removes)
 
 
 # Ops that lose data by what they are (a drop of one piece of an unstacked

@@ -1,0 +1,277 @@
+"""Streaming: a checkpoint larger than the memory budget, migrated a pack at a time.
+
+Where what the surgery computes, with what it reads, exceeds
+`--memory_budget`, nothing is restored whole. The surgery's dependency
+groups (`Surgery.groups`) are packed under the budget (`transforms.pack`)
+and, for each pack in turn: its inputs are restored onto the devices, its
+groups' compiled functions run (one compilation per distinct group), its
+outputs checksummed, encoded and written into the output's open tree (one
+OCDBT transaction per pack), then released. A group over the budget whose
+computation `transforms.chunkwise` accepts (a cast, a scale, a pad with a
+constant, or a leaf only carried) goes a slab of rows at a time through
+TensorStore; any other fails the checkpoint, naming its leaves, their bytes
+and the budget.
+
+Leaves the surgery leaves untouched are carried as copy-and-patch carries
+them (hard links, server-side copies), never read. Where copy-and-patch does
+not apply (the surgery removes data, the output is on other storage, or
+`--full_decode`), the output is a fresh tree and those leaves are read and
+written again, a pack at a time like the rest.
+
+The writer is copy-and-patch's (`begin`, `write_pack`, `finish`): nothing is
+visible at dst until every pack is in, and `copy_patch.verify` proves the
+output per stored key, without decoding it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+import transforms
+from pipeline import checkpoint_io, copy_patch
+from pipeline.copy_through import StoredArray, stored_array
+
+MIN_BUDGET = 64 << 20
+FOOTPRINT = 1 << 30  # what a worker holds besides its checkpoints (JAX, Beam, TensorStore), about
+
+
+class NotStreamed(Exception):
+  """Why a checkpoint over the budget is migrated whole all the same."""
+
+
+def default_budget(in_flight: int) -> int:
+  """Bytes per checkpoint in flight: this machine's memory per core (a
+  runner starts a worker process per core), less a worker's footprint,
+  shared by its checkpoints in flight."""
+  memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  try:  # a container's limit, where it has one
+    limit = int(open('/sys/fs/cgroup/memory.max').read())
+    memory = min(memory, limit)
+  except (OSError, ValueError):
+    pass
+  return max(MIN_BUDGET, (memory // (os.cpu_count() or 1) - FOOTPRINT) // in_flight)
+
+
+def chunk_bytes(budget: int) -> int:
+  """The chunks a streamed leaf is stored in: small enough that a slab of
+  whole chunks, its input and its encoding fit the budget."""
+  return min(64 << 20, max(1 << 10, budget // 8))
+
+
+def too_large(path: str, group: transforms.Group, budget: int, why: str) -> transforms.SurgeryError:
+  """The error of a group over the budget that cannot stream in slabs."""
+  return transforms.SurgeryError(
+      f'{path}: {group.nbytes} bytes (with the {len(group.inputs)} input leaf(s) it reads) '
+      f'exceed the memory budget of {budget} bytes, and its computation cannot go a slab at a '
+      f'time ({why}); raise --memory_budget')
+
+
+class _Slot:
+  """Stands for output leaf `index` while the output's tree is laid out."""
+
+  def __init__(self, index: int):
+    self.index = index
+
+
+@dataclasses.dataclass
+class Streamed:
+  """One checkpoint's streamed migration, planned from its metadata."""
+  leaves: list[Any]              # the surgery's input leaves' metadata, by index
+  abstract: Any                  # the surgery's input tree, abstract, placed
+  fresh: str | None              # why the output is a fresh tree, every output leaf written
+                                 # again; None: copy-and-patch, only computed leaves written
+  packs: list[transforms.Pack]
+  outputs: list[Any]             # every output leaf's abstract form, placed
+  where: dict[int, tuple[str, str]]  # output leaf index -> (item, param name)
+  written: dict[str, Any]        # the items to write: abstract, StoredArrays, restored values
+  patches: list[copy_patch.TreePatch]
+  carried: dict[str, Any]        # leaf path -> StoredArray, of the leaves copied as stored
+  rest_placeholders: Any         # the values beside the surgery's tree, none to restore
+  signature: str
+  budget: int
+
+  @property
+  def whole(self) -> bool:
+    return self.fresh is not None
+
+
+def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
+         surgery: transforms.Surgery, budget: int, full_decode: bool) -> Streamed | None:
+  """The streamed migration of `src` to `dst`, or None where all it computes
+  fits `budget` (the unbounded path then holds no more than that); NotStreamed
+  where it does not fit and cannot stream."""
+  tree_meta, rest_meta = surgery.split(layout.join(checkpoint_io.trees(meta)))
+  leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
+  devices = jax.local_devices()
+  place = lambda m: transforms.placement(m.shape, m.dtype, devices)
+  if not all(checkpoint_io.is_array(x) for x in leaves):
+    return None  # a scalar among params or opt_state: small and not worth streaming
+  abstract = treedef.unflatten(
+      [jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m)) for m in leaves])
+  route, sig = surgery.route(abstract)
+  _, out_shape, _ = surgery.trace(abstract)
+  outputs = [jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=place(o))
+             for o in jax.tree_util.tree_leaves(out_shape)]
+  fresh = '--full_decode' if full_decode else None if route.carried else copy_patch.NOTHING_CARRIED
+  if not fresh:
+    try:
+      copy_patch.check_input(src, layout, route.removes, dst)
+    except copy_patch.NotPatchable as e:
+      fresh = str(e)  # a fresh tree copies nothing of the input's: it always applies
+  whole = bool(fresh)
+  # The unbounded path holds what it computes and reads (every leaf, with --full_decode).
+  if sum(g.nbytes for g in surgery.groups(abstract, full_decode)) <= budget:
+    return None
+  groups = surgery.groups(abstract, whole)
+  rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
+  if whole and transforms.tree_bytes(rest_arrays) > budget:
+    raise NotStreamed(f'the arrays beside the params and optimizer state hold '
+                      f'{transforms.tree_bytes(rest_arrays)} bytes, over the budget')
+  ocdbt = {}  # item directory -> whether it is an OCDBT tree
+
+  def stand_in(m):
+    if m.directory not in ocdbt:
+      ocdbt[m.directory] = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(m.directory))
+    return stored_array(m, ocdbt[m.directory], place(m))
+
+  # The values beside the surgery's tree: small ones restored now; arrays
+  # carried as stored, or (a fresh tree) restored now too.
+  like = surgery.join(treedef.unflatten([ocp.PLACEHOLDER] * len(leaves)), jax.tree_util.tree_map(
+      lambda m: m if whole or not checkpoint_io.is_array(m) else ocp.PLACEHOLDER, rest_meta))
+  _, items = checkpoint_io.restore(src, like=layout.split(like, {}))
+  _, rest = surgery.split(layout.join(items))
+  rest = jax.tree_util.tree_map(lambda x, m: stand_in(m) if x is ocp.PLACEHOLDER else x,
+                                rest, rest_meta)
+  slots = route.out_treedef.unflatten([_Slot(o) for o in range(len(outputs))])
+  where = {x.index: (item, checkpoint_io.param_name(keys))
+           for item, tree in layout.split(surgery.join(slots, rest), {}).items()
+           if item in layout.trees
+           for keys, x in jax.tree_util.tree_flatten_with_path(tree)[0] if isinstance(x, _Slot)}
+  carried_in = {} if whole else route.carried
+  state = surgery.join(route.out_treedef.unflatten(
+      [stand_in(leaves[carried_in[o]]) if o in carried_in else outputs[o]
+       for o in range(len(outputs))]), rest)
+  written = layout.split(state, {})
+  patches = copy_patch.plan_patch(src, dst, layout, written, route.removes, fresh=whole,
+                                  chunk_bytes=chunk_bytes(budget))
+  carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(state)[0]
+             if isinstance(x, StoredArray)}
+  return Streamed(leaves, abstract, fresh, transforms.pack(groups, budget), outputs, where,
+                  written, patches, carried,
+                  jax.tree_util.tree_map(lambda _: ocp.PLACEHOLDER, rest_meta),
+                  transforms.signature_id(sig), budget)
+
+
+class Run:
+  """Runs a Streamed plan: restores, computes and writes each pack, keeping
+  each written leaf's fingerprint (`prints`, by leaf path) and counting the
+  compilations it made."""
+
+  def __init__(self, src: epath.Path, layout: checkpoint_io.Layout, streamed: Streamed,
+               surgery: transforms.Surgery, allow_nonfinite: bool):
+    self.src, self.layout, self.streamed, self.surgery = src, layout, streamed, surgery
+    self.allow_nonfinite = allow_nonfinite
+    self.prints: dict[str, transforms.Fingerprint] = {}
+    self.compilations = 0
+    self.paths = {(p.item, n): path for p in streamed.patches for n, path in p.paths.items()}
+
+  def write(self, work: copy_patch.Work, on_pack: Callable[[int, int], None] = lambda i, n: None
+            ) -> None:
+    """Every pack into `work`: first the values known from the start (those
+    beside the surgery's tree, in a fresh tree), then each pack's outputs.
+    `on_pack(i, n)` is told as pack i of n begins."""
+    streamed = self.streamed
+    known = {p.item: {n: x for n, x in p.computed.items() if not isinstance(x, jax.ShapeDtypeStruct)}
+             for p in streamed.patches}
+    self._write({item: arrays for item, arrays in known.items() if arrays}, work)
+    for i, pack in enumerate(streamed.packs):
+      on_pack(i, len(streamed.packs))
+      if pack.over:
+        self._write_slabs(pack.groups[0], work)
+      else:
+        self._write(self._compute(pack), work)
+
+  def _write(self, arrays: dict[str, dict[str, Any]], work: copy_patch.Work) -> None:
+    """Fingerprint `arrays` ({item: {name: array}}), refuse non-finite ones
+    unless allowed, and write them."""
+    for item, named in arrays.items():
+      for name, x in named.items():
+        if (item, name) in self.paths:
+          self._check(self.paths[item, name], transforms.fingerprint(x))
+    copy_patch.write_pack(work, self.streamed.patches, arrays)
+
+  def _check(self, path: str, fingerprint: transforms.Fingerprint) -> None:
+    if not fingerprint.finite and not self.allow_nonfinite:
+      raise transforms.SurgeryError(
+          f'the surgery made non-finite values (NaN or inf) in {path}; '
+          'pass --allow_nonfinite to write them anyway')
+    self.prints[path] = fingerprint
+
+  def _compute(self, pack: transforms.Pack) -> dict[str, dict[str, Any]]:
+    """The pack's outputs, by item and name: its inputs restored together,
+    each group's function run on them."""
+    streamed, out = self.streamed, {}
+    functions = []
+    for group in pack.groups:
+      shardings = [streamed.outputs[o].sharding for o in group.outputs]
+      function, reads, fresh = self.surgery.group_function(streamed.abstract, group, shardings,
+                                                           streamed.whole)
+      functions.append((group, function, reads))
+      self.compilations += fresh
+    restored = self._restore({i for _, _, reads in functions for i in reads})
+    for group, function, reads in functions:
+      results = function(*[restored.pop(i) for i in reads])  # donated: the inputs go
+      for o, x in zip(group.outputs, results):
+        item, name = streamed.where[o]
+        out.setdefault(item, {})[name] = x
+    return out
+
+  def _restore(self, indices: set[int]) -> dict[int, jax.Array]:
+    """The surgery's input leaves at `indices`, restored and placed."""
+    streamed, surgery = self.streamed, self.surgery
+    treedef = jax.tree_util.tree_structure(streamed.abstract)
+    like = surgery.join(
+        treedef.unflatten([m if i in indices else ocp.PLACEHOLDER
+                           for i, m in enumerate(streamed.leaves)]),
+        streamed.rest_placeholders)
+    _, items = checkpoint_io.restore(self.src, like=self.layout.split(like, {}))
+    tree, _ = surgery.split(self.layout.join(items))
+    restored = treedef.flatten_up_to(tree)
+    return {i: restored[i] for i in indices}
+
+  def _write_slabs(self, group: transforms.Group, work: copy_patch.Work) -> None:
+    """One leaf over the budget, a slab of its leading rows at a time; a
+    SurgeryError naming it where its computation does not allow that."""
+    streamed, budget = self.streamed, self.streamed.budget
+    item, name = streamed.where[group.outputs[0]]
+    path = self.paths.get((item, name), name)
+    try:
+      if len(group.inputs) != 1 or len(group.outputs) != 1:
+        raise transforms.SurgeryError('not one array read and one written')
+      out, source = streamed.outputs[group.outputs[0]], streamed.leaves[group.inputs[0]]
+      patch = next(p for p in streamed.patches if p.item == item)
+      chunk_rows = next(a.chunk_shape for a in patch.arrays if a.param_name == name)[0]
+      row_bytes = (transforms.tree_bytes(source) + 2 * transforms.tree_bytes(out)) // out.shape[0]
+      rows = min(out.shape[0], max(chunk_rows, budget // row_bytes // chunk_rows * chunk_rows))
+      self.surgery.slab_function(streamed.abstract, group, rows, streamed.whole)
+    except transforms.SurgeryError as e:
+      raise too_large(path, group, budget, str(e)) from None
+    directory = epath.Path(source.directory)
+    stored = checkpoint_io.open_stored(directory, source.name,
+                                       ocp.type_handlers.is_ocdbt_checkpoint(directory))
+    running = transforms.Fingerprinter()
+    for start in range(0, out.shape[0], rows):
+      stop = min(out.shape[0], start + rows)
+      function, _, fresh = self.surgery.slab_function(streamed.abstract, group, stop - start,
+                                                      streamed.whole)
+      self.compilations += fresh
+      slab = np.asarray(function(stored[start:stop].read().result()))
+      running.update(slab)
+      copy_patch.write_pack(work, streamed.patches, {item: {name: copy_patch.Slab(slab, start)}})
+    self._check(path, running.result())
