@@ -54,6 +54,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import mmap
 import os
 import time
@@ -279,8 +280,10 @@ def _unsynced(kvstore: dict[str, Any]) -> dict[str, Any]:
 
 def _write_shape(x: Any) -> tuple[int, ...]:
   """The shape Orbax writes an array in, a chunk each: its shards' (a
-  jax.Array spread over devices), else its own."""
-  return tuple(x.sharding.shard_shape(x.shape)) if isinstance(x, jax.Array) else tuple(np.shape(x))
+  jax.Array spread over devices, or its abstract form), else its own."""
+  sharding = getattr(x, 'sharding', None)
+  return (tuple(sharding.shard_shape(tuple(x.shape))) if isinstance(sharding, jax.sharding.Sharding)
+          else tuple(np.shape(x)))
 
 
 def _array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dtype: np.dtype,
@@ -290,8 +293,9 @@ def _array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dtype: np.
   same for every leaf of a kind on one storage (`remote`: GCS, whose OCDBT
   data files, and so the largest chunks, Orbax keeps smaller). A copy of
   one built once: Orbax's builder costs about 0.1 ms a leaf. `chunk_bytes`:
-  chunks of at most that many bytes, as Orbax's `SaveArgs.chunk_byte_size`
-  chooses them."""
+  chunks of whole trailing rows, as many leading rows (a divisor of the
+  write shape's) as fit that many bytes, or one: a leaf too large to hold
+  is written a slab of rows at a time, whole chunks each."""
   return copy.deepcopy(_cached_array_spec(shape, write_shape, dtype, use_ocdbt, remote, chunk_bytes))
 
 
@@ -302,10 +306,14 @@ def _cached_array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dty
   info = serialization_types.ParamInfo(
       name='array', parent_dir=parent, is_ocdbt_checkpoint=use_ocdbt, use_zarr3=False,
       use_compression=True, ocdbt_target_data_file_size=None, ts_context=_context(use_ocdbt))
-  args = serialization_types.SaveArgs(chunk_byte_size=chunk_bytes) if chunk_bytes else None
   spec = ts_utils.build_array_write_spec(
-      info, args, global_shape=shape, local_shape=write_shape, dtype=dtype, use_ocdbt=use_ocdbt,
+      info, None, global_shape=shape, local_shape=write_shape, dtype=dtype, use_ocdbt=use_ocdbt,
       process_index=None).json
+  if chunk_bytes and shape:
+    row = math.prod(write_shape[1:]) * dtype.itemsize
+    rows = max([r for r in range(1, write_shape[0] + 1)
+                if write_shape[0] % r == 0 and r * row <= chunk_bytes] or [1])
+    spec['metadata']['chunks'] = [rows, *write_shape[1:]]
   return {k: v for k, v in spec.items() if k != 'kvstore'}
 
 
@@ -342,9 +350,9 @@ def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[byte
 
   async def encode(name, x):
     slab = x if isinstance(x, Slab) else None
-    x = np.asarray(slab.value if slab else x)
     shape, write_shape = ((meta[name].shape, meta[name].write_shape) if slab else
                           (tuple(np.shape(x)), _write_shape(x)))
+    x = np.asarray(slab.value if slab else x)
     spec = _array_spec(shape, write_shape, np.dtype(x.dtype), patch.use_ocdbt, remote,
                        patch.chunk_bytes)
     rows = (slab.start, slab.start + len(x)) if slab else None
@@ -679,14 +687,22 @@ def _check_computed(directory: epath.Path, patch: TreePatch, stored: dict[bytes,
   `directory` (`stored`: their keys in its index) is what TensorStore
   encoded from the values computed, with no second decode: each array
   handed to the encoder had the checksum of the surgery's result (`prints`)
-  at its path (`_encode` saw it make each whole chunk grid); the stored
-  keys are the keys encoded; and each value read back raw has the CRC32 of
-  the bytes encoded."""
+  at its path (`_encode` saw it make each whole chunk grid); the keys
+  encoded are every chunk of each grid the output's metadata records (a
+  leaf written in slabs: all of them); the stored keys are the keys encoded;
+  and each value read back raw has the CRC32 of the bytes encoded."""
   differ = sorted(p for n, p in patch.paths.items()
                   if p not in prints or patch.encoded.get(n) != prints[p].checksum)
   if differ:
     raise checkpoint_io.VerificationError(
         f'{directory}: the arrays encoded differ from those computed at {differ[:3]}')
+  meta = {a.param_name: a for a in patch.arrays}
+  grids = set().union(*(_chunk_keys(n, meta[n].shape, meta[n].chunk_shape) if n in meta else
+                        _chunk_keys(n, (), ()) for n in patch.computed))
+  if set(patch.crcs) != grids:  # what was encoded, slab by slab or whole, is every chunk recorded
+    raise checkpoint_io.VerificationError(
+        f"{directory}: the values encoded are not every chunk of the computed leaves' grids "
+        f"as their metadata records them: {[k.decode(errors='replace') for k in sorted(set(patch.crcs) ^ grids)[:3]]}")
   if set(stored) != set(patch.crcs):
     raise IndexMismatch(f"{directory}: computed leaves' stored keys differ from those written at "
                         f"{[k.decode(errors='replace') for k in sorted(set(stored) ^ set(patch.crcs))[:3]]}")

@@ -187,7 +187,8 @@ def _restored_in_batches(src: epath.Path, layout: checkpoint_io.Layout, meta: di
 
 
 def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
-                  surgery: transforms.Surgery) -> tuple[dict[str, Any], Any, str, bool, str | None] | None:
+                  surgery: transforms.Surgery, budget: int | None = None
+                  ) -> tuple[dict[str, Any], Any, str, bool, str | None] | None:
   """(restored items, migrated state, signature, compiled, how the surgery
   removes data or None) with every leaf
   the surgery leaves untouched as a StoredArray, restoring only what the
@@ -208,7 +209,7 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
   rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
   if not route.carried and not rest_arrays:
     return None
-  check_recorded(src, layout, meta)  # carried leaves are not read below: read what we recorded
+  check_recorded(src, layout, meta, budget=budget)  # carried leaves are not read below
   ocdbt = {}  # item directory -> whether it is an OCDBT tree
   def stand_in(m):
     if m.directory not in ocdbt:
@@ -241,6 +242,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
     if layout.msgpack:  # one file, read once and whole: no metadata, no stored chunks to copy
       _, items = checkpoint_io.restore(src)
       trees_in = checkpoint_io.abstract(items)  # taken before the surgery donates the arrays
+      if transforms.tree_bytes(trees_in) > budget:
+        why_not_streamed = 'a Flax msgpack file is read whole'
       migrated = (items, *surgery(layout.join(items)), None)
     else:
       meta = checkpoint_io.item_metadata(src, layout)
@@ -251,7 +254,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
         streamed, why_not_streamed = None, str(e)
       if streamed:
         return _write_streamed(src, dst, layout, meta, streamed, surgery, settings, deadline)
-      migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery)
+      migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery, budget)
       if migrated is None:
         _, items = checkpoint_io.restore(src, like=trees_in)
         check_recorded(src, layout, meta, layout.join(items))
@@ -267,7 +270,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(new_state)[0]
              if isinstance(x, copy_through.StoredArray)}
   provenance = _provenance(src, surgery.spec, prints, carried, settings)
-  done = _fields(trees_in, new_state, carried, sig, compiled, provenance)
+  done = _fields(trees_in, transforms.tree_bytes(new_state), carried, sig, compiled, provenance)
   done.update(memory_budget=budget, why_not_streamed=why_not_streamed)
   written = layout.split(new_state, items)
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
@@ -301,12 +304,12 @@ def _provenance(src: epath.Path, spec: transforms.Spec, prints: dict[str, transf
   }
 
 
-def _fields(trees_in: dict[str, Any], new_state: Any, carried: dict[str, Any], sig: str,
-          compiled: int, provenance: dict[str, Any]) -> dict[str, Any]:
+def _fields(trees_in: dict[str, Any], bytes_out: int, carried: dict[str, Any], sig: str,
+            compiled: int, provenance: dict[str, Any]) -> dict[str, Any]:
   """The record's fields of a migration about to be written."""
   arrays_in = [x for x in jax.tree_util.tree_leaves(trees_in) if checkpoint_io.is_array(x)]
   return {'status': 'ok', 'bytes_in': transforms.tree_bytes(arrays_in),
-          'bytes_out': transforms.tree_bytes(new_state),
+          'bytes_out': bytes_out,
           'bytes_carried': transforms.tree_bytes(list(carried.values())),
           'signature': sig, 'compiled': bool(compiled), 'compilations': int(compiled),
           'digest': provenance['digest']}
@@ -315,23 +318,26 @@ def _fields(trees_in: dict[str, Any], new_state: Any, carried: dict[str, Any], s
 def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
                     meta: dict[str, Any], streamed: stream.Streamed, surgery: transforms.Surgery,
                     settings: Settings, deadline: Deadline) -> dict[str, Any]:
-  """Write `streamed` at dst a pack at a time, verify. It reads and writes
-  in turn, so it holds both locks: the other checkpoint in flight waits
-  instead of holding a checkpoint's worth beside it."""
+  """Write `streamed` at dst a pack at a time, verify. Called holding the
+  read lock, which it keeps while it reads and writes in turn: the other
+  checkpoint in flight waits to read instead of holding a budget's worth
+  beside it. Each write is a section of the deadline's, so one given up
+  writes no more; the commit takes the save lock, as other saves do."""
   check_recorded(src, layout, meta, budget=streamed.budget)
-  run = stream.Run(src, layout, streamed, surgery, settings.allow_nonfinite)
-  with deadline.hold(_SAVING), deadline.writing():
+  run = stream.Run(src, layout, streamed, surgery, settings.allow_nonfinite, deadline.writing)
+  with deadline.writing():
     work = copy_patch.begin(src, dst, layout, streamed.patches)
-    run.write(work, on_pack=lambda i, n: log.info('  %s: pack %d of %d', src, i + 1, n)
-              if n > 1 and (i + 1) % 10 == 0 else None)
-    provenance = _provenance(src, surgery.spec, run.prints, streamed.carried, settings)
+  run.write(work, on_pack=lambda i, n: log.info('  %s: pack %d of %d', src, i + 1, n)
+            if (i + 1) % 10 == 0 else None)
+  provenance = _provenance(src, surgery.spec, run.prints, streamed.carried, settings)
+  with deadline.hold(_SAVING), deadline.writing():
     moved = copy_patch.finish(src, work, dst, layout, streamed.patches, provenance)
   copy_patch.verify(src, dst, layout, streamed.patches, run.prints)
-  done = _fields(checkpoint_io.trees(meta), streamed.written, streamed.carried, streamed.signature,
-               run.compilations, provenance)
-  done.update(write_path='full' if streamed.whole else 'copy_and_patch',
-              why_not_patched=streamed.fresh,
-              packs=len(streamed.packs), memory_budget=streamed.budget,
+  done = _fields(checkpoint_io.trees(meta), streamed.bytes_out, streamed.carried,
+                 streamed.signature, run.compilations, provenance)
+  done.update(write_path='full' if streamed.fresh_tree else 'copy_and_patch',
+              why_not_patched=streamed.fresh, packs=len(streamed.packs),
+              memory_budget=streamed.budget,
               bytes_copied_server_side=moved['bytes_copied_server_side'],
               bytes_uploaded=moved['bytes_uploaded'])
   return done
@@ -460,11 +466,12 @@ def peak_rss() -> int:
 
 def reset_after_timeout(spec_text: str) -> transforms.Surgery:
   """A worker whose checkpoint was given up may have a thread stuck forever
-  holding the read lock and the surgery's compile lock: later checkpoints get
+  holding the read lock (a streamed checkpoint's, the save lock too) and the
+  surgery's compile lock: later checkpoints get
   fresh ones (and compile afresh), so one stuck op fails one checkpoint, not
   every one after it."""
-  global _READING
-  _READING = threading.Lock()
+  global _READING, _SAVING
+  _READING, _SAVING = threading.Lock(), threading.Lock()
   spec = transforms.load_spec(spec_text)
   _SURGERIES[spec.hash] = transforms.Surgery(spec)
   return _SURGERIES[spec.hash]
@@ -583,7 +590,7 @@ class MigrateFn(beam.DoFn):
     beam.metrics.Metrics.counter(METRICS, 'bytes_uploaded').inc(rec['bytes_uploaded'])
     if rec['write_path']:
       beam.metrics.Metrics.counter(METRICS, rec['write_path']).inc()
-    beam.metrics.Metrics.counter(METRICS, 'compilations').inc(int(rec['compiled']))
+    beam.metrics.Metrics.counter(METRICS, 'compilations').inc(rec['compilations'])
     log.info('%-7s %s -> %s (%.1fs)%s', rec['status'], src, dst, rec['seconds'],
              f": {rec['error']}" if rec['error'] else '')
     return rec

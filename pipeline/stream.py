@@ -24,9 +24,10 @@ output per stored key, without decoding it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import jax
 import numpy as np
@@ -89,50 +90,43 @@ class Streamed:
   packs: list[transforms.Pack]
   outputs: list[Any]             # every output leaf's abstract form, placed
   where: dict[int, tuple[str, str]]  # output leaf index -> (item, param name)
-  written: dict[str, Any]        # the items to write: abstract, StoredArrays, restored values
   patches: list[copy_patch.TreePatch]
   carried: dict[str, Any]        # leaf path -> StoredArray, of the leaves copied as stored
   rest_placeholders: Any         # the values beside the surgery's tree, none to restore
   signature: str
   budget: int
+  bytes_out: int                 # the output's array bytes
 
   @property
-  def whole(self) -> bool:
+  def fresh_tree(self) -> bool:
     return self.fresh is not None
 
 
 def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
          surgery: transforms.Surgery, budget: int, full_decode: bool) -> Streamed | None:
-  """The streamed migration of `src` to `dst`, or None where all it computes
-  fits `budget` (the unbounded path then holds no more than that); NotStreamed
-  where it does not fit and cannot stream."""
+  """The streamed migration of `src` to `dst`, or None where what the
+  unbounded path would hold (what the surgery computes and reads; every
+  leaf with --full_decode) fits `budget`; NotStreamed where it does not
+  fit and cannot stream."""
   tree_meta, rest_meta = surgery.split(layout.join(checkpoint_io.trees(meta)))
   leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
+  rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
+  if not all(checkpoint_io.is_array(x) for x in leaves):
+    if transforms.tree_bytes(leaves) + transforms.tree_bytes(rest_arrays) <= budget:
+      return None
+    raise NotStreamed('a Python scalar among params or opt_state')
   devices = jax.local_devices()
   place = lambda m: transforms.placement(m.shape, m.dtype, devices)
-  if not all(checkpoint_io.is_array(x) for x in leaves):
-    return None  # a scalar among params or opt_state: small and not worth streaming
   abstract = treedef.unflatten(
       [jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m)) for m in leaves])
   route, sig = surgery.route(abstract)
   _, out_shape, _ = surgery.trace(abstract)
   outputs = [jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=place(o))
              for o in jax.tree_util.tree_leaves(out_shape)]
-  fresh = '--full_decode' if full_decode else None if route.carried else copy_patch.NOTHING_CARRIED
-  if not fresh:
-    try:
-      copy_patch.check_input(src, layout, route.removes, dst)
-    except copy_patch.NotPatchable as e:
-      fresh = str(e)  # a fresh tree copies nothing of the input's: it always applies
-  whole = bool(fresh)
-  # The unbounded path holds what it computes and reads (every leaf, with --full_decode).
-  if sum(g.nbytes for g in surgery.groups(abstract, full_decode)) <= budget:
+  everything = full_decode or not route.carried  # the unbounded path restores every leaf
+  held = sum(g.nbytes for g in surgery.groups(abstract, everything))
+  if held + everything * transforms.tree_bytes(rest_arrays) <= budget:
     return None
-  groups = surgery.groups(abstract, whole)
-  rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
-  if whole and transforms.tree_bytes(rest_arrays) > budget:
-    raise NotStreamed(f'the arrays beside the params and optimizer state hold '
-                      f'{transforms.tree_bytes(rest_arrays)} bytes, over the budget')
   ocdbt = {}  # item directory -> whether it is an OCDBT tree
 
   def stand_in(m):
@@ -140,45 +134,61 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: d
       ocdbt[m.directory] = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(m.directory))
     return stored_array(m, ocdbt[m.directory], place(m))
 
-  # The values beside the surgery's tree: small ones restored now; arrays
-  # carried as stored, or (a fresh tree) restored now too.
-  like = surgery.join(treedef.unflatten([ocp.PLACEHOLDER] * len(leaves)), jax.tree_util.tree_map(
-      lambda m: m if whole or not checkpoint_io.is_array(m) else ocp.PLACEHOLDER, rest_meta))
-  _, items = checkpoint_io.restore(src, like=layout.split(like, {}))
-  _, rest = surgery.split(layout.join(items))
-  rest = jax.tree_util.tree_map(lambda x, m: stand_in(m) if x is ocp.PLACEHOLDER else x,
-                                rest, rest_meta)
-  slots = route.out_treedef.unflatten([_Slot(o) for o in range(len(outputs))])
-  where = {x.index: (item, checkpoint_io.param_name(keys))
-           for item, tree in layout.split(surgery.join(slots, rest), {}).items()
-           if item in layout.trees
-           for keys, x in jax.tree_util.tree_flatten_with_path(tree)[0] if isinstance(x, _Slot)}
-  carried_in = {} if whole else route.carried
-  state = surgery.join(route.out_treedef.unflatten(
-      [stand_in(leaves[carried_in[o]]) if o in carried_in else outputs[o]
-       for o in range(len(outputs))]), rest)
-  written = layout.split(state, {})
-  patches = copy_patch.plan_patch(src, dst, layout, written, route.removes, fresh=whole,
-                                  chunk_bytes=chunk_bytes(budget))
-  carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(state)[0]
-             if isinstance(x, StoredArray)}
-  return Streamed(leaves, abstract, fresh, transforms.pack(groups, budget), outputs, where,
-                  written, patches, carried,
-                  jax.tree_util.tree_map(lambda _: ocp.PLACEHOLDER, rest_meta),
-                  transforms.signature_id(sig), budget)
+  def lay_out(fresh: str | None) -> Streamed:
+    """The plan writing a fresh tree (`fresh` says why) or patching a copy."""
+    if fresh and transforms.tree_bytes(rest_arrays) > budget:
+      raise NotStreamed(f'the arrays beside the params and optimizer state hold '
+                        f'{transforms.tree_bytes(rest_arrays)} bytes, over the budget')
+    # The values beside the surgery's tree: small ones restored now; arrays
+    # carried as stored, or (a fresh tree) restored now too.
+    like = surgery.join(treedef.unflatten([ocp.PLACEHOLDER] * len(leaves)), jax.tree_util.tree_map(
+        lambda m: m if fresh or not checkpoint_io.is_array(m) else ocp.PLACEHOLDER, rest_meta))
+    _, items = checkpoint_io.restore(src, like=layout.split(like, {}))
+    _, rest = surgery.split(layout.join(items))
+    rest = jax.tree_util.tree_map(lambda x, m: stand_in(m) if x is ocp.PLACEHOLDER else x,
+                                  rest, rest_meta)
+    slots = route.out_treedef.unflatten([_Slot(o) for o in range(len(outputs))])
+    where = {x.index: (item, checkpoint_io.param_name(keys))
+             for item, tree in layout.split(surgery.join(slots, rest), {}).items()
+             if item in layout.trees
+             for keys, x in jax.tree_util.tree_flatten_with_path(tree)[0] if isinstance(x, _Slot)}
+    carried_in = {} if fresh else route.carried
+    state = surgery.join(route.out_treedef.unflatten(
+        [stand_in(leaves[carried_in[o]]) if o in carried_in else outputs[o]
+         for o in range(len(outputs))]), rest)
+    patches = copy_patch.plan_patch(src, dst, layout, layout.split(state, {}), route.removes,
+                                    fresh=bool(fresh), chunk_bytes=chunk_bytes(budget))
+    carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(state)[0]
+               if isinstance(x, StoredArray)}
+    packs = transforms.pack(surgery.groups(abstract, bool(fresh)), budget)
+    return Streamed(leaves, abstract, fresh, packs, outputs, where, patches, carried,
+                    jax.tree_util.tree_map(lambda _: ocp.PLACEHOLDER, rest_meta),
+                    transforms.signature_id(sig), budget, transforms.tree_bytes(state))
+
+  fresh = '--full_decode' if full_decode else None if route.carried else copy_patch.NOTHING_CARRIED
+  if not fresh:
+    try:
+      copy_patch.check_input(src, layout, route.removes, dst)
+      return lay_out(None)
+    except copy_patch.NotPatchable as e:
+      fresh = str(e)  # a fresh tree copies nothing of the input's: it applies where a patch does not
+  return lay_out(fresh)
 
 
 class Run:
   """Runs a Streamed plan: restores, computes and writes each pack, keeping
   each written leaf's fingerprint (`prints`, by leaf path) and counting the
-  compilations it made."""
+  compilations it made. Each write at the output happens inside a
+  `writing()` section (the attempt's deadline: one given up writes no more)."""
 
   def __init__(self, src: epath.Path, layout: checkpoint_io.Layout, streamed: Streamed,
-               surgery: transforms.Surgery, allow_nonfinite: bool):
+               surgery: transforms.Surgery, allow_nonfinite: bool,
+               writing: Callable[[], ContextManager[Any]] = contextlib.nullcontext):
     self.src, self.layout, self.streamed, self.surgery = src, layout, streamed, surgery
-    self.allow_nonfinite = allow_nonfinite
+    self.allow_nonfinite, self.writing = allow_nonfinite, writing
     self.prints: dict[str, transforms.Fingerprint] = {}
     self.compilations = 0
+    # (item, param name) -> leaf path, of every leaf written as computed
     self.paths = {(p.item, n): path for p in streamed.patches for n, path in p.paths.items()}
 
   def write(self, work: copy_patch.Work, on_pack: Callable[[int, int], None] = lambda i, n: None
@@ -190,6 +200,8 @@ class Run:
     known = {p.item: {n: x for n, x in p.computed.items() if not isinstance(x, jax.ShapeDtypeStruct)}
              for p in streamed.patches}
     self._write({item: arrays for item, arrays in known.items() if arrays}, work)
+    for patch in streamed.patches:  # written: not held through the packs
+      patch.computed.update(dict.fromkeys(known[patch.item]))
     for i, pack in enumerate(streamed.packs):
       on_pack(i, len(streamed.packs))
       if pack.over:
@@ -204,7 +216,8 @@ class Run:
       for name, x in named.items():
         if (item, name) in self.paths:
           self._check(self.paths[item, name], transforms.fingerprint(x))
-    copy_patch.write_pack(work, self.streamed.patches, arrays)
+    with self.writing():
+      copy_patch.write_pack(work, self.streamed.patches, arrays)
 
   def _check(self, path: str, fingerprint: transforms.Fingerprint) -> None:
     if not fingerprint.finite and not self.allow_nonfinite:
@@ -221,7 +234,7 @@ class Run:
     for group in pack.groups:
       shardings = [streamed.outputs[o].sharding for o in group.outputs]
       function, reads, fresh = self.surgery.group_function(streamed.abstract, group, shardings,
-                                                           streamed.whole)
+                                                           streamed.fresh_tree)
       functions.append((group, function, reads))
       self.compilations += fresh
     restored = self._restore({i for _, _, reads in functions for i in reads})
@@ -245,33 +258,47 @@ class Run:
     restored = treedef.flatten_up_to(tree)
     return {i: restored[i] for i in indices}
 
-  def _write_slabs(self, group: transforms.Group, work: copy_patch.Work) -> None:
-    """One leaf over the budget, a slab of its leading rows at a time; a
-    SurgeryError naming it where its computation does not allow that."""
+  def _slab_rows(self, group: transforms.Group, path: str) -> int:
+    """How many leading rows of `group`'s one output go at once: whole
+    chunks of it, with their input and encoding within the budget; a
+    SurgeryError naming the leaf where it cannot go a slab at a time."""
     streamed, budget = self.streamed, self.streamed.budget
-    item, name = streamed.where[group.outputs[0]]
-    path = self.paths.get((item, name), name)
     try:
       if len(group.inputs) != 1 or len(group.outputs) != 1:
         raise transforms.SurgeryError('not one array read and one written')
+      if why := self.surgery.why_not_slabs(streamed.abstract, group, streamed.fresh_tree):
+        raise transforms.SurgeryError(why)
       out, source = streamed.outputs[group.outputs[0]], streamed.leaves[group.inputs[0]]
+      item, name = streamed.where[group.outputs[0]]
       patch = next(p for p in streamed.patches if p.item == item)
       chunk_rows = next(a.chunk_shape for a in patch.arrays if a.param_name == name)[0]
       row_bytes = (transforms.tree_bytes(source) + 2 * transforms.tree_bytes(out)) // out.shape[0]
-      rows = min(out.shape[0], max(chunk_rows, budget // row_bytes // chunk_rows * chunk_rows))
-      self.surgery.slab_function(streamed.abstract, group, rows, streamed.whole)
+      if chunk_rows * row_bytes > budget:
+        raise transforms.SurgeryError(f'{chunk_rows} row(s), one chunk deep, hold '
+                                      f'{chunk_rows * row_bytes} bytes')
     except transforms.SurgeryError as e:
       raise too_large(path, group, budget, str(e)) from None
+    return min(out.shape[0], budget // row_bytes // chunk_rows * chunk_rows)
+
+  def _write_slabs(self, group: transforms.Group, work: copy_patch.Work) -> None:
+    """One leaf over the budget, a slab of its leading rows at a time."""
+    streamed = self.streamed
+    item, name = streamed.where[group.outputs[0]]
+    path = self.paths.get((item, name), name)
+    rows = self._slab_rows(group, path)
+    size = streamed.outputs[group.outputs[0]].shape[0]
+    source = streamed.leaves[group.inputs[0]]
     directory = epath.Path(source.directory)
     stored = checkpoint_io.open_stored(directory, source.name,
                                        ocp.type_handlers.is_ocdbt_checkpoint(directory))
     running = transforms.Fingerprinter()
-    for start in range(0, out.shape[0], rows):
-      stop = min(out.shape[0], start + rows)
-      function, _, fresh = self.surgery.slab_function(streamed.abstract, group, stop - start,
-                                                      streamed.whole)
+    for start in range(0, size, rows):
+      stop = min(size, start + rows)
+      function, fresh = self.surgery.slab_function(streamed.abstract, group, stop - start,
+                                                   streamed.fresh_tree)
       self.compilations += fresh
       slab = np.asarray(function(stored[start:stop].read().result()))
       running.update(slab)
-      copy_patch.write_pack(work, streamed.patches, {item: {name: copy_patch.Slab(slab, start)}})
+      with self.writing():
+        copy_patch.write_pack(work, streamed.patches, {item: {name: copy_patch.Slab(slab, start)}})
     self._check(path, running.result())

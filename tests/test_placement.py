@@ -25,10 +25,11 @@ SCRIPT = textwrap.dedent('''
     _, items = checkpoint_io.restore(work / 'in')
     big, small = items['']['params']['big'], items['']['params']['small']
     surgery = migrate.surgery_for("ops: [{normalize: {match: '^big$'}}]")
-    records = [migrate.migrate_one(str(work / 'in'), str(work / name), surgery,
-                                   migrate.Settings(full_decode=name == 'full'))
-               for name in ('full', 'carried')]
-    outs = [ocp.PyTreeCheckpointer().restore(work / name)['params'] for name in ('full', 'carried')]
+    names = ('full', 'carried', 'streamed')  # streamed: a pack of one leaf and its moments at a time
+    records = [migrate.migrate_one(str(work / 'in'), str(work / name), surgery, migrate.Settings(
+                   full_decode=name != 'carried', memory_budget=(12 << 20) * (name == 'streamed')))
+               for name in names]
+    outs = [ocp.PyTreeCheckpointer().restore(work / name)['params'] for name in names]
     # Orbax's own save of the full path's output, restored as a worker places it.
     ocp.PyTreeCheckpointer().save(work / 'orbax', checkpoint_io.restore(work / 'full')[1][''])
     from pipeline import storage
@@ -39,13 +40,13 @@ SCRIPT = textwrap.dedent('''
         'devices': jax.local_device_count(),
         'big': [len(big.sharding.device_set), str(big.sharding.spec)],
         'small': [len(small.sharding.device_set), small.sharding.is_fully_replicated],
-        'records': [(r['status'], r['error'], r['bytes_carried']) for r in records],
+        'records': [(r['status'], r['error'], r['bytes_carried'], r['packs']) for r in records],
         'normalized': [np.asarray(o['big']).tolist()[0][:4] for o in outs],
         'same': all(np.array_equal(o['big'], outs[0]['big']) for o in outs),
         'preallocate': __import__('os').environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'),
         'writers': [(r['write_path'], r['why_not_patched']) for r in records],
-        'chunks': [zarray(n) for n in ('full', 'orbax')],
-        'write_shapes': [write_shape(n) for n in ('full', 'orbax')],
+        'chunks': [zarray(n) for n in ('full', 'streamed', 'orbax')],
+        'write_shapes': [write_shape(n) for n in ('full', 'streamed', 'orbax')],
     }))
 ''')
 
@@ -61,14 +62,15 @@ def test_large_leaves_are_restored_and_migrated_sharded_over_local_devices(tmp_p
   assert got['devices'] == 4
   assert got['big'] == [4, "P('devices', None)"]  # split along its axis that divides
   assert got['small'] == [4, True]                             # small leaves replicated
-  assert [r[:2] for r in got['records']] == [['ok', None], ['ok', None]]
+  assert [r[:2] for r in got['records']] == [['ok', None]] * 3
   assert got['records'][0][2] == 0 and got['records'][1][2] > 0
-  assert got['same']  # copy-through and the full path agree
+  assert [r[3] for r in got['records']] == [0, 0, 3]  # each leaf with its moments' alike
+  assert got['same']  # copy-through, the full path and the streamed one agree
   rng = np.random.default_rng(0)
   big = rng.standard_normal((1024, 1030)).astype(np.float32)
   np.testing.assert_allclose(got['normalized'][0], (big / np.linalg.norm(big))[0, :4], rtol=1e-5)
   # The full path writes a fresh tree (not Orbax's save), chunked per shard as Orbax's save is.
   assert got['writers'][0] == ['full', '--full_decode']
-  assert got['chunks'] == [[256, 1030]] * 2 and got['write_shapes'] == [[256, 1030]] * 2
+  assert got['chunks'] == [[256, 1030]] * 3 and got['write_shapes'] == [[256, 1030]] * 3
   # Importing the pipeline keeps JAX from preallocating accelerator memory.
   assert got['preallocate'] == 'false'

@@ -17,11 +17,11 @@ import jax.extend as jex
 
 # Primitives that map each element alone (with rank-0 operands broadcast).
 _ELEMENTWISE = frozenset({
-    'convert_element_type', 'reduce_precision', 'copy', 'copy_p', 'neg', 'sign', 'abs', 'floor',
+    'convert_element_type', 'reduce_precision', 'copy', 'neg', 'sign', 'abs', 'floor',
     'ceil', 'round', 'exp', 'exp2', 'log', 'log1p', 'expm1', 'tanh', 'logistic', 'sqrt', 'rsqrt',
     'square', 'integer_pow', 'erf', 'add', 'sub', 'mul', 'div', 'rem', 'pow', 'max', 'min',
     'nextafter', 'select_n', 'clamp', 'eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'not',
-    'xor', 'stop_gradient'})
+    'xor'})
 
 
 def _is_var(v: Any) -> bool:
@@ -56,9 +56,8 @@ def why_not(jaxpr: Any) -> str | None:
     elif name == 'broadcast_in_dim':
       if _rank(eqn.invars[0]):
         return 'broadcasts an array'
-    elif name == 'dynamic_update_slice':
-      start = eqn.invars[2]
-      if _is_var(start) or start.val != 0 or _rank(eqn.invars[0]) == 0:
+    elif name == 'dynamic_update_slice':  # operand, update, then a start index per axis
+      if _rank(eqn.invars[1]) == 0 or _is_var(eqn.invars[2]) or eqn.invars[2].val != 0:
         return 'places an array along the leading axis'
     else:
       return f'{name} is not elementwise'

@@ -276,6 +276,7 @@ class Surgery:
     self._route_functions: dict[Signature, Any] = {}
     self._traced: dict[Signature, tuple[Any, ...]] = {}  # see _split_computed
     self._group_functions: dict[Any, Any] = {}  # by group signature: see group_function
+    self._group_jaxprs: dict[Any, tuple[Any, ...]] = {}  # see _group_jaxpr
     self._compiling = threading.Lock()  # a worker's threads share one compilation per signature
 
   @property
@@ -480,16 +481,25 @@ class Surgery:
     """(the jaxpr of `group`'s outputs alone (one of `groups(tree, whole)`),
     taking the constants it uses and then its inputs; those constants; the
     input leaf indices it reads)."""
-    closed = self._split_computed(tree)[0]
-    computation, inputs, outputs = self._computation(tree, whole)
-    wanted = set(group.outputs)
-    jaxpr, used = dce_jaxpr(computation, [o in wanted for o in outputs])
-    reads = tuple(i for i, u in zip(inputs, used) if u)
-    read = {v for v in (*(v for eqn in jaxpr.eqns for v in eqn.invars), *jaxpr.outvars)
-            if isinstance(v, jex.core.Var)}
-    consts = [(v, c) for v, c in zip(jaxpr.constvars, closed.consts) if v in read]
-    jaxpr = jaxpr.replace(constvars=[], invars=[*(v for v, _ in consts), *jaxpr.invars])
-    return jaxpr, [c for _, c in consts], reads
+    key = (signature(tree), whole, group.outputs)
+    if key not in self._group_jaxprs:
+      closed = self._split_computed(tree)[0]
+      computation, inputs, outputs = self._computation(tree, whole)
+      wanted = set(group.outputs)
+      jaxpr, used = dce_jaxpr(computation, [o in wanted for o in outputs])
+      reads = tuple(i for i, u in zip(inputs, used) if u)
+      read = {v for v in (*(v for eqn in jaxpr.eqns for v in eqn.invars), *jaxpr.outvars)
+              if isinstance(v, jex.core.Var)}
+      consts = [(v, c) for v, c in zip(jaxpr.constvars, closed.consts) if v in read]
+      jaxpr = jaxpr.replace(constvars=[], invars=[*(v for v, _ in consts), *jaxpr.invars])
+      self._group_jaxprs[key] = jaxpr, [c for _, c in consts], reads
+    return self._group_jaxprs[key]
+
+  def _computation_key(self, tree: dict[str, Any], group: Group, jaxpr: Any) -> Any:
+    """What identifies a group's computation for sharing its compilation:
+    its jaxpr's text, where that says all it does; else the group itself
+    (an inner jaxpr's constants or a callback do not show in the text)."""
+    return (signature(tree), group.outputs) if _opaque(jaxpr) else str(jaxpr)
 
   def group_function(self, tree: dict[str, Any], group: Group, out_shardings: list[Any],
                      whole: bool = False) -> tuple[Any, tuple[int, ...], bool]:
@@ -502,7 +512,8 @@ class Surgery:
     abstract, _ = _abstract_leaves(tree)
     args = [jax.ShapeDtypeStruct(np.shape(c), np.result_type(c)) for c in consts] + [
         abstract[i] for i in reads]
-    key = (str(jaxpr), tuple((a.shape, str(a.dtype), repr(a.sharding)) for a in args),
+    key = (self._computation_key(tree, group, jaxpr),
+           tuple((a.shape, str(a.dtype), repr(a.sharding)) for a in args),
            tuple(map(repr, out_shardings)))
     with self._compiling:
       fresh = key not in self._group_functions
@@ -523,28 +534,46 @@ class Surgery:
     return chunkwise.why_not(self._group_jaxpr(tree, group, whole)[0])
 
   def slab_function(self, tree: dict[str, Any], group: Group, rows: int, whole: bool = False
-                    ) -> tuple[Any, int, bool]:
+                    ) -> tuple[Any, bool]:
     """(f(slab) -> the output's slab, for slabs of `rows` leading rows of
-    `group`'s one input; the input leaf index; whether it was compiled now),
+    `group`'s one input; whether it was compiled now),
     where `chunkwise` accepts the group's computation; else SurgeryError
     saying why not. Compiled once per computation and slab shape."""
     if why := self.why_not_slabs(tree, group, whole):
       raise SurgeryError(why)
-    jaxpr, consts, reads = self._group_jaxpr(tree, group, whole)
+    jaxpr, consts, _ = self._group_jaxpr(tree, group, whole)
     x = jaxpr.invars[-1].aval
     slab = jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype)
-    key = ('slab', str(jaxpr), rows)
+    key = ('slab', self._computation_key(tree, group, jaxpr), rows)
     with self._compiling:
       fresh = key not in self._group_functions
       if fresh:
         self._group_functions[key] = jax.jit(chunkwise.on_slab(jaxpr, rows)).lower(
             *consts, slab).compile()
     compiled = self._group_functions[key]
-    return (lambda s: compiled(*consts, s)), reads[0], fresh
+    return (lambda s: compiled(*consts, s)), fresh
 
   def _trace_route(self, tree: dict[str, Any]) -> Route:
     _, out_shape, carried, _, needed, removes = self._split_computed(tree)
     return Route(jax.tree_util.tree_structure(out_shape), carried, needed, removes)
+
+
+_MESHES = (jax.sharding.Mesh, jax.sharding.AbstractMesh)  # callable (as contexts), and printed
+
+
+def _opaque(jaxpr: Any) -> bool:
+  """Whether a jaxpr's text leaves out some of what it computes: an inner
+  closed jaxpr's constants, or a function (a custom derivative rule, a
+  callback). Inner jaxprs are printed whole."""
+  for eqn in jaxpr.eqns:
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        if getattr(inner, 'consts', None) or (callable(inner) and not isinstance(inner, _MESHES)):
+          return True
+        inner = getattr(inner, 'jaxpr', inner)
+        if hasattr(inner, 'eqns') and _opaque(inner):
+          return True
+  return False
 
 
 # Ops that lose data by what they are (a drop of one piece of an unstacked
