@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.surgery_speed import disk_bytes, make_inputs
+from benchmarks.surgery_speed import disk_bytes
 
 WIDTH = 1024
 LAYER_BYTES = 3 * 4 * 12 * WIDTH * WIDTH  # params and two moments of a layer's 12 W^2 floats
@@ -67,7 +67,9 @@ def memory_bytes() -> int:
 def bench(size_gb: float, budget: int, repeat: int, work: str) -> list[dict]:
   layers = max(1, round(size_gb * 1e9 / LAYER_BYTES))
   src = os.path.join(work, f'in_{size_gb}')
-  make_inputs(src, 1, layers, WIDTH)
+  # In a process of its own: a child's peak RSS starts from its parent's at the fork (Linux).
+  subprocess.run([sys.executable, '-c', f'from benchmarks.surgery_speed import make_inputs; '
+                  f'make_inputs({src!r}, 1, {layers}, {WIDTH})'], check=True)
   (checkpoint,) = [os.path.join(src, n) for n in os.listdir(src)]
   nbytes = disk_bytes(src)
   rows = []

@@ -35,6 +35,20 @@ def _limit_heap_arenas(arenas: int = ARENAS) -> None:
 
 _limit_heap_arenas()
 
+
+def release_freed_memory() -> None:
+  """Hand what malloc holds freed back to the system (glibc's malloc_trim).
+  A streamed checkpoint calls it after each pack, so what a pack freed is
+  free for the other checkpoint in flight too, not kept in this one's heap:
+  measured on 0.9 GB under a 512 MB budget, the process's RSS after the
+  last pack was 0.07 to 0.10 GB over idle with it, 0.5 to 0.8 GB without.
+  Its cost, the next pack's buffers faulting in anew, is per pack, not per
+  leaf."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
 import importlib
 
 # Imported when first named (PEP 562): `ckpt-surgery plan` and `inspect` never

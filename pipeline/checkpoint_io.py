@@ -371,13 +371,16 @@ def _read_directly(path: epath.Path, layout: Layout, like: dict[str, Any],
         return None
       reads.append((name, keys, param_name(keys), directory, ocdbt, leaf))
 
-  async def read_all():
-    contexts = {o: ts_utils.get_ts_context(use_ocdbt=o) for o in (False, True)}
-    return await asyncio.gather(*(read_stored(d, p, o, contexts[o]) for _, _, p, d, o, _ in reads))
+  contexts = {o: ts_utils.get_ts_context(use_ocdbt=o) for o in (False, True)}
 
-  values = {(item, tuple(keys)): (jax.device_put(v, transforms.placement(v.shape, v.dtype, devices))
-                                  if is_array(leaf) else v.item())
-            for (item, keys, _, _, _, leaf), v in zip(reads, asyncio.run(read_all()))}
+  async def read(directory, param, ocdbt, leaf):  # placed as it comes: the host copy goes
+    v = await read_stored(directory, param, ocdbt, contexts[ocdbt])
+    return jax.device_put(v, transforms.placement(v.shape, v.dtype, devices)) if is_array(leaf) else v.item()
+
+  async def read_all():
+    return await asyncio.gather(*(read(d, p, o, leaf) for _, _, p, d, o, leaf in reads))
+
+  values = {(item, tuple(keys)): v for (item, keys, *_), v in zip(reads, asyncio.run(read_all()))}
   return {name: jax.tree_util.tree_map_with_path(
       lambda keys, x, name=name: ocp.PLACEHOLDER if skipped(x) else values[name, tuple(keys)],
       like[name]) for name in layout.trees}

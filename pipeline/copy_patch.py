@@ -336,11 +336,18 @@ def _chunk_keys(name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
   return {f'{name}/.zarray'.encode()} | {f'{name}/{".".join(map(str, i)) or "0"}'.encode() for i in grid}
 
 
+_ENCODE_BYTES = 64 << 20  # arrays encoded at once: each is let go once its bytes are out
+
+
+def _nbytes(x: Any) -> int:
+  return transforms.tree_bytes(x.value if isinstance(x, Slab) else x)
+
+
 def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[bytes, bytes]:
   """Each of `arrays` (computed leaves of `patch`, or Slabs of them) encoded
   once, into memory, through the zarr driver with Orbax's own write spec
-  (for GCS where `remote`): {its keys, relative to the tree: the bytes to
-  store}. Records in `patch.encoded` the checksum of each array as the
+  (for GCS where `remote`), a batch at a time, emptying `arrays` as it goes:
+  {its keys, relative to the tree: the bytes to store}. Records in `patch.encoded` the checksum of each array as the
   encoder got it (a slabbed one's once its last slab is in); VerificationError
   where the encoder did not make every key of an array's chunk grid (of
   a slab's rows)."""
@@ -366,7 +373,6 @@ def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[byte
     await (array[rows[0]:rows[1]] if slab else array).write(x)
 
   async def encode_all():
-    await asyncio.gather(*(encode(n, x) for n, x in arrays.items()))
     memory = await ts.KvStore.open({'driver': 'memory'}, context=context)
 
     async def take(key):  # each value leaves the store as it is copied out
@@ -374,8 +380,16 @@ def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[byte
       await memory.write(key, None)
       return value
 
-    keys = await memory.list()
-    return dict(zip(keys, await asyncio.gather(*(take(k) for k in keys))))
+    encoded, names = {}, list(arrays)
+    while names:  # a batch at a time, each array let go once encoded
+      batch, size = [], 0
+      while names and (not batch or size + _nbytes(arrays[names[0]]) <= _ENCODE_BYTES):
+        size += _nbytes(arrays[names[0]])
+        batch.append(names.pop(0))
+      await asyncio.gather(*(encode(n, arrays.pop(n)) for n in batch))
+      keys = await memory.list()
+      encoded.update(zip(keys, await asyncio.gather(*(take(k) for k in keys))))
+    return encoded
 
   encoded = asyncio.run(encode_all())
   if set(encoded) != expected:
@@ -473,7 +487,10 @@ def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
   The computed leaves are the patches' own; `begin`, `write_pack` and
   `finish` do the same a pack of computed leaves at a time."""
   work = begin(src, dst, layout, patches)
-  write_pack(work, patches, {p.item: p.computed for p in patches})
+  arrays = {p.item: p.computed for p in patches}
+  for patch in patches:
+    patch.computed = dict.fromkeys(patch.computed)  # `arrays` holds them, until each is encoded
+  write_pack(work, patches, arrays)
   return finish(src, work, dst, layout, patches, provenance)
 
 
@@ -509,8 +526,7 @@ def write_pack(work: Work, patches: list[TreePatch], arrays: dict[str, dict[str,
   for patch in patches:
     if not arrays.get(patch.item):
       continue
-    encoded = _encode(patch, arrays[patch.item], work.remote)
-    arrays[patch.item] = {}  # the arrays are free to go
+    encoded = _encode(patch, arrays[patch.item], work.remote)  # empties it: the arrays may go
     patch.crcs.update((k, zlib.crc32(v)) for k, v in encoded.items())
     work.uploaded += sum(len(v) for v in encoded.values())
     asyncio.run(_store(work.path / patch.item if patch.item else work.path, patch, encoded))
@@ -747,14 +763,23 @@ def _stored_crcs(directory: epath.Path, patch: TreePatch, stored: dict[bytes, An
 
 
 def _file_crcs(file: epath.Path, values: dict[bytes, tuple[int, int]]) -> dict[bytes, int | None]:
-  """{key: the CRC32 of bytes [start, end) of `file`}, mapped, not copied;
-  None for what the file does not hold (missing, shorter, unreadable)."""
+  """{key: the CRC32 of bytes [start, end) of `file`}, each value mapped on
+  its own, not copied (so no more than one value is resident at once); None
+  for what the file does not hold (missing, shorter, unreadable)."""
+  crcs: dict[bytes, int | None] = dict.fromkeys(values)
   try:
     with open(file, 'rb') as f:
-      if os.fstat(f.fileno()).st_size:  # mmap refuses an empty file
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data, memoryview(data) as view:
-          return {k: zlib.crc32(view[start:end]) if end <= len(view) else None
-                  for k, (start, end) in values.items()}
+      size = os.fstat(f.fileno()).st_size
+      for k, (start, end) in values.items():
+        if end > size:
+          continue
+        if end == start:
+          crcs[k] = zlib.crc32(b'')
+          continue
+        offset = start - start % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(f.fileno(), end - offset, access=mmap.ACCESS_READ, offset=offset) as data:
+          with memoryview(data) as view:
+            crcs[k] = zlib.crc32(view[start - offset:])
   except OSError:
     pass
-  return dict.fromkeys(values)
+  return crcs

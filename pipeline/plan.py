@@ -91,14 +91,14 @@ def _memory(surgery: transforms.Surgery, tree: Any, write_path: str, budget: int
   or fails its checkpoint (this signature's `error`)."""
   computed = sum(g.nbytes for g in surgery.groups(tree))
   out = {'memory_budget': budget, 'packs': 0, 'largest_pack_bytes': computed, 'over_budget': []}
-  if computed > budget:
+  if computed > stream.pack_limit(budget):
     whole = write_path != 'copy_and_patch'
-    packs = transforms.pack(surgery.groups(tree, whole), budget)
+    packs = transforms.pack(surgery.groups(tree, whole), stream.pack_limit(budget))
     names = [transforms.key_path(k) for k, _ in
              jax.tree_util.tree_flatten_with_path(surgery.trace(tree)[1])[0]]
     for p in packs:
       if p.over:
-        why = surgery.why_not_slabs(tree, p.groups[0], whole)
+        why = surgery.computation(tree, whole).why_not_slabs(p.groups[0])
         out['over_budget'].append({'path': names[p.groups[0].outputs[0]],
                                    'bytes': p.nbytes, 'slabs': why is None, 'why': why})
         if why and not out.get('error'):
@@ -106,7 +106,7 @@ def _memory(surgery: transforms.Surgery, tree: Any, write_path: str, budget: int
           out['error'] = f'SurgeryError: {error}'
     out.update(packs=len(packs), largest_pack_bytes=transforms.packs.largest(packs),
                write_path='full' if whole else write_path)
-  out['worker_memory'] = in_flight * min(computed, budget) + stream.FOOTPRINT
+  out['worker_memory'] = in_flight * min(2 * computed, budget) + stream.FOOTPRINT
   return out
 
 

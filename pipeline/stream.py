@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_patch
+from pipeline import checkpoint_io, copy_patch, release_freed_memory
 from pipeline.copy_through import StoredArray, stored_array
 
 MIN_BUDGET = 64 << 20
@@ -59,6 +59,15 @@ def default_budget(in_flight: int) -> int:
   return max(MIN_BUDGET, (memory // (os.cpu_count() or 1) - FOOTPRINT) // in_flight)
 
 
+def pack_limit(budget: int) -> int:
+  """The bytes of arrays (inputs and outputs) a pack may hold under `budget`:
+  half of it. The other half is what restoring, placing, checksumming and
+  encoding them holds beside them for a while, and the allocator's slack
+  (measured on 0.9 GB of 16 MB leaves: packs of the whole budget peaked at
+  1.4 to 1.7 times it over the worker's idle footprint, run to run)."""
+  return budget // 2
+
+
 def chunk_bytes(budget: int) -> int:
   """The chunks a streamed leaf is stored in: small enough that a slab of
   whole chunks, its input and its encoding fit the budget."""
@@ -69,8 +78,8 @@ def too_large(path: str, group: transforms.Group, budget: int, why: str) -> tran
   """The error of a group over the budget that cannot stream in slabs."""
   return transforms.SurgeryError(
       f'{path}: {group.nbytes} bytes (with the {len(group.inputs)} input leaf(s) it reads) '
-      f'exceed the memory budget of {budget} bytes, and its computation cannot go a slab at a '
-      f'time ({why}); raise --memory_budget')
+      f'exceed the {pack_limit(budget)} a pack may hold under the memory budget of {budget} '
+      f'bytes, and its computation cannot go a slab at a time ({why}); raise --memory_budget')
 
 
 class _Slot:
@@ -85,6 +94,7 @@ class Streamed:
   """One checkpoint's streamed migration, planned from its metadata."""
   leaves: list[Any]              # the surgery's input leaves' metadata, by index
   abstract: Any                  # the surgery's input tree, abstract, placed
+  computation: transforms.Computation  # what is computed, by dependency group
   fresh: str | None              # why the output is a fresh tree, every output leaf written
                                  # again; None: copy-and-patch, only computed leaves written
   packs: list[transforms.Pack]
@@ -106,13 +116,14 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: d
          surgery: transforms.Surgery, budget: int, full_decode: bool) -> Streamed | None:
   """The streamed migration of `src` to `dst`, or None where what the
   unbounded path would hold (what the surgery computes and reads; every
-  leaf with --full_decode) fits `budget`; NotStreamed where it does not
-  fit and cannot stream."""
+  leaf with --full_decode) fits what a pack may (`pack_limit`) under
+  `budget`; NotStreamed where it does not fit and cannot stream."""
   tree_meta, rest_meta = surgery.split(layout.join(checkpoint_io.trees(meta)))
   leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
   rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
+  limit = pack_limit(budget)
   if not all(checkpoint_io.is_array(x) for x in leaves):
-    if transforms.tree_bytes(leaves) + transforms.tree_bytes(rest_arrays) <= budget:
+    if transforms.tree_bytes(leaves) + transforms.tree_bytes(rest_arrays) <= limit:
       return None
     raise NotStreamed('a Python scalar among params or opt_state')
   devices = jax.local_devices()
@@ -125,7 +136,7 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: d
              for o in jax.tree_util.tree_leaves(out_shape)]
   everything = full_decode or not route.carried  # the unbounded path restores every leaf
   held = sum(g.nbytes for g in surgery.groups(abstract, everything))
-  if held + everything * transforms.tree_bytes(rest_arrays) <= budget:
+  if held + everything * transforms.tree_bytes(rest_arrays) <= limit:
     return None
   ocdbt = {}  # item directory -> whether it is an OCDBT tree
 
@@ -136,7 +147,7 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: d
 
   def lay_out(fresh: str | None) -> Streamed:
     """The plan writing a fresh tree (`fresh` says why) or patching a copy."""
-    if fresh and transforms.tree_bytes(rest_arrays) > budget:
+    if fresh and transforms.tree_bytes(rest_arrays) > limit:
       raise NotStreamed(f'the arrays beside the params and optimizer state hold '
                         f'{transforms.tree_bytes(rest_arrays)} bytes, over the budget')
     # The values beside the surgery's tree: small ones restored now; arrays
@@ -160,8 +171,9 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: d
                                     fresh=bool(fresh), chunk_bytes=chunk_bytes(budget))
     carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(state)[0]
                if isinstance(x, StoredArray)}
-    packs = transforms.pack(surgery.groups(abstract, bool(fresh)), budget)
-    return Streamed(leaves, abstract, fresh, packs, outputs, where, patches, carried,
+    computation = surgery.computation(abstract, bool(fresh))
+    return Streamed(leaves, abstract, computation, fresh, transforms.pack(computation.groups, limit),
+                    outputs, where, patches, carried,
                     jax.tree_util.tree_map(lambda _: ocp.PLACEHOLDER, rest_meta),
                     transforms.signature_id(sig), budget, transforms.tree_bytes(state))
 
@@ -208,6 +220,7 @@ class Run:
         self._write_slabs(pack.groups[0], work)
       else:
         self._write(self._compute(pack), work)
+      release_freed_memory()
 
   def _write(self, arrays: dict[str, dict[str, Any]], work: copy_patch.Work) -> None:
     """Fingerprint `arrays` ({item: {name: array}}), refuse non-finite ones
@@ -233,8 +246,7 @@ class Run:
     functions = []
     for group in pack.groups:
       shardings = [streamed.outputs[o].sharding for o in group.outputs]
-      function, reads, fresh = self.surgery.group_function(streamed.abstract, group, shardings,
-                                                           streamed.fresh_tree)
+      function, reads, fresh = streamed.computation.function(group, shardings)
       functions.append((group, function, reads))
       self.compilations += fresh
     restored = self._restore({i for _, _, reads in functions for i in reads})
@@ -266,19 +278,19 @@ class Run:
     try:
       if len(group.inputs) != 1 or len(group.outputs) != 1:
         raise transforms.SurgeryError('not one array read and one written')
-      if why := self.surgery.why_not_slabs(streamed.abstract, group, streamed.fresh_tree):
+      if why := streamed.computation.why_not_slabs(group):
         raise transforms.SurgeryError(why)
       out, source = streamed.outputs[group.outputs[0]], streamed.leaves[group.inputs[0]]
       item, name = streamed.where[group.outputs[0]]
       patch = next(p for p in streamed.patches if p.item == item)
       chunk_rows = next(a.chunk_shape for a in patch.arrays if a.param_name == name)[0]
       row_bytes = (transforms.tree_bytes(source) + 2 * transforms.tree_bytes(out)) // out.shape[0]
-      if chunk_rows * row_bytes > budget:
+      if chunk_rows * row_bytes > pack_limit(budget):
         raise transforms.SurgeryError(f'{chunk_rows} row(s), one chunk deep, hold '
                                       f'{chunk_rows * row_bytes} bytes')
     except transforms.SurgeryError as e:
       raise too_large(path, group, budget, str(e)) from None
-    return min(out.shape[0], budget // row_bytes // chunk_rows * chunk_rows)
+    return min(out.shape[0], pack_limit(budget) // row_bytes // chunk_rows * chunk_rows)
 
   def _write_slabs(self, group: transforms.Group, work: copy_patch.Work) -> None:
     """One leaf over the budget, a slab of its leading rows at a time."""
@@ -294,8 +306,7 @@ class Run:
     running = transforms.Fingerprinter()
     for start in range(0, size, rows):
       stop = min(size, start + rows)
-      function, fresh = self.surgery.slab_function(streamed.abstract, group, stop - start,
-                                                   streamed.fresh_tree)
+      function, fresh = streamed.computation.slab_function(group, stop - start)
       self.compilations += fresh
       slab = np.asarray(function(stored[start:stop].read().result()))
       running.update(slab)

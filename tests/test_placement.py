@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     surgery = migrate.surgery_for("ops: [{normalize: {match: '^big$'}}]")
     names = ('full', 'carried', 'streamed')  # streamed: a pack of one leaf and its moments at a time
     records = [migrate.migrate_one(str(work / 'in'), str(work / name), surgery, migrate.Settings(
-                   full_decode=name != 'carried', memory_budget=(12 << 20) * (name == 'streamed')))
+                   full_decode=name != 'carried', memory_budget=(24 << 20) * (name == 'streamed')))
                for name in names]
     outs = [ocp.PyTreeCheckpointer().restore(work / name)['params'] for name in names]
     # Orbax's own save of the full path's output, restored as a worker places it.

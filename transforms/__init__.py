@@ -10,11 +10,12 @@ from transforms.placement import placement
 from transforms.spec import Spec, SpecError, load_spec, parse_spec
 from transforms.plan import Change, Plan, plan
 from transforms.paths import flatten, key_path, leaf_paths, unflatten
+from transforms.groups import Computation, Group
 from transforms.packs import Pack, pack
-from transforms.surgery import Group, Route, Surgery, may_remove, signature, signature_id, tree_bytes
+from transforms.surgery import Route, Surgery, may_remove, signature, signature_id, tree_bytes
 
 __all__ = [
-    'Change', 'Fingerprint', 'Fingerprinter', 'Group', 'OPS', 'Op', 'Pack', 'Plan', 'Route', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',
+    'Change', 'Computation', 'Fingerprint', 'Fingerprinter', 'Group', 'OPS', 'Op', 'Pack', 'Plan', 'Route', 'Spec', 'SpecError', 'Surgery', 'SurgeryError',
     'digest', 'find_mirrors', 'fingerprint', 'fingerprints', 'flatten', 'is_collection', 'key_path', 'leaf_paths', 'load_spec', 'may_remove', 'pack', 'parse_spec', 'placement', 'plan',
     'signature', 'signature_id', 'tree_bytes', 'unflatten',
 ]

@@ -32,6 +32,9 @@ def _rank(v: Any) -> int:
   return len(v.aval.shape)
 
 
+_NESTED = ('jit', 'pjit')  # a jitted function inside: its jaxpr is checked and run the same way
+
+
 def why_not(jaxpr: Any) -> str | None:
   """None where `jaxpr` (one group's computation: constants as leading
   inputs, then its inputs) computes its one output's rows from the same rows
@@ -45,7 +48,12 @@ def why_not(jaxpr: Any) -> str | None:
   out = jaxpr.outvars[0].aval.shape
   if not out or out[0] != rows:
     return f'its output does not keep the input\'s {rows} leading rows'
-  for eqn in jaxpr.eqns:
+  return _why_not_rows(jaxpr.eqns, rows)
+
+
+def _why_not_rows(eqns: Any, rows: int) -> str | None:
+  """None where every equation keeps `rows` leading rows, row by row."""
+  for eqn in eqns:
     name = eqn.primitive.name
     shaped = [v for v in (*eqn.invars, *eqn.outvars) if _rank(v) > 0]
     if any(v.aval.shape[0] != rows for v in shaped):
@@ -59,6 +67,12 @@ def why_not(jaxpr: Any) -> str | None:
     elif name == 'dynamic_update_slice':  # operand, update, then a start index per axis
       if _rank(eqn.invars[1]) == 0 or _is_var(eqn.invars[2]) or eqn.invars[2].val != 0:
         return 'places an array along the leading axis'
+    elif name in _NESTED:
+      inner = eqn.params['jaxpr']
+      if inner.consts:
+        return f'{name} holds constants'
+      if why := _why_not_rows(inner.jaxpr.eqns, rows):
+        return why
     else:
       return f'{name} is not elementwise'
   return None
@@ -68,16 +82,20 @@ def on_slab(jaxpr: Any, rows: int) -> Callable[..., Any]:
   """`jaxpr`'s computation (one `why_not` accepts) for slabs of `rows`
   leading rows: f(*constants, slab) -> the output's slab. To be traced
   (jitted): its steps are bound again with the slab's shapes."""
+  return lambda *args: _evaluate(jaxpr, args, rows)[0]
 
-  def compute(*args):
-    env = dict(zip(jaxpr.invars, args))
-    read = lambda v: env[v] if _is_var(v) else v.val
-    for eqn in jaxpr.eqns:
-      params = eqn.params
+
+def _evaluate(jaxpr: Any, args: Any, rows: int) -> list[Any]:
+  env = dict(zip(jaxpr.invars, args))
+  read = lambda v: env[v] if _is_var(v) else v.val
+  for eqn in jaxpr.eqns:
+    params = eqn.params
+    if eqn.primitive.name in _NESTED:
+      outs = _evaluate(params['jaxpr'].jaxpr, list(map(read, eqn.invars)), rows)
+    else:
       if eqn.primitive.name == 'broadcast_in_dim':
         params = {**params, 'shape': (rows, *params['shape'][1:])}
       outs = eqn.primitive.bind(*map(read, eqn.invars), **params)
-      env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
-    return read(jaxpr.outvars[0])
-
-  return compute
+    env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results or
+                   eqn.primitive.name in _NESTED else [outs]))
+  return [read(v) for v in jaxpr.outvars]

@@ -1,7 +1,7 @@
 """Packs: a checkpoint's computed leaves in portions that fit a memory budget.
 
 A surgery's computed outputs fall into dependency groups that read disjoint
-inputs (`surgery.dependency_groups`): restored, computed and written on
+inputs (`groups.dependency_groups`): restored, computed and written on
 their own, they give what the whole surgery gives. `pack` fills packs with
 consecutive groups while their bytes (inputs and outputs: what a worker
 holds while a pack is computed) stay within the budget, so a checkpoint of
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-from transforms.surgery import Group
+from transforms.groups import Group
 
 
 class Pack(NamedTuple):

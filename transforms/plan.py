@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from transforms import mirrors, paths
-from transforms.surgery import Group, OpTrace, Surgery, tree_bytes
+from transforms.groups import Group
+from transforms.surgery import OpTrace, Surgery, tree_bytes
 
 
 class Change(NamedTuple):

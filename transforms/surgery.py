@@ -24,12 +24,12 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.extend as jex
-import numpy as np
 # The one private JAX name we use: dead-code elimination of a traced jaxpr,
 # which finds the inputs that the computed outputs read.
 from jax._src.interpreters.partial_eval import dce_jaxpr
 
-from transforms import chunkwise, guard, mirrors, paths
+from transforms import guard, mirrors, paths
+from transforms.groups import Computation, Group, tree_bytes
 from transforms.ops import (STALE, Context, Grown, MatchOp, Op, Reinit, StateOp, SurgeryError,
                             apply_to_mirror)
 from transforms.spec import Spec
@@ -41,14 +41,6 @@ def signature(tree: Any) -> Signature:
   """Tree structure plus every leaf's shape and dtype."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
-
-
-def tree_bytes(tree: Any) -> int:
-  """Bytes of every array leaf (shape x itemsize): arrays, abstract arrays or
-  Orbax's array metadata alike."""
-  return sum(math.prod(x.shape) * x.dtype.itemsize
-             for x in jax.tree_util.tree_leaves(tree)
-             if hasattr(x, 'shape') and hasattr(x, 'dtype'))
 
 
 def signature_id(sig: Signature) -> str:
@@ -166,47 +158,6 @@ class Route(NamedTuple):
          for i in range(self.out_treedef.num_leaves)])
 
 
-class Group(NamedTuple):
-  """Computed outputs and the inputs they read, which no other group reads:
-  restored, computed and written on their own, they give what the whole
-  surgery gives."""
-  outputs: tuple[int, ...]  # output leaf indices
-  inputs: tuple[int, ...]   # input leaf indices
-  nbytes: int               # the inputs' bytes and the outputs'
-
-
-def dependency_groups(jaxpr: Any, inputs: tuple[int, ...], outputs: tuple[int, ...]) -> list[Group]:
-  """The connected components of `jaxpr`'s dataflow: an equation joins all
-  it reads and makes (one with a jaxpr inside, as a python op's, joins all
-  of it: never finer than what is proven). `inputs` and `outputs` give the
-  leaf index of each of its invars and outvars, in order."""
-  parent: dict[Any, Any] = {}
-
-  def root(v):
-    parent.setdefault(v, v)
-    while parent[v] is not v:
-      parent[v] = parent[parent[v]]
-      v = parent[v]
-    return v
-
-  for eqn in jaxpr.eqns:
-    joined = [v for v in (*eqn.invars, *eqn.outvars) if isinstance(v, jex.core.Var)]
-    for v in joined[1:]:
-      parent[root(v)] = root(joined[0])
-  members: dict[Any, tuple[list[int], list[int], list[Any]]] = {}
-  for leaf, v in zip(inputs, jaxpr.invars):
-    ins, _, avals = members.setdefault(root(v), ([], [], []))
-    ins.append(leaf)
-    avals.append(v.aval)
-  for leaf, v in zip(outputs, jaxpr.outvars):  # a literal output reads nothing: a group alone
-    _, outs, avals = members.setdefault(root(v) if isinstance(v, jex.core.Var) else (leaf,),
-                                        ([], [], []))
-    outs.append(leaf)
-    avals.append(v.aval)
-  return [Group(tuple(outs), tuple(ins), tree_bytes(avals))
-          for ins, outs, avals in members.values() if outs]
-
-
 class _View:
   """The params as a flat dict, each opt_state mirror and each collection as
   one keyed by full param paths, while ops run; `close` puts them back."""
@@ -275,8 +226,8 @@ class Surgery:
     self._routes: dict[Signature, Route] = {}
     self._route_functions: dict[Signature, Any] = {}
     self._traced: dict[Signature, tuple[Any, ...]] = {}  # see _split_computed
-    self._group_functions: dict[Any, Any] = {}  # by group signature: see group_function
-    self._group_jaxprs: dict[Any, tuple[Any, ...]] = {}  # see _group_jaxpr
+    self._group_functions: dict[Any, Any] = {}  # by group signature: see Computation
+    self._computations: dict[tuple[Any, ...], Computation] = {}  # by signature, whole, placement
     self._compiling = threading.Lock()  # a worker's threads share one compilation per signature
 
   @property
@@ -457,123 +408,34 @@ class Surgery:
     """The computed outputs of this tree's signature (abstract is fine), in
     groups that read disjoint inputs (`dependency_groups`); `whole`: every
     output, the carried ones too (as read and written again: a fresh output)."""
-    jaxpr, inputs, outputs = self._computation(tree, whole)
-    return dependency_groups(jaxpr, inputs, outputs)
+    return self.computation(tree, whole).groups
 
-  def _computation(self, tree: dict[str, Any], whole: bool
-                   ) -> tuple[Any, tuple[int, ...], tuple[int, ...]]:
-    """(the jaxpr of the computed outputs, or of every output where `whole`;
-    the input leaf index of each of its inputs; the output leaf index of
-    each of its outputs)."""
-    closed, _, carried, pruned, needed, _ = self._split_computed(tree)
-    jaxpr = closed.jaxpr
-    if whole:
-      return jaxpr, tuple(range(len(jaxpr.invars))), tuple(range(len(jaxpr.outvars)))
-    return pruned, needed, tuple(o for o in range(len(jaxpr.outvars)) if o not in carried)
+  def computation(self, tree: dict[str, Any], whole: bool = False) -> Computation:
+    """This tree's signature's computed outputs (every output, where
+    `whole`) as a Computation, to compute a group at a time; one per
+    signature, sharing this surgery's compilations."""
+    abstract, _ = _abstract_leaves(tree)
+    key = signature(tree), whole, tuple(repr(a.sharding) for a in abstract)
+    with self._compiling:
+      if key not in self._computations:
+        closed, _, carried, pruned, needed, _ = self._split_computed(tree)
+        jaxpr = closed.jaxpr
+        if whole:
+          parts = jaxpr, tuple(range(len(jaxpr.invars))), tuple(range(len(jaxpr.outvars)))
+        else:
+          parts = pruned, needed, tuple(o for o in range(len(jaxpr.outvars)) if o not in carried)
+        self._computations[key] = Computation(
+            *parts, closed.consts, abstract, self._group_functions, self._compiling)
+      return self._computations[key]
 
   def removes(self, tree: dict[str, Any]) -> str | None:
     """How this surgery loses data of `tree` (abstract is fine), or None:
     `Route.removes` without compiling (for `plan`)."""
     return self._split_computed(tree)[-1]
 
-  def _group_jaxpr(self, tree: dict[str, Any], group: Group, whole: bool
-                   ) -> tuple[Any, list[Any], tuple[int, ...]]:
-    """(the jaxpr of `group`'s outputs alone (one of `groups(tree, whole)`),
-    taking the constants it uses and then its inputs; those constants; the
-    input leaf indices it reads)."""
-    key = (signature(tree), whole, group.outputs)
-    if key not in self._group_jaxprs:
-      closed = self._split_computed(tree)[0]
-      computation, inputs, outputs = self._computation(tree, whole)
-      wanted = set(group.outputs)
-      jaxpr, used = dce_jaxpr(computation, [o in wanted for o in outputs])
-      reads = tuple(i for i, u in zip(inputs, used) if u)
-      read = {v for v in (*(v for eqn in jaxpr.eqns for v in eqn.invars), *jaxpr.outvars)
-              if isinstance(v, jex.core.Var)}
-      consts = [(v, c) for v, c in zip(jaxpr.constvars, closed.consts) if v in read]
-      jaxpr = jaxpr.replace(constvars=[], invars=[*(v for v, _ in consts), *jaxpr.invars])
-      self._group_jaxprs[key] = jaxpr, [c for _, c in consts], reads
-    return self._group_jaxprs[key]
-
-  def _computation_key(self, tree: dict[str, Any], group: Group, jaxpr: Any) -> Any:
-    """What identifies a group's computation for sharing its compilation:
-    its jaxpr's text, where that says all it does; else the group itself
-    (an inner jaxpr's constants or a callback do not show in the text)."""
-    return (signature(tree), group.outputs) if _opaque(jaxpr) else str(jaxpr)
-
-  def group_function(self, tree: dict[str, Any], group: Group, out_shardings: list[Any],
-                     whole: bool = False) -> tuple[Any, tuple[int, ...], bool]:
-    """(f(*inputs) -> `group`'s outputs, placed on `out_shardings`; the
-    input leaf indices it reads, in order; whether it was compiled now).
-    One compilation serves every group of the same computation on inputs
-    of the same shapes, dtypes and placements (a model's layers), in every
-    checkpoint. Its inputs are donated."""
-    jaxpr, consts, reads = self._group_jaxpr(tree, group, whole)
-    abstract, _ = _abstract_leaves(tree)
-    args = [jax.ShapeDtypeStruct(np.shape(c), np.result_type(c)) for c in consts] + [
-        abstract[i] for i in reads]
-    key = (self._computation_key(tree, group, jaxpr),
-           tuple((a.shape, str(a.dtype), repr(a.sharding)) for a in args),
-           tuple(map(repr, out_shardings)))
-    with self._compiling:
-      fresh = key not in self._group_functions
-      if fresh:
-        as_fun = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(jaxpr, []))
-        compute = lambda *args: tuple(as_fun(*args))
-        with warnings.catch_warnings():
-          warnings.filterwarnings('ignore', 'Some donated buffers were not usable')
-          self._group_functions[key] = jax.jit(
-              compute, out_shardings=tuple(out_shardings),
-              donate_argnums=tuple(range(len(consts), len(args)))).lower(*args).compile()
-    compiled = self._group_functions[key]
-    return (lambda *inputs: compiled(*consts, *inputs)), reads, fresh
-
-  def why_not_slabs(self, tree: dict[str, Any], group: Group, whole: bool = False) -> str | None:
-    """None where `group` can be computed a slab of rows at a time
-    (`chunkwise`); else why not. Nothing is compiled."""
-    return chunkwise.why_not(self._group_jaxpr(tree, group, whole)[0])
-
-  def slab_function(self, tree: dict[str, Any], group: Group, rows: int, whole: bool = False
-                    ) -> tuple[Any, bool]:
-    """(f(slab) -> the output's slab, for slabs of `rows` leading rows of
-    `group`'s one input; whether it was compiled now),
-    where `chunkwise` accepts the group's computation; else SurgeryError
-    saying why not. Compiled once per computation and slab shape."""
-    if why := self.why_not_slabs(tree, group, whole):
-      raise SurgeryError(why)
-    jaxpr, consts, _ = self._group_jaxpr(tree, group, whole)
-    x = jaxpr.invars[-1].aval
-    slab = jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype)
-    key = ('slab', self._computation_key(tree, group, jaxpr), rows)
-    with self._compiling:
-      fresh = key not in self._group_functions
-      if fresh:
-        self._group_functions[key] = jax.jit(chunkwise.on_slab(jaxpr, rows)).lower(
-            *consts, slab).compile()
-    compiled = self._group_functions[key]
-    return (lambda s: compiled(*consts, s)), fresh
-
   def _trace_route(self, tree: dict[str, Any]) -> Route:
     _, out_shape, carried, _, needed, removes = self._split_computed(tree)
     return Route(jax.tree_util.tree_structure(out_shape), carried, needed, removes)
-
-
-_MESHES = (jax.sharding.Mesh, jax.sharding.AbstractMesh)  # callable (as contexts), and printed
-
-
-def _opaque(jaxpr: Any) -> bool:
-  """Whether a jaxpr's text leaves out some of what it computes: an inner
-  closed jaxpr's constants, or a function (a custom derivative rule, a
-  callback). Inner jaxprs are printed whole."""
-  for eqn in jaxpr.eqns:
-    for param in eqn.params.values():
-      for inner in param if isinstance(param, (tuple, list)) else (param,):
-        if getattr(inner, 'consts', None) or (callable(inner) and not isinstance(inner, _MESHES)):
-          return True
-        inner = getattr(inner, 'jaxpr', inner)
-        if hasattr(inner, 'eqns') and _opaque(inner):
-          return True
-  return False
 
 
 # Ops that lose data by what they are (a drop of one piece of an unstacked
