@@ -3,6 +3,7 @@
 What an op does lives in `transforms`; this package moves checkpoints.
 """
 import ctypes
+import gc
 import os
 
 # A worker restores whole checkpoints next to Orbax's host buffers: JAX must
@@ -37,13 +38,18 @@ _limit_heap_arenas()
 
 
 def release_freed_memory() -> None:
-  """Hand what malloc holds freed back to the system (glibc's malloc_trim).
-  A streamed checkpoint calls it after each pack, so what a pack freed is
-  free for the other checkpoint in flight too, not kept in this one's heap:
-  measured on 0.9 GB under a 512 MB budget, the process's RSS after the
-  last pack was 0.07 to 0.10 GB over idle with it, 0.5 to 0.8 GB without.
-  Its cost, the next pack's buffers faulting in anew, is per pack, not per
-  leaf."""
+  """Free what is no longer used, and hand what malloc holds freed back to
+  the system (glibc's malloc_trim). A streamed checkpoint calls it after
+  each pack. The collector first, of the young generations only (a full
+  collection of a worker's objects costs about 0.1 s): a pack's restored
+  arrays are left in reference cycles on the way, which only a collection
+  frees. Then the trim, so what
+  a pack freed is free for the other checkpoint in flight too, not kept in
+  this one's heap: measured on 0.9 GB under a 512 MB budget, the process's
+  RSS after the last pack was 0.07 to 0.10 GB over idle with it, 0.5 to 0.8
+  GB without. Its cost, the next pack's buffers faulting in anew, is per
+  pack, not per leaf."""
+  gc.collect(1)
   try:
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):

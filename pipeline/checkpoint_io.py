@@ -372,15 +372,17 @@ def _read_directly(path: epath.Path, layout: Layout, like: dict[str, Any],
       reads.append((name, keys, param_name(keys), directory, ocdbt, leaf))
 
   contexts = {o: ts_utils.get_ts_context(use_ocdbt=o) for o in (False, True)}
+  values = {}  # not the tasks' results: finished tasks linger in cycles until a collection
 
-  async def read(directory, param, ocdbt, leaf):  # placed as it comes: the host copy goes
+  async def read(item, keys, param, directory, ocdbt, leaf):  # placed as it comes: the host copy goes
     v = await read_stored(directory, param, ocdbt, contexts[ocdbt])
-    return jax.device_put(v, transforms.placement(v.shape, v.dtype, devices)) if is_array(leaf) else v.item()
+    values[item, tuple(keys)] = (jax.device_put(v, transforms.placement(v.shape, v.dtype, devices))
+                                 if is_array(leaf) else v.item())
 
   async def read_all():
-    return await asyncio.gather(*(read(d, p, o, leaf) for _, _, p, d, o, leaf in reads))
+    await asyncio.gather(*(read(*r) for r in reads))
 
-  values = {(item, tuple(keys)): v for (item, keys, *_), v in zip(reads, asyncio.run(read_all()))}
+  asyncio.run(read_all())
   return {name: jax.tree_util.tree_map_with_path(
       lambda keys, x, name=name: ocp.PLACEHOLDER if skipped(x) else values[name, tuple(keys)],
       like[name]) for name in layout.trees}

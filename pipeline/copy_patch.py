@@ -23,7 +23,12 @@ inline bytes, or the same place in a data file identical to the input's),
 and holds no key but those and the computed leaves'.
 
 Computed leaves are encoded once, into memory, with Orbax's write spec (one
-chunk per shard, as Orbax writes them), and those bytes are what is written.
+chunk per shard, as Orbax writes them; where `chunk_bytes` is given, as a
+streamed checkpoint's are, chunks of whole rows at most that large, so a
+leaf may be written a Slab of rows at a time), and those bytes are what is
+written. `write` does it all at once; `begin`, `write_pack` (a pack of
+computed leaves, one transaction per tree item) and `finish` a pack at a
+time.
 Verification links each stored byte to the values computed without decoding
 anything a second time (a decode costs as much as the encode): the array
 handed to the encoder has the checksum the surgery's result had
@@ -108,12 +113,13 @@ class TreePatch:
   paths: dict[str, str]            # computed param name -> its leaf path in the migrated state
   fresh: bool = False              # nothing of the input copied: every stored value is computed
   chunk_bytes: int | None = None   # computed leaves' chunks at most this large (None: Orbax's default)
-  # Filled by `write`: each computed array's checksum as handed to the encoder,
+  # Filled by `write_pack`: each computed array's checksum as handed to the encoder,
   # and the CRC32 of each value encoded, by key (every key of every chunk grid).
   encoded: dict[str, str] = dataclasses.field(default_factory=dict)
   crcs: dict[bytes, int] = dataclasses.field(default_factory=dict)
-  # A leaf written a slab at a time: its checksum so far.
+  # A leaf written a slab at a time: its checksum so far, and the rows written.
   encoding: dict[str, transforms.Fingerprinter] = dataclasses.field(default_factory=dict)
+  slabbed: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def cleared(self) -> list[str]:
@@ -336,6 +342,22 @@ def _chunk_keys(name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
   return {f'{name}/.zarray'.encode()} | {f'{name}/{".".join(map(str, i)) or "0"}'.encode() for i in grid}
 
 
+def _check_slab(patch: TreePatch, name: str, rows: tuple[int, int], x: np.ndarray,
+                meta: array_metadata.ArrayMetadata, chunk_rows: int) -> None:
+  """A slab must follow the last one of its leaf, in whole chunks of rows,
+  with the leaf's trailing shape and dtype: anything else would leave a
+  chunk partly written, unseen by the checks that follow."""
+  start, stop = rows
+  if (start != patch.slabbed.get(name, 0) or start % chunk_rows or
+      (stop % chunk_rows and stop != meta.shape[0]) or stop > meta.shape[0] or
+      x.shape[1:] != tuple(meta.shape[1:]) or np.dtype(x.dtype) != np.dtype(meta.dtype)):
+    raise checkpoint_io.VerificationError(
+        f'{name}: rows [{start}, {stop}) of {x.dtype}{list(x.shape)} do not follow rows '
+        f'[0, {patch.slabbed.get(name, 0)}) of {np.dtype(meta.dtype)}{list(meta.shape)} in whole '
+        f'chunks of {chunk_rows} rows')
+  patch.slabbed[name] = stop
+
+
 _ENCODE_BYTES = 64 << 20  # arrays encoded at once: each is let go once its bytes are out
 
 
@@ -357,12 +379,18 @@ def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[byte
 
   async def encode(name, x):
     slab = x if isinstance(x, Slab) else None
-    shape, write_shape = ((meta[name].shape, meta[name].write_shape) if slab else
-                          (tuple(np.shape(x)), _write_shape(x)))
     x = np.asarray(slab.value if slab else x)
+    # Chunked as its metadata records (a fresh tree's scalar has none: one chunk).
+    shape, write_shape = ((tuple(meta[name].shape), tuple(meta[name].write_shape)) if name in meta
+                          else (x.shape, x.shape))
+    if not slab and x.shape != shape:
+      raise checkpoint_io.VerificationError(f'{name}: {list(x.shape)} handed to the encoder, '
+                                            f'{list(shape)} in its metadata')
     spec = _array_spec(shape, write_shape, np.dtype(x.dtype), patch.use_ocdbt, remote,
                        patch.chunk_bytes)
     rows = (slab.start, slab.start + len(x)) if slab else None
+    if slab:
+      _check_slab(patch, name, rows, x, meta[name], spec['metadata']['chunks'][0])
     expected.update(_chunk_keys(name, shape, spec['metadata']['chunks'], rows))
     if name in patch.paths:
       patch.encoding.setdefault(name, transforms.Fingerprinter()).update(x)
@@ -489,7 +517,7 @@ def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
   work = begin(src, dst, layout, patches)
   arrays = {p.item: p.computed for p in patches}
   for patch in patches:
-    patch.computed = dict.fromkeys(patch.computed)  # `arrays` holds them, until each is encoded
+    patch.computed = dict.fromkeys(patch.computed)  # names only from here: `arrays` has them
   write_pack(work, patches, arrays)
   return finish(src, work, dst, layout, patches, provenance)
 
@@ -731,6 +759,7 @@ def _check_computed(directory: epath.Path, patch: TreePatch, stored: dict[bytes,
 
 
 _READS = 16  # values read back at once, where they come through TensorStore
+_READ_BYTES = 256 << 20  # and no more than about this many bytes of them
 
 
 def _stored_crcs(directory: epath.Path, patch: TreePatch, stored: dict[bytes, Any]
@@ -750,7 +779,8 @@ def _stored_crcs(directory: epath.Path, patch: TreePatch, stored: dict[bytes, An
 
   async def read_back():
     root = await _open_tree(directory, patch.use_ocdbt)
-    at_once = asyncio.Semaphore(_READS)
+    at_once = asyncio.Semaphore(max(1, min(_READS, _READ_BYTES // patch.chunk_bytes))
+                                if patch.chunk_bytes else _READS)
 
     async def crc(key):
       async with at_once:

@@ -152,38 +152,42 @@ def check_recorded(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str
   recorded: each leaf whose checksum its provenance lists must match it.
   Storage formats do not checksum array data; we did. `state`: the restored
   state, where the caller has it; else those leaves are read here, at most
-  `budget` bytes at a time where given."""
+  `budget` bytes at a time where given, each batch let go before the next."""
   recorded = (checkpoint_io.read_provenance(src) or {}).get('checksums') or {}
   if not recorded:
     return
-  states = [state] if state is not None else _restored_in_batches(src, layout, meta, recorded, budget)
-  bad = sorted(p for state in states for p, x in transforms.leaf_paths(state).items()
-               if p in recorded and checkpoint_io.is_array(x) and
-               transforms.fingerprint(x).checksum != recorded[p])
+  mismatched = lambda state: [p for p, x in transforms.leaf_paths(state).items()
+                              if p in recorded and checkpoint_io.is_array(x) and
+                              transforms.fingerprint(x).checksum != recorded[p]]
+  if state is not None:
+    bad = mismatched(state)
+  else:
+    whole, bad = layout.join(checkpoint_io.trees(meta)), []
+    for batch in batches(whole, set(recorded), budget):
+      only = jax.tree_util.tree_map_with_path(
+          lambda k, m: m if transforms.key_path(k) in batch else ocp.PLACEHOLDER, whole)
+      _, items = checkpoint_io.restore(src, like=layout.split(only, {}))
+      bad += mismatched(layout.join(items))
+      del items  # before the next batch
   if bad:
+    bad.sort()
     raise checkpoint_io.CheckpointError(
         f'{src}: {", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""} no longer match the '
         'checksums ckpt-surgery recorded when it wrote this checkpoint: its stored data changed '
         'since (a flipped bit, a partial overwrite)')
 
 
-def _restored_in_batches(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
-                         paths: set[str] | dict[str, Any], budget: int | None):
-  """The state of src with only the leaves at `paths` restored, in states
-  of at most `budget` bytes each (one, where None), one at a time."""
-  whole = layout.join(checkpoint_io.trees(meta))
-  batches, size = [set()], 0
-  for k, m in jax.tree_util.tree_flatten_with_path(whole)[0]:
+def batches(tree: Any, paths: set[str], budget: int | None) -> list[set[str]]:
+  """The leaf paths of `tree` in `paths`, in batches of at most `budget`
+  bytes (a leaf larger than that alone; one batch where None)."""
+  out, size = [set()], 0
+  for k, m in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if transforms.key_path(k) in paths:
       if budget is not None and size and size + transforms.tree_bytes(m) > budget:
-        batches, size = batches + [set()], 0
-      batches[-1].add(transforms.key_path(k))
+        out, size = out + [set()], 0
+      out[-1].add(transforms.key_path(k))
       size += transforms.tree_bytes(m)
-  for batch in batches:
-    only = jax.tree_util.tree_map_with_path(
-        lambda k, m, batch=batch: m if transforms.key_path(k) in batch else ocp.PLACEHOLDER, whole)
-    _, items = checkpoint_io.restore(src, like=layout.split(only, {}))
-    yield layout.join(items)
+  return out
 
 
 def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
@@ -323,7 +327,7 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layo
   checkpoint in flight waits to read instead of holding a budget's worth
   beside it. Each write is a section of the deadline's, so one given up
   writes no more; the commit takes the save lock, as other saves do."""
-  check_recorded(src, layout, meta, budget=streamed.budget)
+  check_recorded(src, layout, meta, budget=stream.pack_limit(streamed.budget))
   run = stream.Run(src, layout, streamed, surgery, settings.allow_nonfinite, deadline.writing)
   with deadline.writing():
     work = copy_patch.begin(src, dst, layout, streamed.patches)
@@ -384,15 +388,10 @@ def verify_saved(dst: epath.Path, written: dict[str, Any],
   back `prints`' checksums, and the stored chunks of its StoredArrays as
   copied. Arrays are read back a batch of VERIFY_BATCH_BYTES at a time."""
   expected = checkpoint_io.array_specs(written)
-  batches, size = [set()], 0
-  for k, x in jax.tree_util.tree_flatten_with_path(written)[0]:
-    if checkpoint_io.is_array(x):
-      if size >= VERIFY_BATCH_BYTES:
-        batches, size = batches + [set()], 0
-      batches[-1].add(transforms.key_path(k))
-      size += transforms.tree_bytes(x)
+  arrays = {transforms.key_path(k) for k, x in jax.tree_util.tree_flatten_with_path(written)[0]
+            if checkpoint_io.is_array(x)}
   got, back = {}, {}
-  for batch in batches:
+  for batch in batches(written, arrays, VERIFY_BATCH_BYTES):
     like = jax.tree_util.tree_map_with_path(
         lambda k, x, batch=batch: ocp.PLACEHOLDER if checkpoint_io.is_array(x) and
         transforms.key_path(k) not in batch else x, written)

@@ -1,12 +1,13 @@
 """Streaming: a checkpoint larger than the memory budget, migrated a pack at a time.
 
-Where what the surgery computes, with what it reads, exceeds
-`--memory_budget`, nothing is restored whole. The surgery's dependency
-groups (`Surgery.groups`) are packed under the budget (`transforms.pack`)
-and, for each pack in turn: its inputs are restored onto the devices, its
-groups' compiled functions run (one compilation per distinct group), its
-outputs checksummed, encoded and written into the output's open tree (one
-OCDBT transaction per pack), then released. A group over the budget whose
+Where what the surgery computes, with what it reads, exceeds half of
+`--memory_budget` (`pack_limit`), nothing is restored whole. The surgery's
+dependency groups (`Surgery.groups`) are packed under that
+(`transforms.pack`) and, for each pack in turn: its inputs are restored
+onto the devices, its groups' compiled functions run (one compilation per
+distinct group), its outputs checksummed, encoded and written into the
+output's open tree (one OCDBT transaction per tree item), then released.
+A group over that limit whose
 computation `transforms.chunkwise` accepts (a cast, a scale, a pad with a
 constant, or a leaf only carried) goes a slab of rows at a time through
 TensorStore; any other fails the checkpoint, naming its leaves, their bytes
@@ -223,12 +224,15 @@ class Run:
       release_freed_memory()
 
   def _write(self, arrays: dict[str, dict[str, Any]], work: copy_patch.Work) -> None:
-    """Fingerprint `arrays` ({item: {name: array}}), refuse non-finite ones
-    unless allowed, and write them."""
+    """Bring `arrays` ({item: {name: array}}) to the host, fingerprint them,
+    refuse non-finite ones unless allowed, and write them. The device arrays
+    go as they are brought over: a host copy kept in a jax.Array's cache
+    would keep it alive past its pack."""
     for item, named in arrays.items():
-      for name, x in named.items():
+      for name in named:
+        named[name] = np.asarray(named[name])
         if (item, name) in self.paths:
-          self._check(self.paths[item, name], transforms.fingerprint(x))
+          self._check(self.paths[item, name], transforms.fingerprint(named[name]))
     with self.writing():
       copy_patch.write_pack(work, self.streamed.patches, arrays)
 

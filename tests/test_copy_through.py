@@ -47,7 +47,8 @@ def write(path, layout: str, use_ocdbt: bool) -> None:
 
 
 def restored_bits(path, layout: str) -> dict[str, bytes]:
-  """Every leaf's bytes, as plain Orbax restores the checkpoint (no arguments)."""
+  """Every leaf's dtype, shape and bytes, as plain Orbax restores the
+  checkpoint (no arguments)."""
   if layout == 'step':
     restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path)
     tree = {name: restored[name] for name in ('params', 'opt_state', 'meta')}
@@ -56,7 +57,8 @@ def restored_bits(path, layout: str) -> dict[str, bytes]:
   out = {}
   for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     assert isinstance(leaf, (jax.Array, int)), (keys, type(leaf))  # jax.Array, as the full path writes
-    out[jax.tree_util.keystr(keys)] = np.asarray(leaf).tobytes()
+    value = np.asarray(leaf)
+    out[jax.tree_util.keystr(keys)] = (str(value.dtype), value.shape, value.tobytes())
   return out
 
 

@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent('''
         'small': [len(small.sharding.device_set), small.sharding.is_fully_replicated],
         'records': [(r['status'], r['error'], r['bytes_carried'], r['packs']) for r in records],
         'normalized': [np.asarray(o['big']).tolist()[0][:4] for o in outs],
-        'same': all(np.array_equal(o['big'], outs[0]['big']) for o in outs),
+        'same': all(np.array_equal(o[k], outs[0][k]) for o in outs for k in ('big', 'small')),
         'preallocate': __import__('os').environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'),
         'writers': [(r['write_path'], r['why_not_patched']) for r in records],
         'chunks': [zarray(n) for n in ('full', 'streamed', 'orbax')],

@@ -16,7 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import checkpoint_io, copy_patch, migrate, outputs, stream
+from pipeline import checkpoint_io, copy_patch, migrate, outputs, storage, stream
 from tests.conftest import mlp, trained
 from tests.test_copy_through import restored_bits
 
@@ -52,8 +52,8 @@ def migrated(src, dst, spec, **settings):
 
 @pytest.fixture
 def restores(monkeypatch):
-  """The array bytes each restore of an input reads, in order, and each
-  pack written (None) between them."""
+  """The array bytes each restore of an input reads, in order, and as each
+  pack is written (negated) the bytes of every array alive in the process."""
   calls = []
   real_restore, real_pack = checkpoint_io.restore, copy_patch.write_pack
 
@@ -65,7 +65,7 @@ def restores(monkeypatch):
     return real_restore(path, like, devices)
 
   def write_pack(work, patches, arrays):
-    calls.append(None)
+    calls.append(-sum(x.nbytes for x in jax.live_arrays()))
     return real_pack(work, patches, arrays)
 
   monkeypatch.setattr(checkpoint_io, 'restore', restore)
@@ -89,11 +89,14 @@ def test_streamed_outputs_equal_the_unbounded_paths(tmp_path, layout, use_ocdbt,
   assert (rec['status'], rec['write_path']) == ('ok', path), rec['error']
   assert rec['packs'] > 2 and rec['memory_budget'] == budget
   assert restored_bits(tmp_path / 'streamed', layout) == restored_bits(tmp_path / 'whole', layout)
-  # One pack at a time: each restore of the input's arrays holds at most the
-  # budget, and each is written before the next is read.
-  reads = [c for c in restores if c]
-  assert reads and max(reads) <= stream.pack_limit(budget)
-  assert all(a is None for a, b in zip(restores, restores[1:]) if b)
+  # One pack at a time: each restore of the input's arrays reads at most a
+  # pack's share of the budget, each pack is written before the next is
+  # read, and no more than a pack's arrays are alive as it is written.
+  limit = stream.pack_limit(budget)
+  reads = [c for c in restores if c > 0]
+  assert reads and max(reads) <= limit
+  assert all(a <= 0 for a, b in zip(restores, restores[1:]) if b > 0)
+  assert all(-c <= limit for c in restores if c <= 0), (limit, str(restores))
 
 
 def test_layers_alike_share_one_compilation(tmp_path):
@@ -139,6 +142,35 @@ def test_a_leaf_over_the_budget_is_cast_a_slab_at_a_time(tmp_path, monkeypatch):
   assert restored_bits(tmp_path / 'streamed', 'pytree') == restored_bits(tmp_path / 'whole', 'pytree')
   kernel = ocp.PyTreeCheckpointer().restore(tmp_path / 'streamed')['params']['Dense_0']['kernel']
   assert kernel.shape == (512, 160) and kernel.dtype == np.dtype('bfloat16')
+  zarray = json.loads(storage.ocdbt_index(tmp_path / 'streamed')[b'params.Dense_0.kernel/.zarray'])
+  assert zarray['chunks'][1:] == [160] and all(s % zarray['chunks'][0] == 0 for s, _ in rows)
+
+
+@pytest.mark.parametrize('fault', ['misaligned', 'dropped'])
+def test_a_slab_out_of_place_fails_the_checkpoint(tmp_path, monkeypatch, fault):
+  """Slabs that are not whole chunks, or a slab that never reaches the
+  writer, fail the checkpoint by name and leave nothing at dst: a chunk
+  partly written would otherwise restore as fill values."""
+  src, out = tmp_path / 'in', tmp_path / 'out'
+  write(src, 'pytree', sizes=(512, 128, 4))
+  if fault == 'misaligned':
+    real_rows = stream.Run._slab_rows
+    monkeypatch.setattr(stream.Run, '_slab_rows', lambda self, *a: real_rows(self, *a) - 1)
+  else:
+    real_pack, seen = copy_patch.write_pack, []
+
+    def drop_the_second_slab(work, patches, arrays):
+      if any(isinstance(x, copy_patch.Slab) for named in arrays.values() for x in named.values()):
+        seen.append(1)
+        if len(seen) == 2:
+          return None
+      return real_pack(work, patches, arrays)
+
+    monkeypatch.setattr(copy_patch, 'write_pack', drop_the_second_slab)
+  rec = migrated(src, out / 'x', CAST, memory_budget=64 << 10)
+  assert rec['status'] == 'failed' and 'VerificationError' in rec['error'], rec['error']
+  assert 'params.Dense_0.kernel' in rec['error'] or 'Dense_0' in rec['error'], rec['error']
+  assert list(out.iterdir()) == []
 
 
 def test_a_leaf_over_the_budget_that_cannot_stream_fails_by_name(tmp_path):
