@@ -316,10 +316,10 @@ def _cached_array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dty
       info, None, global_shape=shape, local_shape=write_shape, dtype=dtype, use_ocdbt=use_ocdbt,
       process_index=None).json
   if chunk_bytes and shape:
-    row = math.prod(write_shape[1:]) * dtype.itemsize
-    rows = max([r for r in range(1, write_shape[0] + 1)
-                if write_shape[0] % r == 0 and r * row <= chunk_bytes] or [1])
-    spec['metadata']['chunks'] = [rows, *write_shape[1:]]
+    most = chunk_bytes // (math.prod(write_shape[1:]) * dtype.itemsize)
+    divisors = {d for i in range(1, math.isqrt(write_shape[0]) + 1) if write_shape[0] % i == 0
+                for d in (i, write_shape[0] // i)}
+    spec['metadata']['chunks'] = [max([d for d in divisors if d <= most] or [1]), *write_shape[1:]]
   return {k: v for k, v in spec.items() if k != 'kvstore'}
 
 
@@ -368,11 +368,12 @@ def _nbytes(x: Any) -> int:
 def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[bytes, bytes]:
   """Each of `arrays` (computed leaves of `patch`, or Slabs of them) encoded
   once, into memory, through the zarr driver with Orbax's own write spec
-  (for GCS where `remote`), a batch at a time, emptying `arrays` as it goes:
-  {its keys, relative to the tree: the bytes to store}. Records in `patch.encoded` the checksum of each array as the
-  encoder got it (a slabbed one's once its last slab is in); VerificationError
-  where the encoder did not make every key of an array's chunk grid (of
-  a slab's rows)."""
+  (for GCS where `remote`), a batch at a time, emptying `arrays` as it
+  goes: {its keys, relative to the tree: the bytes to store}. Records in
+  `patch.encoded` the checksum of each array as the encoder got it (a
+  slabbed one's once its last slab is in); VerificationError where the
+  encoder did not make every key of an array's chunk grid (of a slab's
+  rows), or an array is not the shape its metadata records."""
   context = ts.Context()
   expected = set()
   meta = {a.param_name: a for a in patch.arrays}

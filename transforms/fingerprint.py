@@ -46,8 +46,8 @@ class Fingerprinter:
     words = flat.view(_WORDS[flat.dtype.itemsize])
     for start in range(0, words.size, _SLICE):
       chunk = words[start:start + _SLICE].astype(np.uint32)
-      at = self.words + start + 1
-      position = np.arange(at, at + chunk.size, dtype=np.uint64).astype(np.uint32)
+      position = np.arange(1, chunk.size + 1, dtype=np.uint32)
+      position += np.uint32((self.words + start) & 0xffffffff)  # wraps, as the sums do
       self.plain = (self.plain + int(chunk.sum(dtype=np.uint32))) & 0xffffffff
       self.weighted = (self.weighted + int((chunk * position).sum(dtype=np.uint32))) & 0xffffffff
     self.words += words.size
