@@ -31,6 +31,7 @@ import tempfile
 import time
 
 from benchmarks.surgery_speed import disk_bytes
+from pipeline.cli import size_in_bytes
 
 WIDTH = 1024
 LAYER_BYTES = 3 * 4 * 12 * WIDTH * WIDTH  # params and two moments of a layer's 12 W^2 floats
@@ -97,22 +98,14 @@ def bench(size_gb: float, budget: int, repeat: int, work: str) -> list[dict]:
   return rows
 
 
-def parse_size(text: str) -> int:
-  units = {'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30}
-  for unit, scale in units.items():
-    if text.upper().endswith(unit):
-      return int(float(text[:-len(unit)]) * scale)
-  return int(text)
-
-
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--sizes', default='0.5,1,2,4', help='checkpoint sizes, GB')
-  parser.add_argument('--budget', default='512MB')
+  parser.add_argument('--budget', type=size_in_bytes, default='512MB')
   parser.add_argument('--repeat', type=int, default=1)
   parser.add_argument('--json')
   args = parser.parse_args(argv)
-  budget = parse_size(args.budget)
+  budget = args.budget
   rows = []
   with tempfile.TemporaryDirectory(dir=os.environ.get('BENCH_DIR')) as work:
     for size in (float(s) for s in args.sizes.split(',') if s):

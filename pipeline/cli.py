@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
   memory.add_argument('--checkpoints_in_flight', type=_at_least_one, default=2, metavar='N',
                       help='checkpoints each worker holds at once: while one is written the next '
                            'is read (default 2; 1 halves the memory a worker needs)')
-  memory.add_argument('--memory_budget', type=_bytes, default=0, metavar='BYTES',
+  memory.add_argument('--memory_budget', type=size_in_bytes, default=0, metavar='BYTES',
                       help='bytes a worker may hold per checkpoint in flight (512MB, 4GiB, ...): '
                            'a checkpoint that computes more is migrated a pack of leaves at a '
                            "time (default: the worker's memory per core, less 1 GB, shared by "
@@ -111,8 +111,8 @@ _UNITS = {'': 1, 'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12,
           'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'TIB': 2**40}
 
 
-def _bytes(text: str) -> int:
-  """'512MB', '4GiB', '1000000' -> bytes."""
+def size_in_bytes(text: str) -> int:
+  """'512MB', '4GiB', '1000000' -> bytes (the benchmarks parse sizes with it too)."""
   match = re.fullmatch(r'\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*', text)
   unit = match and _UNITS.get(match.group(2).upper())
   if not unit or float(match.group(1)) * unit < 1:

@@ -89,21 +89,20 @@ def _memory(surgery: transforms.Surgery, tree: Any, write_path: str, budget: int
   a pack of dependency groups at a time (`stream`), as a fresh tree where
   copy-and-patch does not apply; a group over the budget streams in slabs,
   or fails its checkpoint (this signature's `error`)."""
-  computed = sum(g.nbytes for g in surgery.groups(tree))
+  computed, limit = sum(g.nbytes for g in surgery.groups(tree)), stream.pack_limit(budget)
   out = {'memory_budget': budget, 'packs': 0, 'largest_pack_bytes': computed, 'over_budget': []}
-  if computed > stream.pack_limit(budget):
+  if computed > limit:
     whole = write_path != 'copy_and_patch'
-    packs = transforms.pack(surgery.groups(tree, whole), stream.pack_limit(budget))
+    computation = surgery.computation(tree, whole)
+    packs = transforms.pack(computation.groups, limit)
     names = [transforms.key_path(k) for k, _ in
              jax.tree_util.tree_flatten_with_path(surgery.trace(tree)[1])[0]]
-    for p in packs:
-      if p.over:
-        why = surgery.computation(tree, whole).why_not_slabs(p.groups[0])
-        out['over_budget'].append({'path': names[p.groups[0].outputs[0]],
-                                   'bytes': p.nbytes, 'slabs': why is None, 'why': why})
-        if why and not out.get('error'):
-          error = stream.too_large(names[p.groups[0].outputs[0]], p.groups[0], budget, why)
-          out['error'] = f'SurgeryError: {error}'
+    for p in (p for p in packs if p.over):
+      group = p.groups[0]
+      why, path = computation.why_not_slabs(group), names[group.outputs[0]]
+      out['over_budget'].append({'path': path, 'bytes': p.nbytes, 'slabs': why is None, 'why': why})
+      if why and not out.get('error'):
+        out['error'] = f'SurgeryError: {stream.too_large(path, group, budget, why)}'
     out.update(packs=len(packs), largest_pack_bytes=transforms.packs.largest(packs),
                write_path='full' if whole else write_path)
   out['worker_memory'] = in_flight * min(2 * computed, budget) + stream.FOOTPRINT
