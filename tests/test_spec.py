@@ -1,6 +1,8 @@
 """A bad spec is refused with the op's index and the field in the message."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from transforms import SpecError, load_spec
@@ -28,6 +30,17 @@ from transforms import SpecError, load_spec
     ("opz: []", "unknown field(s) ['opz']"),
     ("params: [1]\nops: [{drop: {match: a}}]", "field 'params' must be a string"),
     ("ops: [unclosed", 'not valid YAML'),
+    # Replacement templates, refused at load (issue 21), not once per checkpoint.
+    (r"ops: [{rename: {match: '^Dense_(\d+)/', to: 'Linear_\9/'}}]",
+     "ops[0] (rename): field 'to': 'Linear_\\\\9/' cannot be filled from match"),
+    ("ops: [{rename: {match: '^Dense_', to: ''}}]", "ops[0] (rename): field 'to': must not be empty"),
+    (r"ops: [{rename: {match: '^a', to: 'x\g<name>'}}]", 'unknown group'),
+    (r"ops: [{stack: {match: '^layer_(\d+)/(.*)$', to: 'layers/\3'}}]", "ops[0] (stack): field 'to'"),
+    (r"ops: [{unstack: {match: '^layers/(.*)$', to: 'layer_{i}/\2'}}]", "ops[0] (unstack): field 'to'"),
+    # Keys given twice, with their lines.
+    ("ops: [{drop: {match: a}}]\nops: [{drop: {match: b}}]", "line 2: key 'ops' is given twice (first at line 1)"),
+    ("ops:\n  - scale: {match: a, by: 2, by: 3}", "line 2: key 'by' is given twice"),
+    ("a: &a [*a]\nops: [{drop: {match: a}}]", 'line 1: an alias refers to the anchor that holds it'),
 ])
 def test_bad_spec_names_op_and_field(text, message):
   with pytest.raises(SpecError) as e:
@@ -42,3 +55,34 @@ def test_hash_ignores_formatting_and_defaults():
   assert a.hash == b.hash != c.hash
   assert a.canonical == {'params': 'params', 'opt_state': 'opt_state',
                          'ops': [{'scale': {'match': 'k$', 'by': 0.5}}]}
+
+
+def test_good_templates_load():
+  load_spec(r"ops: [{rename: {match: '^Dense_(?P<n>\d+)/', to: 'Linear_\g<n>/'}}]")
+  load_spec(r"ops: [{rename: {match: '^(a|b)(c)?', to: '\2\1'}}]")  # a group that may not match
+  load_spec(r"ops: [{rename: {match: '^model/(.*)$', to: '\1'}}]")
+
+
+def alias_bomb(levels: int) -> str:
+  lines = ['l0: &l0 [x, x, x, x, x, x, x, x, x, x]']
+  lines += [f'l{i}: &l{i} [' + ', '.join([f'*l{i - 1}'] * 10) + ']' for i in range(1, levels)]
+  return ('optimizer:\n  factory: optax.adam\n  kwargs:\n    ' + '\n    '.join(lines) +
+          '\nops: [{drop: {match: a}}]\n')
+
+
+def test_an_alias_bomb_is_refused_at_once_by_line():
+  bomb = alias_bomb(12)  # under 1 KB; 10**12 values expanded
+  assert len(bomb) < 1024
+  start = time.perf_counter()
+  with pytest.raises(SpecError, match=r'line 8: this value expands to more than 100,000 values'):
+    load_spec(bomb)
+  assert time.perf_counter() - start < 1.0
+
+
+def test_an_error_names_a_large_value_without_printing_it():
+  with pytest.raises(SpecError) as e:
+    load_spec(alias_bomb(4))  # 10,000 values: loads, and adam refuses its kwargs
+  assert len(str(e.value)) < 700 and 'characters)' in str(e.value)
+  with pytest.raises(SpecError) as e:
+    load_spec('ops: [{drop: {match: [' + ', '.join(['x'] * 10000) + ']}}]')
+  assert len(str(e.value)) < 300

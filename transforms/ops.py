@@ -44,6 +44,23 @@ def _check_regex(field: str, value: str) -> None:
     raise ValueError(f'field {field!r}: bad regex {value!r}: {e}') from None
 
 
+def _check_template(match: str, to: str) -> None:
+  """A replacement template that every match of `match` can fill: no group
+  it does not have, no bad escape; not empty (a path cannot be '')."""
+  if not to:
+    raise ValueError("field 'to': must not be empty (to strip a prefix, capture the rest: "
+                     "match: '^model/(.*)$', to: '\\1')")
+  try:  # an optional copy of the pattern matches '' with the same groups
+    empty = regex.compile(f'(?:{match})?').match('')
+  except regex.error:  # a pattern that cannot be wrapped so: checked as it runs
+    return
+  try:
+    empty.expand(to)
+  except (IndexError, regex.error) as e:
+    raise ValueError(f"field 'to': {to!r} cannot be filled from match {match!r} ({e}; the "
+                     f'match has {regex.compile(match).groups} group(s))') from None
+
+
 def initializer(name: str) -> Callable[..., jax.Array]:
   """A `jax.nn.initializers` function by name: zeros, ones, normal, lecun_normal, ..."""
   factory = getattr(jax.nn.initializers, name, None)
@@ -151,6 +168,10 @@ class Rename(MatchOp):
   structural: ClassVar[bool] = True
   moves_only: ClassVar[bool] = True
   to: str
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_template(self.match, self.to)
 
   def apply(self, flat, selected, mirror=False):
     return move(flat, {p: paths.substitute(self.pattern, self.to, p) for p in selected})
@@ -369,6 +390,10 @@ class Stack(MatchOp):
   to: str
   axis: int = 0
 
+  def __post_init__(self):
+    super().__post_init__()
+    _check_template(self.match, self.to)
+
   def apply(self, flat, selected, mirror=False):
     groups: dict[str, list[str]] = {}
     for p in sorted(selected, key=layer_order):
@@ -407,6 +432,7 @@ class Unstack(MatchOp):
     super().__post_init__()
     if '{i}' not in self.to:
       raise ValueError("field 'to': must contain {i}, the piece's index")
+    _check_template(self.match, self.to.replace('{i}', '0'))
 
   def apply(self, flat, selected, mirror=False):
     chosen = set(selected)

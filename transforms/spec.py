@@ -100,7 +100,8 @@ def _parse_optimizer(data: Any) -> Optimizer:
   except ValueError as e:
     raise SpecError(f'spec: optimizer: {e}') from None
   except Exception as e:  # the factory's own complaint about its kwargs
-    raise SpecError(f'spec: optimizer: {optimizer.factory}(**{kwargs}) failed: {e}') from None
+    raise SpecError(f'spec: optimizer: {optimizer.factory}(**{_short(kwargs)}) failed: '
+                    f'{_short(str(e), 400)}') from None
   if not hasattr(tx, 'init') or not hasattr(tx, 'update'):
     raise SpecError(f'spec: optimizer: {optimizer.factory} did not return an optax GradientTransformation')
   return optimizer
@@ -109,22 +110,23 @@ def _parse_optimizer(data: Any) -> Optimizer:
 def _parse_op(index: int, entry: Any) -> Op:
   where = f'ops[{index}]'
   if not isinstance(entry, dict) or len(entry) != 1:
-    raise SpecError(f'{where}: expected one op as {{name: {{fields}}}}, got {entry!r}')
+    raise SpecError(f'{where}: expected one op as {{name: {{fields}}}}, got {_short(entry)}')
   (name, fields), = entry.items()
   if name not in OPS:
-    raise SpecError(f'{where}: unknown op {name!r} (known: {", ".join(sorted(OPS))})')
+    raise SpecError(f'{where}: unknown op {_short(name)} (known: {", ".join(sorted(OPS))})')
   where = f'{where} ({name})'
   fields = {} if fields is None else fields
   if not isinstance(fields, dict):
-    raise SpecError(f'{where}: fields must be a mapping, got {fields!r}')
+    raise SpecError(f'{where}: fields must be a mapping, got {_short(fields)}')
   cls = OPS[name]
   hints = typing.get_type_hints(cls)
   declared = {f.name: f for f in dataclasses.fields(cls)}
   for key, value in fields.items():
     if key not in declared:
-      raise SpecError(f"{where}: unknown field {key!r} (fields: {', '.join(declared)})")
+      raise SpecError(f"{where}: unknown field {_short(key)} (fields: {', '.join(declared)})")
     if not _check_type(value, hints[key]):
-      raise SpecError(f"{where}: field {key!r} must be {_hint_name(hints[key])}, got {value!r}")
+      raise SpecError(f"{where}: field {key!r} must be {_hint_name(hints[key])}, "
+                      f'got {_short(value)}')
   for key, f in declared.items():
     if key not in fields and f.default is dataclasses.MISSING:
       raise SpecError(f'{where}: missing field {key!r}')
@@ -142,10 +144,11 @@ def parse_spec(data: Any) -> Spec:
     raise SpecError(f'spec: expected a mapping with {TOP_LEVEL}, got {type(data).__name__}')
   unknown = set(data) - set(TOP_LEVEL)
   if unknown:
-    raise SpecError(f'spec: unknown field(s) {sorted(unknown)} (fields: {", ".join(TOP_LEVEL)})')
+    raise SpecError(f'spec: unknown field(s) {_short(sorted(map(str, unknown)))} (fields: '
+                    f'{", ".join(TOP_LEVEL)})')
   for key in ('params', 'opt_state'):
     if key in data and not isinstance(data[key], str):
-      raise SpecError(f'spec: field {key!r} must be a string, got {data[key]!r}')
+      raise SpecError(f'spec: field {key!r} must be a string, got {_short(data[key])}')
   ops = data.get('ops')
   if not isinstance(ops, list) or not ops:
     raise SpecError("spec: field 'ops' must be a non-empty list of ops")
@@ -156,10 +159,76 @@ def parse_spec(data: Any) -> Spec:
               optimizer=optimizer)
 
 
+# What a spec's YAML may expand to, in nodes (a mapping, a sequence or a
+# scalar each, counting every use of an alias): far above any real spec,
+# far below what 1 KB of nested aliases expands to (billions).
+MAX_NODES = 100_000
+
+
+class _Loader(yaml.SafeLoader):
+  """YAML's safe loader, refusing a mapping that says a key twice (YAML
+  keeps the last silently), with the line of each."""
+
+  def construct_mapping(self, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+      if key_node.tag == 'tag:yaml.org,2002:merge':
+        continue
+      key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+      try:
+        if key in seen:
+          raise SpecError(f'spec: line {line}: key {_short(key)} is given twice (first at line '
+                          f'{seen[key]})')
+        seen[key] = line
+      except TypeError:  # an unhashable key: the constructor refuses it
+        continue
+    return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+  """How many nodes `node` stands for with every alias expanded (each shared
+  node sized once); SpecError, with its line, for a value that expands past
+  MAX_NODES or an alias inside its own anchor."""
+  if id(node) in sizes:
+    return sizes[id(node)]
+  if id(node) in open_:
+    raise SpecError(f'spec: line {node.start_mark.line + 1}: an alias refers to the anchor '
+                    'that holds it (a recursive structure)')
+  open_.add(id(node))
+  if isinstance(node, yaml.MappingNode):
+    size = 1 + sum(_expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_)
+                   for k, v in node.value)
+  elif isinstance(node, yaml.SequenceNode):
+    size = 1 + sum(_expanded_size(x, sizes, open_) for x in node.value)
+  else:
+    size = 1
+  if size > MAX_NODES:
+    raise SpecError(f'spec: line {node.start_mark.line + 1}: this value expands to more than '
+                    f'{MAX_NODES:,} values once its aliases (*name) are filled in; write it out, '
+                    'without aliases of aliases')
+  open_.discard(id(node))
+  sizes[id(node)] = size
+  return size
+
+
+def _short(value: Any, limit: int = 120) -> str:
+  """repr(value), cut to `limit` characters: an error names a value, it
+  does not print a large one."""
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + f'... ({len(text)} characters)'
+
+
 def load_spec(text: str) -> Spec:
-  """A Spec from YAML text."""
+  """A Spec from YAML text. Refused before anything is built from it: a key
+  given twice, and aliases that expand past MAX_NODES (a billion laughs)."""
+  loader = _Loader(text)
   try:
-    data = yaml.safe_load(text)
+    node = loader.get_single_node()
+    if node is not None:
+      _expanded_size(node, {}, set())
+    data = loader.construct_document(node) if node is not None else None
   except yaml.YAMLError as e:
     raise SpecError(f'spec: not valid YAML: {e}') from None
+  finally:
+    loader.dispose()
   return parse_spec(data)
