@@ -45,6 +45,27 @@ def test_a_python_op_that_forgets_the_moments_fails_by_name(adam_state):
          adam_state)
 
 
+@pytest.mark.parametrize('fn, message', [
+    ('params_only', "guard: the surgery's result lacks 'opt_state', which its input had"),
+    ('add_param_without_moments',
+     "guard: opt_state/0/mu holds no entry for param(s) ['Extra/bias'], though it held every param"),
+    ('drop_param_keeping_moments', "guard: opt_state/0/mu/Dense_1/bias still sits at param path"),
+])
+def test_a_python_op_that_loses_the_optimizer_state_fails_by_name(adam_state, fn, message):
+  with pytest.raises(SurgeryError) as e:
+    run(f"ops: [{{python: {{fn: 'tests.fix_heads:{fn}'}}}}]", adam_state)
+  assert message in str(e.value)
+
+
+def test_with_the_optimizer_a_python_op_must_match_its_init(adam_state):
+  spec = ("optimizer: {factory: optax.adam, kwargs: {learning_rate: 0.001}}\n"
+          "ops: [{python: {fn: 'tests.fix_heads:add_param_without_moments'}}]")
+  with pytest.raises(SurgeryError, match="lacks leaf '0/mu/Extra/bias', which the optimizer's init"):
+    run(spec, adam_state)
+  out = run("ops: [{python: {fn: 'tests.fix_heads:params_only'}}, {drop_optimizer: {}}]", adam_state)
+  assert set(out) == {'params'}  # dropped, as said
+
+
 def test_reinit_that_keeps_moments_is_refused_unless_asked(adam_state):
   out = run("ops: [{reinit: {match: '^Dense_1/', init: zeros}}]", adam_state)
   assert not out['opt_state'][0].mu['Dense_1']['kernel'].any()

@@ -4,9 +4,13 @@ The surgery changes the params and, through the mirrors it found, the
 optimizer state and the collections beside the params. The guard does not
 trust that bookkeeping: it looks at the result. After the ops it checks
 
+  - the result holds every part of the state it was given (params, opt_state,
+    collections), but the optimizer state where drop_optimizer drops it;
   - every mirror still fits the params it shadows: each entry at a param path
     (or a masked-out placeholder at a module path), with the param's shape
-    wherever the param changed shape;
+    wherever the param changed shape; one that held an entry for every param
+    still does, for the params as they are after the ops (whatever op, a
+    `python:` one too, added them);
   - no leaf anywhere in opt_state still sits at a param path that the surgery
     renamed or dropped (a mirror nobody recognised), where no param still
     ends with that path;
@@ -109,6 +113,43 @@ def check_opt_state(before: paths.Flat, after: paths.Flat, opt_state_in: Any, op
         now = lineage.moved[o]
         fate = f'renamed to {now!r}' if now in new_params else 'dropped or merged'
         raise GuardError(f'{label}/{path} still sits at param path {o!r}, which the surgery {fate}')
+
+
+def check_keys(given: Collection[str], returned: Collection[str], dropped: Collection[str]) -> None:
+  """What the surgery was given (params, opt_state, collections) it gives
+  back, but what an op says it drops (drop_optimizer): an op that returns
+  less (a `python:` op) would lose it silently."""
+  missing = sorted(set(given) - set(returned) - set(dropped))
+  if missing:
+    raise GuardError(f"the surgery's result lacks {', '.join(repr(k) for k in missing)}, which its "
+                     'input had: an op returned less than it was given (only drop_optimizer '
+                     'removes the optimizer state)')
+
+
+def check_complete(held_every: list[mirrors.Mirror], opt_state_out: Any, after: paths.Flat,
+                   found: list[tuple[mirrors.Mirror, str]]) -> None:
+  """A mirror that held an entry for every param of its sub-tree still does
+  after the surgery, for the params as they are then: a param that an op
+  added (a `python:` op, say) has its moments, or the optimizer's first
+  update would meet a state that does not fit the params."""
+  bases = {m.location: base for m, base in found}  # where the ops moved each mirror's base
+  for mirror in held_every:
+    try:
+      node = mirrors.get_at(opt_state_out, mirror.location)
+    except (KeyError, IndexError, TypeError):
+      raise GuardError(f'{mirror.label} held the optimizer state of every param and is gone after '
+                       'the surgery (an op returned an optimizer state without it); give the '
+                       "spec's optimizer: to have it checked against the optimizer's own init, "
+                       'or drop_optimizer to mean it') from None
+    base = bases.get(mirror.location, mirror.base)
+    flat = paths.flatten(node) if isinstance(node, Mapping) else {}
+    held = mirrors.expand({paths.join(base, q): x for q, x in flat.items()}, after, mirror.label)
+    missing = sorted(p for p in after if paths.under(p, base) and p not in held)
+    if missing:
+      raise GuardError(f'{mirror.label} holds no entry for param(s) {missing[:3]}'
+                       f'{" ..." if len(missing) > 3 else ""}, though it held every param before '
+                       'the surgery: an op added params without their optimizer state; give the '
+                       "spec's optimizer: to fill them from its init, or add their moments too")
 
 
 def check_collection(name: str, before: paths.Flat, after: paths.Flat,

@@ -285,6 +285,8 @@ class Surgery:
     ctx = Context(self.spec.params, self.spec.opt_state, self.optimizer)
     view = _View(tree, ctx)
     before = dict(view.params)
+    held_every = [m for m, shadow in zip(view.mirrors, view.shadows)
+                  if all(p in shadow for p in before if paths.under(p, m.base))]
     lineage = guard.Lineage({p: p for p in view.params})
     for index, op in enumerate(self.spec.ops):
       try:
@@ -308,9 +310,13 @@ class Surgery:
     _check_tree(view.params, 'after the surgery')
     out = self._settle(view.close(), ctx)
     try:
+      guard.check_keys(tree, out, {ctx.opt_state} if any(
+          op.name == 'drop_optimizer' for op in self.spec.ops) else set())
       guard.check_opt_state(before, view.params, tree.get(ctx.opt_state), out.get(ctx.opt_state),
                             view.found, lineage, ctx.opt_state or 'state',
                             rebuilt=self.optimizer is not None)
+      if self.optimizer is None and ctx.opt_state in out:  # with it, _settle checked against init
+        guard.check_complete(held_every, out[ctx.opt_state], view.params, view.found)
       for name, flat in view.collections.items():
         guard.check_collection(name, before, view.params, paths.flatten(tree[name]), flat)
       guard.check_storable(out[ctx.params], ctx.params)  # a param is named before its moments
