@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -38,7 +39,7 @@ from orbax.checkpoint._src.tree import utils as ocp_tree_utils
 import tensorstore as ts
 
 import transforms
-from pipeline import copy_through, storage
+from pipeline import copy_through, files, storage
 
 PROVENANCE_KEY = 'ckpt_surgery'
 TREE_HANDLERS = {
@@ -197,19 +198,44 @@ def _tree_metadata(path: epath.Path) -> TreeMetadata:
   except ValueError:  # an index TensorStore cannot read: Orbax says what is wrong below
     key = None
   if key in _TREES:
-    cached = _TREES[key]
-    return cached._replace(tree=jax.tree_util.tree_map(
-        lambda m: dataclasses.replace(m, directory=path) if hasattr(m, 'directory') else m,
-        cached.tree))
-  metadata = ocp.PyTreeCheckpointer().metadata(path).item_metadata
+    return _at(_TREES[key], path)
+  with files.unglobbed(path) as reachable:
+    metadata = ocp.PyTreeCheckpointer().metadata(reachable).item_metadata
   if metadata is None:
-    missing = ('manifest.ocdbt is missing' if not (path / 'manifest.ocdbt').exists() and
-               any(path.glob('ocdbt.process_*')) else 'Orbax reads no tree metadata there')
-    raise CheckpointError(f'{path}: {missing}')
-  found = TreeMetadata(metadata.tree, metadata.use_zarr3)
+    raise CheckpointError(f'{path}: {_why_no_metadata(path)}')
+  found = _at(TreeMetadata(metadata.tree, metadata.use_zarr3), path)
   if key is not None and len(_TREES) < _TREES_KEPT:
     _TREES[key] = found
   return found
+
+
+def _why_no_metadata(path: epath.Path) -> str:
+  """Why Orbax found no tree metadata at `path` (it says only that)."""
+  if not (path / 'manifest.ocdbt').exists() and any(
+      p.name.startswith('ocdbt.process_') for p in files.children(path)):
+    return 'manifest.ocdbt is missing'
+  if not files.is_gcs(path):  # a file Orbax could not open: name it
+    for directory, _, names in os.walk(path):
+      for name in names:
+        file = os.path.join(directory, name)
+        try:
+          with open(file, 'rb') as f:
+            f.read(1)
+        except OSError as e:
+          return f'{os.path.relpath(file, path)} cannot be read ({e.strerror})'
+  try:
+    storage.ocdbt_index(path)
+  except ValueError as e:  # TensorStore names what it could not read in its index
+    return f'its OCDBT index cannot be read ({str(e).splitlines()[0][:300]})'
+  return 'Orbax reads no tree metadata there'
+
+
+def _at(metadata: TreeMetadata, path: epath.Path) -> TreeMetadata:
+  """A tree's metadata with each leaf's directory `path` (a tree whose stored
+  metadata another's has, or read through another name)."""
+  return metadata._replace(tree=jax.tree_util.tree_map(
+      lambda m: dataclasses.replace(m, directory=path) if hasattr(m, 'directory') else m,
+      metadata.tree))
 
 
 def item_metadata(path: epath.Path, layout: Layout) -> dict[str, Any]:
@@ -295,10 +321,11 @@ def restore(path: epath.Path, like: dict[str, Any] | None = None,
       args[name] = ocp.args.PyTreeRestore(item=item, restore_args=_restore_args(tree, devices))
     else:
       args[name] = ocp.args.JsonRestore()
-  if not layout.is_step:
-    return layout, {'': ocp.PyTreeCheckpointer().restore(path, args=args[''])}
-  restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-      path, args=ocp.args.Composite(**args))
+  with files.unglobbed(path) as reachable:
+    if not layout.is_step:
+      return layout, {'': ocp.PyTreeCheckpointer().restore(reachable, args=args[''])}
+    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+        reachable, args=ocp.args.Composite(**args))
   return layout, dict(restored.items())
 
 
@@ -413,7 +440,24 @@ def save(path: epath.Path, layout: Layout, items: dict[str, Any],
     args = ocp.args.Composite(**{
         n: TREE_HANDLERS[h](items[n]) if h in TREE_HANDLERS else ocp.args.JsonSave(items[n])
         for n, h in layout.items})
-  ocp.Checkpointer(handler).save(path, args=args, custom_metadata={PROVENANCE_KEY: provenance})
+  custom = {PROVENANCE_KEY: provenance}
+  if not files.globbed(path) or files.is_gcs(path):
+    ocp.Checkpointer(handler).save(path, args=args, custom_metadata=custom)
+    return
+  # Orbax's save globs its own directory: one whose path holds glob characters
+  # is saved under a plain name beside it, reached through a plain link, then renamed.
+  stage = staged_at(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with files.unglobbed(path.parent) as parent:
+    ocp.Checkpointer(handler).save(parent / stage.name, args=args, custom_metadata=custom)
+  os.rename(stage, path)
+
+
+def staged_at(path: epath.Path) -> epath.Path:
+  """Where `save` stages a checkpoint whose path holds glob characters: a
+  plain name beside it, the same for every attempt (a dead one's is found)."""
+  name = hashlib.sha256(path.name.encode()).hexdigest()[:16]
+  return path.parent / f'.ckpt-surgery-stage-{name}'
 
 
 def read_provenance(path: epath.Path) -> dict[str, Any] | None:

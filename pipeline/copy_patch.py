@@ -78,10 +78,10 @@ from orbax.checkpoint._src.serialization import types as serialization_types
 from orbax.checkpoint._src.tree import utils as tree_utils
 
 import transforms
-from pipeline import checkpoint_io, storage
+from pipeline import checkpoint_io, files, storage
+from pipeline.files import COMMIT_FILE, is_gcs
 from pipeline.copy_through import StoredArray
 
-COMMIT_FILE = 'commit_success.txt'
 NOTHING_CARRIED = ('no leaf carried over as stored (every leaf computed, a Python scalar among '
                    'params or opt_state, or zarr3)')
 _METADATA_FIELDS = {'tree_metadata', 'use_ocdbt', 'use_zarr3',
@@ -229,10 +229,6 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
                    metadata.to_json(), shardings, arrays, paths, fresh, chunk_bytes)
 
 
-def _is_gcs(path: epath.Path) -> bool:
-  return str(path).startswith('gs://')
-
-
 def _check_surgery(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None,
                    dst: epath.Path | None, fresh: bool = False) -> None:
   """NotPatchable where neither the trees' formats nor their patches matter
@@ -241,7 +237,7 @@ def _check_surgery(src: epath.Path, layout: checkpoint_io.Layout, removes: str |
     raise NotPatchable('a msgpack input has no stored chunks to copy')
   if fresh:
     return
-  if dst is not None and _is_gcs(src) != _is_gcs(dst):
+  if dst is not None and is_gcs(src) != is_gcs(dst):
     raise NotPatchable('input and output on different storage: every byte moves either way')
   if removes:
     raise NotPatchable(f'the surgery {removes}: the copied files would keep it readable')
@@ -267,7 +263,7 @@ def plan_patch(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
   several = len(layout.trees) > 1  # the state is then {item: tree}
   return [_tree_patch(src / name if name else src, name, written[name], fresh,
                       transforms.key_path((jax.tree_util.DictKey(name),)) + '/' if several else '',
-                      _is_gcs(dst), chunk_bytes) for name in layout.trees]
+                      is_gcs(dst), chunk_bytes) for name in layout.trees]
 
 
 # --- writing -----------------------------------------------------------------
@@ -435,7 +431,7 @@ async def _open_tree(directory: epath.Path, use_ocdbt: bool, synced: bool = True
   directory."""
   options = ts_utils.OcdbtKvStoreWriteOptions(ts_utils.OcdbtWriteMode.WRITE) if fresh else None
   spec = (ts_utils.build_kvstore_tspec(str(directory), use_ocdbt=True, ocdbt_write_options=options)
-          if use_ocdbt else ts.KvStore.Spec(storage.kvstore_url(directory)).to_json())
+          if use_ocdbt else storage.kvstore_spec(directory))
   return await ts.KvStore.open(spec if synced else _unsynced(spec), context=_context(use_ocdbt))
 
 
@@ -462,12 +458,12 @@ def _clear_directories(directory: epath.Path, patch: TreePatch) -> None:
   target is never a name the input holds)."""
   moved = {old: directory / f'.{i}.moving' for i, old in enumerate(patch.renamed.values())}
   for old, temporary in moved.items():
-    storage.move_tree(directory / old, temporary)
+    files.move_tree(directory / old, temporary)
   for old in patch.cleared:
     if old not in moved and (directory / old).exists():
-      (directory / old).rmtree()
+      files.remove_tree(directory / old)
   for new, old in patch.renamed.items():
-    storage.move_tree(moved[old], directory / new)
+    files.move_tree(moved[old], directory / new)
 
 
 async def _store(directory: epath.Path, patch: TreePatch, encoded: dict[bytes, bytes]) -> None:
@@ -488,8 +484,8 @@ def _write_metadata(directory: epath.Path, patch: TreePatch) -> None:
   (directory / '_METADATA').write_text(json.dumps(patch.metadata))
   sharding = {base64.urlsafe_b64encode(n.encode()).decode(): s for n, s in patch.shardings.items()}
   (directory / '_sharding').write_text(json.dumps(sharding))
-  for old in (directory / 'array_metadatas').glob('*') if (directory / 'array_metadatas').exists() else ():
-    old.unlink()
+  for old in files.children(directory / 'array_metadatas'):
+    files.remove_file(old)
   asyncio.run(array_metadata_store.Store().write(directory, patch.arrays, process_index=0))
 
 
@@ -536,7 +532,7 @@ def begin(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
           patches: list[TreePatch]) -> Work:
   """The copy to patch, its renames and deletes done: not yet visible at
   dst (a temporary directory locally; on GCS, dst without its commit file)."""
-  remote = _is_gcs(dst)
+  remote = is_gcs(dst)
   path = dst if remote else dst.parent / f'{dst.name}.orbax-checkpoint-tmp-{time.time_ns()}'
   work = Work(path, remote, _copy_input(src, path, layout, patches))
   for patch in patches:
@@ -616,7 +612,7 @@ def _owners(keys: dict[bytes, Any], names: set[str]) -> dict[bytes, str | None]:
 def _same_file(a: epath.Path, b: epath.Path, listing: dict[str, Any]) -> bool:
   """Whether two data files hold the same bytes: the same inode, or the same
   size and checksum (on GCS, from the listing; no data read)."""
-  if _is_gcs(a):
+  if is_gcs(a):
     left, right = listing.get(str(a)), listing.get(str(b))
     return bool(left and right and left['size'] == right['size'] and
                 left.get('crc32c') == right.get('crc32c') and left.get('crc32c'))
@@ -642,7 +638,7 @@ def _check_bounds(directory: epath.Path, index: dict[bytes, Any]) -> None:
     if isinstance(value, tuple):
       ends[value[0]] = max(ends.get(value[0], 0), int(value[1]) + int(value[2]))
   sizes = ({p[len(str(directory)) + 1:]: int(i['size']) for p, i in storage.listing(directory).items()}
-           if _is_gcs(directory) else
+           if is_gcs(directory) else
            {f: os.stat(directory / f).st_size for f in ends if (directory / f).exists()})
   for file, end in sorted(ends.items()):
     if sizes.get(file, -1) < end:
@@ -654,7 +650,7 @@ def _check_bounds(directory: epath.Path, index: dict[bytes, Any]) -> None:
 def _files(directory: epath.Path) -> dict[bytes, Any]:
   """Per-array directories: {relative path: None} of every file but Orbax's metadata."""
   root = str(directory).rstrip('/')
-  if _is_gcs(directory):
+  if is_gcs(directory):
     found = [p for p in storage.listing(directory)]
   else:
     found = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
@@ -720,7 +716,7 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch],
       pairs = {(v[0], v[0]) for v in (new[k] for k in got) if isinstance(v, tuple)}
     else:
       pairs = {(expected[k].decode(), k.decode()) for k in got}
-    listing = {**storage.listing(before), **storage.listing(after)} if pairs and _is_gcs(after) else {}
+    listing = {**storage.listing(before), **storage.listing(after)} if pairs and is_gcs(after) else {}
     bad = sorted(b for a, b in pairs if not _same_file(before / a, after / b, listing))
     if bad:
       raise IndexMismatch(f"{after}: stored files differ from the input's: {bad[:3]}")
@@ -768,7 +764,7 @@ def _stored_crcs(directory: epath.Path, patch: TreePatch, stored: dict[bytes, An
   """The CRC32 of each value `stored` names (None: unreadable), read back
   raw: a local OCDBT database's from its index (inline values) and its data
   files, mapped, each once; others through TensorStore, _READS at a time."""
-  if patch.use_ocdbt and not _is_gcs(directory):
+  if patch.use_ocdbt and not is_gcs(directory):
     crcs = {k: zlib.crc32(v) for k, v in stored.items() if isinstance(v, bytes)}
     by_file = collections.defaultdict(dict)  # data file -> {key: (start, end)}
     for k, v in stored.items():

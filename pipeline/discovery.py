@@ -19,7 +19,7 @@ import re
 from etils import epath
 import orbax.checkpoint as ocp
 
-from pipeline import checkpoint_io, storage
+from pipeline import checkpoint_io, files, storage
 
 GLOB_CHARS = '*?['
 MSGPACK_STEP = re.compile(r'.*?(\d+)')  # a Flax checkpoint file's name: prefix, step
@@ -30,9 +30,46 @@ class DiscoveryError(ValueError):
 
 
 def absolute(path: str) -> str:
-  """gs:// URLs as they are; local paths absolute, so every worker agrees."""
+  """gs:// URLs as they are; local paths absolute (`~` is the home
+  directory, as a shell would have it), so every worker agrees."""
   path = path.rstrip('/') or '/'
-  return path if '://' in path else os.path.abspath(path)
+  return path if '://' in path else os.path.abspath(os.path.expanduser(path))
+
+
+# Characters GCS tools read as wildcards (gsutil, fsspec) or TensorStore's
+# gs:// requests do not keep as written (`#`): Google's object naming
+# guidelines advise against them, and Orbax's own save to gs:// loses such
+# checkpoints (measured against the test server).
+GCS_UNSAFE = '[]*?#'
+NAME_MAX = 255  # bytes in one local file name
+# The most an output's own name grows by (its --overwrite twin's copy-and-patch
+# temporary: `.ckpt-surgery-new.orbax-checkpoint-tmp-<19 digits>`).
+LONGEST_SUFFIX = len('.ckpt-surgery-new.orbax-checkpoint-tmp-') + 19
+
+
+def gcs_unsafe(path: str, role: str) -> str | None:
+  """Why a gs:// path cannot be used as it is named, or None."""
+  bad = sorted(set(path.removeprefix('gs://')) & set(GCS_UNSAFE)) if path.startswith('gs://') else []
+  if bad:
+    return (f'{role} {path} holds {" ".join(repr(c) for c in bad)}, which GCS tools read as '
+            'wildcards or do not keep as written (Google advises against them in object names); '
+            'rename it, or migrate it from a local copy')
+  return None
+
+
+def refused_names(src: str, dst: str) -> str | None:
+  """Why a checkpoint cannot be migrated as its paths are named, or None: on
+  gs://, characters GCS tools do not take as written; locally, an output
+  name too long for the temporaries beside it. Decided from the names
+  alone, so nothing is touched."""
+  if why := gcs_unsafe(src, 'input') or gcs_unsafe(dst, 'output'):
+    return why
+  name = len(os.path.basename(dst).encode())
+  if not dst.startswith('gs://') and name + LONGEST_SUFFIX > NAME_MAX:
+    return (f'output {dst}: its name is {name} bytes, and the temporaries beside it add '
+            f'{LONGEST_SUFFIX}: names of at most {NAME_MAX - LONGEST_SUFFIX} bytes fit this file '
+            f"system's limit of {NAME_MAX}")
+  return None
 
 
 def fixed_prefix(pattern: str) -> str:
@@ -42,11 +79,12 @@ def fixed_prefix(pattern: str) -> str:
 
 
 def expand(pattern: str) -> list[epath.Path]:
-  """The directories and files a pattern names."""
+  """The directories and files a pattern names: itself where it exists as
+  written (a sweep's `run[1]` is that run, not `run1`), else its matches."""
   prefix = fixed_prefix(pattern)
   rest = pattern[len(prefix):]
-  if not any(c in GLOB_CHARS for c in rest):
-    path = epath.Path(pattern)
+  path = epath.Path(pattern)
+  if not any(c in GLOB_CHARS for c in rest) or path.exists():
     return [path] if path.exists() else []
   base = epath.Path(prefix)
   if not base.is_dir():
@@ -123,19 +161,29 @@ def _inside(path: str, parent: str) -> bool:
 
 
 def real_path(path: str) -> str:
-  """Where a path really is: local symlinks resolved; a gs:// URL's bucket and
-  prefix without repeated slashes (GCS has no links)."""
+  """Where a path really is: local symlinks resolved; a gs:// URL as its
+  bucket and object prefix, as gcsfs and epath name the objects (repeated
+  slashes and `.` segments gone; GCS has no links)."""
   if path.startswith('gs://'):
-    return 'gs://' + re.sub('/+', '/', path[len('gs://'):]).rstrip('/')
+    return 'gs://' + '/'.join(p for p in path[len('gs://'):].split('/') if p not in ('', '.'))
   return os.path.realpath(path)
 
 
 def check_output(output: str, inputs: list[str]) -> None:
-  """Refuse an output that is a file, or that overlaps (by real path) an input
-  checkpoint or an input root (a CheckpointManager's directory)."""
+  """Refuse an output that is a file, that holds glob characters (unless it
+  exists as written: it is then a name), on gs:// characters GCS tools do
+  not take as written, or that overlaps (by real path) an input checkpoint
+  or an input root (a CheckpointManager's directory)."""
   where = epath.Path(output)
   if where.exists() and not where.is_dir():
     raise DiscoveryError(f'output {output} is a file, not a directory')
+  if why := gcs_unsafe(output, 'output'):
+    raise DiscoveryError(why)
+  if files.globbed(output) and not where.exists():
+    held = ' '.join(sorted(set(output) & set(files.GLOB_CHARACTERS)))
+    raise DiscoveryError(f'output {output} holds glob characters ({held}) and does not exist: '
+                         'the output is a name, not a pattern; create it first to use it as '
+                         'written, or choose another')
   out = real_path(output)
   for path in inputs:
     if _inside(out, real_path(path)) or _inside(real_path(path), out):

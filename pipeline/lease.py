@@ -23,18 +23,14 @@ import uuid
 import tensorstore as ts
 from etils import epath
 
+from pipeline import storage
+
 SUFFIX = '.ckpt-surgery-lease'
 _NO_VALUE = b'\x02'  # TensorStore's generation of a key that does not exist
 
 
 def _kvstore(directory: epath.Path) -> ts.KvStore:
-  path = str(directory).rstrip('/') + '/'
-  if path.startswith('gs://'):
-    bucket, _, rest = path[len('gs://'):].partition('/')
-    spec = {'driver': 'gcs', 'bucket': bucket, 'path': rest}
-  else:
-    spec = {'driver': 'file', 'path': path}
-  return ts.KvStore.open(spec).result()
+  return ts.KvStore.open(storage.kvstore_spec(directory)).result()
 
 
 def _alive_here(holder: dict) -> bool:

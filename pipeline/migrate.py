@@ -30,7 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_patch, copy_through, lease, outputs, report, storage, stream
+from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, identity, lease, outputs,
+                      report, storage, stream)
 from pipeline.deadline import Deadline
 from pipeline.checkpoint_io import VerificationError
 from pipeline.report import record
@@ -84,19 +85,34 @@ class Settings:
   launcher: int = 0              # the launching process's pid
 
 
-def _done(src: str, dst: epath.Path, spec: transforms.Spec, run: str) -> str | None:
-  """'skipped' where dst holds our verified migration of this very source
-  under this spec ('ok' where this run wrote it: a retried bundle); else None.
-  The mark first: an attempt under way may remove dst."""
+def _done(src: str, dst: epath.Path, spec: transforms.Spec, run: str, input_now: str) -> str | None:
+  """'skipped' where dst holds our verified migration of this very source,
+  as it is now (`input_now`, its identity), under this spec ('ok' where this
+  run wrote it: a retried bundle); else None. The mark first: an attempt
+  under way may remove dst."""
   if outputs.sibling(dst, outputs.ATTEMPT).exists():
     return None
   try:
     recorded = outputs.provenance(dst)
   except outputs.NotOurs:
     return None
-  if recorded is None or (recorded.get('spec_hash'), recorded.get('src')) != (spec.hash, src):
+  if recorded is None or (recorded.get('spec_hash'), recorded.get('src'),
+                          recorded.get('input_identity')) != (spec.hash, src, input_now):
     return None
   return 'ok' if run and recorded.get('run') == run else 'skipped'
+
+
+def _another(recorded: dict[str, Any], src: str, spec: transforms.Spec) -> str:
+  """What the migration recorded at an output is, where it is not this one."""
+  if recorded.get('src') != src:
+    return f"another source, {recorded.get('src')}"
+  if recorded.get('spec_hash') != spec.hash:
+    return f"another spec (spec hash {recorded.get('spec_hash')}, this spec {spec.hash})"
+  if not recorded.get('input_identity'):
+    return ('this source, written by an earlier ckpt-surgery that recorded no identity of its '
+            'input, so it cannot be proven to be of the input as it is now')
+  return ('this source as it was before it changed (its files were written again since: '
+          're-saved at the same path?)')
 
 
 def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings,
@@ -107,13 +123,17 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
   at the same checkpoint (a retried bundle) waits instead of colliding, and
   leftovers of ours found under the lease are a dead attempt's (see
   `outputs`). What is at dst and not ours fails this checkpoint untouched; a
-  committed output of another source or spec needs --overwrite, and is
-  replaced only once its successor is verified beside it. Every write is a
-  section of the deadline's (see `deadline`).
+  committed output of another source or spec, or of this source before it
+  changed (`identity`), needs --overwrite, and is replaced only once its
+  successor is verified beside it. Every write is a section of the
+  deadline's (see `deadline`).
   """
+  if why := discovery.refused_names(src, dst):
+    raise checkpoint_io.CheckpointError(why)  # before anything is read or written
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec, overwrite = surgery.spec, settings.overwrite
-  if not overwrite and (status := _done(src, dst_path, spec, settings.run)):
+  input_now = identity.identity(src_path)
+  if not overwrite and (status := _done(src, dst_path, spec, settings.run, input_now)):
     lease.clear_stale(dst_path)  # a killed attempt's, left beside the output it committed
     return {'status': status}  # without taking the lease: nightly reruns stay cheap
   with lease.claim(dst_path, wait=min(3600.0, deadline.left())) as held:
@@ -122,16 +142,19 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
       outputs.recover(dst_path)
     recorded = outputs.provenance(dst_path)
     if recorded is not None and not overwrite:
-      if status := _done(src, dst_path, spec, settings.run):
+      if status := _done(src, dst_path, spec, settings.run, input_now):
         return {'status': status}  # another attempt finished it meanwhile
-      other = (f"another source, {recorded.get('src')}" if recorded.get('src') != src else
-               f"another spec (spec hash {recorded.get('spec_hash')}, this spec {spec.hash})")
       raise checkpoint_io.CheckpointError(
-          f'{dst} already holds the migration of {other}; pass --overwrite to replace it')
+          f'{dst} already holds the migration of {_another(recorded, src, spec)}; pass '
+          '--overwrite to replace it')
     with deadline.writing():
       target = outputs.begin(dst_path, beside=recorded is not None)
     try:
-      done = _write(src_path, target, surgery, settings, deadline)
+      done = _write(src_path, target, surgery, settings, deadline, input_now)
+      if identity.identity(src_path) != input_now:
+        raise checkpoint_io.CheckpointError(
+            f'{src} changed while it was migrated (its files were written meanwhile); its '
+            'output is not kept: run again once it is written')
       with deadline.writing():
         outputs.finish(dst_path, target)
       return done
@@ -235,7 +258,7 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
 
 
 def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
-           settings: Settings, deadline: Deadline) -> dict[str, Any]:
+           settings: Settings, deadline: Deadline, input_identity: str) -> dict[str, Any]:
   """Restore, operate, check, write at dst (empty) the cheapest way that
   applies (copy-and-patch, copy-through, full save), verify; a pack at a
   time where what the surgery computes exceeds the memory budget (`stream`)."""
@@ -257,7 +280,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       except (stream.NotStreamed, copy_patch.NotPatchable) as e:
         streamed, why_not_streamed = None, str(e)
       if streamed:
-        return _write_streamed(src, dst, layout, meta, streamed, surgery, settings, deadline)
+        return _write_streamed(src, dst, layout, meta, streamed, surgery, settings, deadline,
+                               input_identity)
       migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery, budget)
       if migrated is None:
         _, items = checkpoint_io.restore(src, like=trees_in)
@@ -273,7 +297,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
         'pass --allow_nonfinite to write them anyway')
   carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(new_state)[0]
              if isinstance(x, copy_through.StoredArray)}
-  provenance = _provenance(src, surgery.spec, prints, carried, settings)
+  provenance = _provenance(src, surgery.spec, prints, carried, settings, input_identity)
   done = _fields(trees_in, transforms.tree_bytes(new_state), carried, sig, compiled, provenance)
   done.update(memory_budget=budget, why_not_streamed=why_not_streamed)
   written = layout.split(new_state, items)
@@ -295,10 +319,11 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
 
 
 def _provenance(src: epath.Path, spec: transforms.Spec, prints: dict[str, transforms.Fingerprint],
-                carried: dict[str, Any], settings: Settings) -> dict[str, Any]:
+                carried: dict[str, Any], settings: Settings, input_identity: str) -> dict[str, Any]:
   """What an output records of its making, in its _CHECKPOINT_METADATA."""
   return {
-      'src': str(src), 'spec_hash': spec.hash, 'spec': spec.canonical,
+      'src': str(src), 'input_identity': input_identity,
+      'spec_hash': spec.hash, 'spec': spec.canonical,
       'version': tool_version(),
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(),
       'digest': transforms.digest(prints),
@@ -321,7 +346,7 @@ def _fields(trees_in: dict[str, Any], bytes_out: int, carried: dict[str, Any], s
 
 def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
                     meta: dict[str, Any], streamed: stream.Streamed, surgery: transforms.Surgery,
-                    settings: Settings, deadline: Deadline) -> dict[str, Any]:
+                    settings: Settings, deadline: Deadline, input_identity: str) -> dict[str, Any]:
   """Write `streamed` at dst a pack at a time, verify. Called holding the
   read lock, which it keeps while it reads and writes in turn: the other
   checkpoint in flight waits to read instead of holding a budget's worth
@@ -333,7 +358,8 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layo
     work = copy_patch.begin(src, dst, layout, streamed.patches)
   run.write(work, on_pack=lambda i, n: log.info('  %s: pack %d of %d', src, i + 1, n)
             if (i + 1) % 10 == 0 else None)
-  provenance = _provenance(src, surgery.spec, run.prints, streamed.carried, settings)
+  provenance = _provenance(src, surgery.spec, run.prints, streamed.carried, settings,
+                           input_identity)
   with deadline.hold(_SAVING), deadline.writing():
     moved = copy_patch.finish(src, work, dst, layout, streamed.patches, provenance)
   copy_patch.verify(src, dst, layout, streamed.patches, run.prints)

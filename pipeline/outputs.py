@@ -11,7 +11,7 @@ An attempt marks its work before it starts, in `<dst>.ckpt-surgery-attempt`:
   direct    it writes dst itself: an uncommitted or unverified dst is ours
   beside    `--overwrite`: the new output is written and verified at
             `<dst>.ckpt-surgery-new`; dst (the old output) is not touched
-  swapping  the verified new output replaces dst (`storage.replace_tree`:
+  swapping  the verified new output replaces dst (`files.replace_tree`:
             the old one goes first, the new one stays whole until dst is)
 `recover`, under the output's lease, finishes or undoes what a killed
 attempt left, by the mark: a swap is rolled forward, anything else of ours
@@ -20,12 +20,11 @@ nothing unverified is ever taken as done.
 """
 from __future__ import annotations
 
-import glob
 from typing import Any
 
 from etils import epath
 
-from pipeline import checkpoint_io, storage
+from pipeline import checkpoint_io, files
 
 ATTEMPT = '.ckpt-surgery-attempt'
 NEW = '.ckpt-surgery-new'
@@ -64,30 +63,35 @@ def _says_ours(dst: epath.Path) -> bool:
     return False
 
 
-def _orbax_temporaries(path: epath.Path) -> list[epath.Path]:
-  """Orbax's temporaries for a save at `path` (local only: on GCS Orbax writes
-  in place and commits with a file)."""
-  if str(path).startswith('gs://'):
+def _dead_saves(dst: epath.Path, new: epath.Path) -> list[epath.Path]:
+  """What a save at dst or its twin left when its process died (local only:
+  on GCS Orbax writes in place and commits with a file): Orbax's
+  temporaries of either, and the plain-named stages `checkpoint_io.save`
+  writes a path with glob characters at. Found by name in one listing of
+  dst's directory, never by a glob of dst."""
+  if files.is_gcs(dst):
     return []
-  return list(path.parent.glob(glob.escape(path.name) + '.orbax-checkpoint-tmp*'))
+  stages = {checkpoint_io.staged_at(p).name for p in (dst, new)}
+  temporaries = tuple(f'{name}.orbax-checkpoint-tmp' for name in (dst.name, new.name, *stages))
+  return [p for p in files.children(dst.parent)
+          if p.name in stages or p.name.startswith(temporaries)]
 
 
 def recover(dst: epath.Path) -> None:
   """Under dst's lease: finish or undo what a dead attempt of ours left."""
   new, marker = sibling(dst, NEW), sibling(dst, ATTEMPT)
-  for leftover in _orbax_temporaries(dst) + _orbax_temporaries(new):
-    leftover.rmtree()
+  for leftover in _dead_saves(dst, new):
+    files.remove_tree(leftover)
   mark = marker.read_text().strip() if marker.exists() else None
   if mark == SWAPPING and new.exists() and checkpoint_io.is_checkpoint(new):
-    storage.replace_tree(new, dst)  # the new output was verified: roll the swap forward
-  elif new.exists():
-    new.rmtree()  # unverified, or what a finished swap left of it
-  if mark == DIRECT and dst.exists():
-    dst.rmtree()  # ours, uncommitted or not yet verified
-  if marker.exists():
-    marker.unlink()
+    files.replace_tree(new, dst)  # the new output was verified: roll the swap forward
+  else:
+    files.remove_tree(new)  # unverified, or what a finished swap left of it
+  if mark == DIRECT:
+    files.remove_tree(dst)  # ours, uncommitted or not yet verified
+  files.remove_file(marker)
   if dst.exists() and not checkpoint_io.is_checkpoint(dst) and _says_ours(dst):
-    dst.rmtree()  # uncommitted (on GCS, no commit file yet), but its metadata is ours
+    files.remove_tree(dst)  # uncommitted (on GCS, no commit file yet), but its metadata is ours
 
 
 def begin(dst: epath.Path, beside: bool) -> epath.Path:
@@ -100,5 +104,5 @@ def finish(dst: epath.Path, written: epath.Path) -> None:
   """The verified output at `written` becomes dst; the mark goes."""
   if written != dst:
     sibling(dst, ATTEMPT).write_text(SWAPPING)
-    storage.replace_tree(written, dst)
-  sibling(dst, ATTEMPT).unlink()
+    files.replace_tree(written, dst)
+  files.remove_file(sibling(dst, ATTEMPT))

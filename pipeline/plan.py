@@ -15,7 +15,7 @@ import jax
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_patch, report, stream
+from pipeline import checkpoint_io, copy_patch, discovery, report, stream
 
 
 def plan_checkpoints(sources: list[str], spec: transforms.Spec, budget: int = 0,
@@ -28,6 +28,9 @@ def plan_checkpoints(sources: list[str], spec: transforms.Spec, budget: int = 0,
   groups: dict[str, dict[str, Any]] = {}
   unreadable = []
   for src in sources:
+    if why := discovery.gcs_unsafe(src, 'input'):
+      unreadable.append({'src': src, 'error': f'CheckpointError: {why}'})
+      continue
     try:
       layout, meta = checkpoint_io.read_metadata(epath.Path(src))
       tree, _ = surgery.split(meta)
@@ -52,8 +55,8 @@ def plan_checkpoints(sources: list[str], spec: transforms.Spec, budget: int = 0,
 def _plan_one(surgery: transforms.Surgery, meta: Any) -> dict[str, Any]:
   try:
     result = transforms.plan(surgery, meta)
-  except transforms.SurgeryError as e:
-    return {'error': f'SurgeryError: {e}'}
+  except Exception as e:  # pylint: disable=broad-except  # a python: op's own error too, as run's
+    return {'error': f'{type(e).__name__}: {e}'}
   return {
       'error': None,
       'ops': [{'op': f'ops[{t.index}] {t.name}', 'matched': t.matched} for t in result.ops],

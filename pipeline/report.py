@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 from etils import epath
 
+from pipeline import files
+
 REPORT_DIR = '_surgery'
 STATUSES = ('ok', 'skipped', 'failed')
 WRITE_PATHS = ('copy_and_patch', 'copy_through', 'full')  # the ways an output is written, cheapest first
@@ -62,6 +64,20 @@ def run_dir(prefix: str, run: str) -> epath.Path:
 SPEC_FILE = 'spec.yaml'
 
 
+def check_writable(prefix: str, run: str) -> None:
+  """Raise what storage says if the run cannot write its report: locally
+  its directory is made; on GCS, which has no directories, a probe object
+  is written and removed (a bucket that refuses writes, or deletes, says so
+  here, before any checkpoint is touched, not as a failed report step)."""
+  where = run_dir(prefix, run)
+  if not files.is_gcs(where):
+    where.mkdir(parents=True, exist_ok=True)
+    return
+  probe = where / '.probe'
+  probe.write_text('ckpt-surgery checks that it can write its report here')
+  files.remove_file(probe)
+
+
 def save_spec(prefix: str, run: str, spec_text: str) -> None:
   write_whole(run_dir(prefix, run) / SPEC_FILE, spec_text)
 
@@ -79,8 +95,12 @@ def write_whole(path: epath.Path, text: str) -> None:
     path.write_text(text)
     return
   part = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}.part'
-  part.write_text(text)
-  part.replace(path)  # epath.rename refuses to overwrite
+  try:
+    part.write_text(text)
+    part.replace(path)  # epath.rename refuses to overwrite
+  except BaseException:  # a full disk, say: no half-written part left behind
+    files.remove_file(part)
+    raise
 
 
 def save_record(prefix: str, run: str, record: dict[str, Any]) -> None:
@@ -92,8 +112,7 @@ def save_record(prefix: str, run: str, record: dict[str, Any]) -> None:
 
 
 def _records(prefix: str, run: str) -> list[epath.Path]:
-  records = run_dir(prefix, run) / 'records'
-  return list(records.glob('*.json')) if records.exists() else []
+  return [p for p in files.children(run_dir(prefix, run) / 'records') if p.name.endswith('.json')]
 
 
 def count_records(prefix: str, run: str) -> int:

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import fsspec
 from etils import epath
 
+from pipeline import files
+
 ENDPOINT_ENV = 'CKPT_SURGERY_GCS_ENDPOINT'
 
 
@@ -91,37 +93,6 @@ def is_transient(error: BaseException) -> bool:
   return False
 
 
-COMMIT_FILE = 'commit_success.txt'  # what Orbax writes last on GCS
-
-
-def replace_tree(src: epath.Path, dst: epath.Path) -> None:
-  """dst's contents replaced by src's, then src removed. Locally a rename
-  (atomic). On GCS, where a rename is a copy and a delete: dst's commit file
-  goes first, src's is copied last and removed first, so a reader never sees
-  a committed dst that holds part of either, and src stays whole until dst is
-  (a caller that was killed does it again from src)."""
-  if not str(dst).startswith('gs://'):
-    if dst.exists():
-      dst.rmtree()
-    src.rename(dst)
-    return
-  fs = fsspec.filesystem('gs')
-  if fs.exists(str(dst)):
-    _remove_committed(fs, str(dst))
-  source = str(src).rstrip('/')
-  files = sorted(fs.find(source), key=lambda f: f.endswith('/' + COMMIT_FILE))  # commit last
-  for f in files:
-    fs.copy(f, str(dst).rstrip('/') + f[len(source.removeprefix('gs://')):])
-  _remove_committed(fs, source)
-
-
-def _remove_committed(fs: Any, path: str) -> None:
-  """Remove a tree on GCS, its commit file first."""
-  if fs.exists(path.rstrip('/') + '/' + COMMIT_FILE):
-    fs.rm(path.rstrip('/') + '/' + COMMIT_FILE)
-  fs.rm(path, recursive=True)
-
-
 class CopyStats(NamedTuple):
   """What `copy_tree` did. bytes_copied passed through this worker (read and
   written); bytes_copied_server_side never left the bucket; bytes_uploaded
@@ -166,21 +137,21 @@ def copy_tree(src: epath.Path, dst: epath.Path, skip: frozenset[str] = frozenset
   src_gs, dst_gs = source.startswith('gs://'), target.startswith('gs://')
   if not src_gs and not dst_gs:
     return _copy_local(source, target, skip)
-  fs = fsspec.filesystem('gs')
+  fs = files.gcs()
   if src_gs:  # one listing, with sizes
-    files = {'gs://' + p.removeprefix('gs://'): int(info['size'])
+    sizes = {'gs://' + p.removeprefix('gs://'): int(info['size'])
              for p, info in fs.find(source, detail=True).items()
              if info.get('type') == 'file' and not p.endswith('/')}
     prefix = 'gs://' + source.removeprefix('gs://')
   else:
-    files = {os.path.join(d, f): os.path.getsize(os.path.join(d, f))
+    sizes = {os.path.join(d, f): os.path.getsize(os.path.join(d, f))
              for d, _, names in os.walk(source) for f in names}
     prefix = source
-  if not files:
+  if not sizes:
     raise CopyError(errno.ENOENT, f'{source} holds no files to copy')
-  pairs = [(f, target + f[len(prefix):]) for f in sorted(files)
+  pairs = [(f, target + f[len(prefix):]) for f in sorted(sizes)
            if f[len(prefix):].lstrip('/') not in skip]
-  files = {f: files[f] for f, _ in pairs}
+  sizes = {f: sizes[f] for f, _ in pairs}
   if src_gs and dst_gs:
     copy = fs.cp_file  # objects.rewrite: server-side
   elif dst_gs:
@@ -191,10 +162,12 @@ def copy_tree(src: epath.Path, dst: epath.Path, skip: frozenset[str] = frozenset
       fs.get_file(a, b)
   with concurrent.futures.ThreadPoolExecutor(_GCS_REQUESTS) as pool:
     list(pool.map(lambda pair: _named(copy, *pair), pairs))
-  total = sum(files.values())
+  if dst_gs:
+    files.forget_listings()
+  total = sum(sizes.values())
   if src_gs and dst_gs:
-    return CopyStats(len(files), 0, 0, total, 0)
-  return CopyStats(len(files), 0, total, 0, total if dst_gs else 0)
+    return CopyStats(len(sizes), 0, 0, total, 0)
+  return CopyStats(len(sizes), 0, total, 0, total if dst_gs else 0)
 
 
 def _named(copy: Any, a: str, b: str) -> None:
@@ -207,7 +180,7 @@ def _named(copy: Any, a: str, b: str) -> None:
 def _copy_local(source: str, target: str, skip: frozenset[str]) -> CopyStats:
   if not os.path.isdir(source):
     raise CopyError(errno.ENOENT, f'{source} is not a directory to copy')
-  files = linked = copied = 0
+  count = linked = copied = 0
   can_link = True
   for d, _, names in os.walk(source):
     rel = os.path.relpath(d, source)
@@ -218,7 +191,7 @@ def _copy_local(source: str, target: str, skip: frozenset[str]) -> CopyStats:
         continue
       a, b = os.path.join(d, name), os.path.join(out, name)
       size = os.path.getsize(a)
-      files += 1
+      count += 1
       if can_link and _IMMUTABLE.search(os.path.join(rel, name).replace(os.sep, '/')):
         try:
           os.link(a, b)
@@ -230,7 +203,7 @@ def _copy_local(source: str, target: str, skip: frozenset[str]) -> CopyStats:
           can_link = False  # another file system: copy the rest
       _named(_copy_file, a, b)
       copied += size
-  return CopyStats(files, linked, copied, 0, 0)
+  return CopyStats(count, linked, copied, 0, 0)
 
 
 def _copy_file(a: str, b: str) -> None:
@@ -274,28 +247,23 @@ def sync_directory(path: epath.Path) -> None:
     os.close(fd)
 
 
-def kvstore_url(path: epath.Path) -> str:
-  """TensorStore's URL of a directory, local or gs://."""
+def kvstore_spec(path: epath.Path) -> dict[str, Any]:
+  """TensorStore's spec of the key-value store at a directory, local or
+  gs://, as Orbax builds its own: a JSON spec, not a URL, so that no
+  character of the path (`#`, `?`, `%`) is read as a URL's."""
   path = str(path).rstrip('/') + '/'
-  return path if path.startswith('gs://') else 'file://' + path
+  if path.startswith('gs://'):
+    bucket, _, rest = path[len('gs://'):].partition('/')
+    return {'driver': 'gcs', 'bucket': bucket, 'path': rest}
+  return {'driver': 'file', 'path': path}
 
 
 def listing(path: epath.Path) -> dict[str, dict[str, Any]]:
   """{gs:// path: its listing entry (size, crc32c, ...)} of every object
   under a gs:// `path`, from one listing: checksums without reading data."""
-  fs = fsspec.filesystem('gs')
+  fs = files.gcs()
   return {'gs://' + p.removeprefix('gs://'): info
           for p, info in fs.find(str(path), detail=True).items() if info.get('type') == 'file'}
-
-
-def move_tree(src: epath.Path, dst: epath.Path) -> None:
-  """Move a directory (a rename locally; on GCS a server-side copy of each
-  object, then its delete)."""
-  if str(src).startswith('gs://'):
-    fs = fsspec.filesystem('gs')
-    fs.mv(str(src), str(dst), recursive=True)
-  else:
-    os.rename(src, dst)
 
 
 def ocdbt_index(directory: epath.Path) -> dict[bytes, Any]:
@@ -304,7 +272,7 @@ def ocdbt_index(directory: epath.Path) -> dict[bytes, Any]:
   From the B-tree's nodes alone (a node's keys are relative to the prefixes
   of the nodes above it): no value outside the index is read."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  base = ts.KvStore.open(kvstore_url(directory)).result()
+  base = ts.KvStore.open(kvstore_spec(directory)).result()
   manifest = ts.ocdbt.dump(base).result()
   entries, pending = {}, [(b'', manifest['versions'][-1]['root']['location'])]
   while pending:

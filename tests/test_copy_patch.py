@@ -198,10 +198,10 @@ def test_an_encoder_that_leaves_out_a_chunk_fails_the_checkpoint(tmp_path, monke
 
 def stored_keys_of_every_version(path) -> set[bytes]:
   """Every key any version of the OCDBT database at `path` holds."""
-  manifest = ts.ocdbt.dump(ts.KvStore.open(storage.kvstore_url(path)).result()).result()
+  manifest = ts.ocdbt.dump(ts.KvStore.open(storage.kvstore_spec(path)).result()).result()
   keys = set()
   for version in manifest['versions']:
-    store = ts.KvStore.open({'driver': 'ocdbt', 'base': storage.kvstore_url(path),
+    store = ts.KvStore.open({'driver': 'ocdbt', 'base': storage.kvstore_spec(path),
                              'version': version['generation_number']}).result()
     keys |= set(store.list().result())
   return keys

@@ -73,3 +73,13 @@ def test_nothing_matched_says_why(inputs, tmp_path):
   (inputs / 'run_b').rename(inputs / 'run_b.orbax-checkpoint-tmp-7')
   assert why(inputs / 'run_b.orbax-checkpoint-tmp-7') == (
       f"{inputs / 'run_b.orbax-checkpoint-tmp-7'} is an uncommitted (temporary or unfinished) checkpoint")
+
+
+def test_a_pattern_that_exists_as_written_is_that_path(inputs, tmp_path):
+  shutil.copytree(inputs / 'run_b', tmp_path / 'sweep' / 'run[1]')
+  shutil.copytree(inputs / 'run_c', tmp_path / 'sweep' / 'run1')
+  pairs = discover(str(tmp_path / 'sweep' / 'run[1]'), str(tmp_path / 'out'))
+  assert pairs == [(str(tmp_path / 'sweep' / 'run[1]'), str(tmp_path / 'out' / 'run[1]'))]
+  # As a pattern it is a pattern: run[1] names run1.
+  pairs = discover(str(tmp_path / 'sweep' / 'run[12]'), str(tmp_path / 'out'))
+  assert pairs == [(str(tmp_path / 'sweep' / 'run1'), str(tmp_path / 'out' / 'run1'))]

@@ -304,15 +304,19 @@ def test_nightly_rerun_migrates_only_what_is_new_and_a_changed_spec_needs_overwr
   spec.write_text(SEED_SPEC)
   out = tmp_path / 'out'
   assert cli('run', '--input', inputs / '*', '--output', out, '--spec', spec).returncode == 0
-  # Overnight: training wrote step 4; and the old inputs' array data is gone,
-  # which proves a skip reads no input arrays.
+  # Overnight: training wrote step 4; and the old inputs' array data is
+  # garbage, which proves a skip reads no input arrays. (Its names, sizes and
+  # times are kept: the inputs' identity is unchanged, as it would be for a
+  # flipped bit no listing sees.)
   with ocp.CheckpointManager(inputs / 'run_a') as manager:
     state = ocp.PyTreeCheckpointer().restore(inputs / 'run_a' / '3' / 'default')
     manager.save(4, args=ocp.args.StandardSave(state))
-  for data in inputs.glob('*/ocdbt.process_*/d/*'):
-    data.unlink()
-  for data in inputs.glob('run_a/[123]/default/ocdbt.process_*/d/*'):
-    data.unlink()
+  for data in [*inputs.glob('*/ocdbt.process_*/d/*'), *inputs.glob('*/d/*'),
+               *inputs.glob('run_a/[123]/default/ocdbt.process_*/d/*'),
+               *inputs.glob('run_a/[123]/default/d/*')]:
+    times = data.stat()
+    data.write_bytes(b'\xff' * times.st_size)
+    os.utime(data, ns=(times.st_atime_ns, times.st_mtime_ns))
   result = cli('run', '--input', inputs / '*', '--output', out, '--spec', spec)
   assert result.returncode == 0, result.stdout + result.stderr
   records = [json.loads(l) for l in (out / '_surgery' / 'report.jsonl').read_text().splitlines()]
