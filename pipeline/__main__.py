@@ -1,4 +1,4 @@
 """`python -m pipeline` is `ckpt-surgery`."""
-from pipeline.cli import command
+from pipeline.supervisor import command
 
 command()

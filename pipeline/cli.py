@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 from etils import epath
 
 import transforms
-from pipeline import ARENAS, checkpoint_io, demo, discovery, inspection, plan, report, report_page, storage
+from pipeline import (ARENAS, checkpoint_io, demo, discovery, inspection, plan, report, report_page,
+                      storage, supervisor)
 
 if TYPE_CHECKING:
   from pipeline.migrate import Settings
@@ -208,7 +209,7 @@ def _run_job(pairs: list[tuple[str, str]], spec_text: str, output: str, settings
     thread.join(1.0)
     if not (wait and local) or not thread.is_alive():
       continue
-    if report.count_records(output, settings.run) < len(pairs):
+    if (_count_records(output, settings.run) or 0) < len(pairs):
       all_saved_since = None
     elif all_saved_since is None:
       all_saved_since = time.monotonic()
@@ -235,42 +236,77 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
   run = report.new_run_id(started_at)
   settings = dataclasses.replace(settings, output=output, run=run, launcher=os.getpid())
   try:  # the report's place, tried before any checkpoint is touched
-    report.run_dir(output, run).mkdir(parents=True, exist_ok=True)
-  except OSError as e:
+    report.check_writable(output, run)
+  except Exception as e:  # pylint: disable=broad-except  # 403 and friends: say so, exit 2
     raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
-                     f'{e.strerror or e}') from None
+                     f'{_cause(e)}') from None
   print(f'migrating {len(pairs)} checkpoint(s) to {output} (run {run})', flush=True)
+  supervisor.started(output, run, started_at, pairs, spec_text, settings.gcs_endpoint)
   local = PipelineOptions(beam_args).view_as(StandardOptions).runner in LOCAL_RUNNERS
   state, trouble = _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at, local)
+  return report_run(pairs, output, run, started_at, spec_text, trouble, state, wait, local)
+
+
+def _cause(error: BaseException) -> str:
+  """An OSError's reason, or a storage library's error in one line."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
+
+
+def report_run(pairs: list[tuple[str, str]], output: str, run: str, started_at: float,
+               spec_text: str, trouble: str = '', state: str = 'FAILED', wait: bool = True,
+               local: bool = True) -> int:
+  """Print the run's table from its report (completed from the records its
+  checkpoints saved where the job did not write it all: `trouble` says
+  why), write its page; the exit code. What storage cannot give (an outage)
+  is said, not raised: the terminal gets the table all the same."""
   try:
     records, summary = report.read_report(output, run)
     if {r['src'] for r in records} != {src for src, _ in pairs}:
       raise ValueError('the report does not list every checkpoint')
-  except (OSError, ValueError):  # the job did not write it (all of it)
-    if not trouble and (not wait or not local and not report.count_records(output, run)):
+  except Exception:  # pylint: disable=broad-except  # the job did not write it (all of it)
+    if not trouble and (not wait or not local and not _count_records(output, run)):
       # Submitted and left running (--detach), or a job that ran nothing (Dataflow's --dry_run).
       if not wait:
         report.save_spec(output, run, spec_text)  # for its report page, built later
       print(f'job {state}; its report will be at {report.run_dir(output, run)}/')
       return 0
-    records, summary = _report_from_records(pairs, output, run, started_at, trouble or state)
+    records, summary = report_from_records(pairs, output, run, started_at, trouble or state)
   print(report.format_table(records, summary))
   if trouble:
     print(f'ckpt-surgery: error: {trouble}', file=sys.stderr)
-  print(f'report: {report.run_dir(output, run)}/report.jsonl')
+  if not summary.get('unwritten'):
+    print(f'report: {report.run_dir(output, run)}/report.jsonl')
   try:
     report.save_spec(output, run, spec_text)  # beside the report: the page, now or rebuilt later
     print(f'report page: {report_page.write(output, run)}')
-  except OSError as e:  # the page is a view of the report, which is written
-    print(f'ckpt-surgery: error: cannot write the report page: {e}', file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except  # a view of the report, which is written
+    print(f'ckpt-surgery: error: cannot write the report page: {_cause(e)}', file=sys.stderr)
   return 1 if summary['failed'] or trouble else 0
 
 
-def _report_from_records(pairs: list[tuple[str, str]], output: str, run: str, started_at: float,
-                         why: str) -> tuple[list[dict], dict]:
+def _count_records(output: str, run: str) -> int | None:
+  """How many records the run's checkpoints saved; None while storage does not say."""
+  try:
+    return report.count_records(output, run)
+  except Exception:  # pylint: disable=broad-except  # an outage: ask again later
+    return None
+
+
+def report_from_records(pairs: list[tuple[str, str]], output: str, run: str, started_at: float,
+                        why: str) -> tuple[list[dict], dict]:
   """Every checkpoint that finished, from its saved record; the others failed
-  as unfinished. Written as the run's report when storage allows."""
-  records = {r['src']: r for r in report.saved_records(output, run)}
+  as unfinished. Written as the run's report when storage allows (where it
+  does not, the summary says `unwritten`)."""
+  try:
+    saved = report.saved_records(output, run)
+  except Exception as e:  # pylint: disable=broad-except  # an outage: the rest is unknown
+    print(f'ckpt-surgery: error: cannot read the records the run saved under '
+          f'{report.run_dir(output, run)}: {_cause(e)}', file=sys.stderr)
+    saved = []
+  records = {r['src']: r for r in saved}
   for src, dst in pairs:
     if src not in records:
       records[src] = report.record(
@@ -279,10 +315,10 @@ def _report_from_records(pairs: list[tuple[str, str]], output: str, run: str, st
   records = list(records.values())
   try:
     return records, report.write_report(output, records, started_at, run)
-  except OSError as e:  # a full disk, say: the terminal still gets the table
-    print(f'ckpt-surgery: error: cannot write the report under {report.run_dir(output, run)}: {e}',
-          file=sys.stderr)
-    return records, {**report.summarize(records, started_at), 'run': run}
+  except Exception as e:  # pylint: disable=broad-except  # a full disk, an outage: the table still
+    print(f'ckpt-surgery: error: cannot write the report under {report.run_dir(output, run)}: '
+          f'{_cause(e)}', file=sys.stderr)
+    return records, {**report.summarize(records, started_at), 'run': run, 'unwritten': True}
 
 
 def show_plan(pattern: str, spec_path: str, as_json: bool, budget: int = 0,
@@ -331,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
   # Our output is the progress lines and the table; libraries speak up on errors.
   logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.ERROR)  # Orbax logs through absl's own logger
-  args, rest = _parser().parse_known_args(argv)
+  try:
+    args, rest = _parser().parse_known_args(argv)
+  except SystemExit as e:  # --help, or a usage error argparse has printed
+    return e.code if isinstance(e.code, int) else USAGE_ERROR
   storage.configure(getattr(args, 'gcs_endpoint', None))
   try:
     if args.command in ('run', 'demo'):
@@ -355,15 +394,3 @@ def main(argv: list[str] | None = None) -> int:
   except UsageError as e:
     print(f'ckpt-surgery: error: {e}', file=sys.stderr)
     return USAGE_ERROR
-
-
-def command() -> None:
-  """The `ckpt-surgery` program: main(), then exit without Python's
-  interpreter teardown, which unloads JAX, Orbax and Beam for about 0.75 s
-  (measured) and does nothing a finished command needs. Output is flushed
-  first."""
-  code = main()
-  sys.stdout.flush()
-  sys.stderr.flush()
-  logging.shutdown()
-  os._exit(code)  # pylint: disable=protected-access

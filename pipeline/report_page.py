@@ -246,11 +246,20 @@ def _write_paths(records: list[dict[str, Any]]) -> str:
           '</tbody></table>')
 
 
+SPEC_SHOWN = 20_000  # characters of the spec on the page: a page stays a page
+
+
 def _spec_and_plans(records: list[dict[str, Any]], spec_text: str | None,
                     plans: dict[str, Any] | str) -> str:
   parts = ['<h2>The surgery</h2>']
-  parts.append(f'<pre class="spec">{_e(spec_text)}</pre>' if spec_text is not None else
-               '<p>This run did not keep its spec.</p>')
+  if spec_text is None:
+    parts.append('<p>This run did not keep its spec.</p>')
+  elif len(spec_text) > SPEC_SHOWN:
+    parts.append(f'<pre class="spec">{_e(spec_text[:SPEC_SHOWN])}</pre><p>The spec is '
+                 f'{report.size(len(spec_text.encode()))}: its first {SPEC_SHOWN:,} characters '
+                 f'are shown; the whole of it is {report.SPEC_FILE} beside this page.</p>')
+  else:
+    parts.append(f'<pre class="spec">{_e(spec_text)}</pre>')
   if isinstance(plans, str):
     return ''.join(parts + [f'<p class="unavailable">The plan is unavailable: {_e(plans)}.</p>'])
   counts = collections.Counter(r['signature'] for r in records if r['signature'])

@@ -15,6 +15,9 @@ Server-side copies it does have: objects.rewrite (what gcsfs's `copy` and
 `cp_file` issue) and objects.copy give the copy the source's size and a new
 generation, so the proxy passes them through.
 
+`read_only` names buckets whose writes and deletes the proxy answers with
+HTTP 403, as a bucket the job's service account may only read.
+
 The proxy also counts, as the server sees them, bytes written into buckets:
 `bytes_uploaded`, the request bodies of object uploads (JSON API
 /upload/..., resumable parts, XML PUTs), and `bytes_rewritten`, the sizes of
@@ -79,6 +82,7 @@ class FlakyProxy:
   def __init__(self, upstream_port: int):
     self.fail_every = 0
     self.failed = 0
+    self.read_only: set[str] = set()  # buckets whose writes and deletes get HTTP 403
     self._count = 0
     self._lock = threading.Lock()
     self._precondition_lock = threading.Lock()
@@ -104,6 +108,11 @@ class FlakyProxy:
         body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
         if proxy._should_fail():
           self._error(503, 'injected by FlakyProxy')
+          return
+        match = OBJECT_PATH.match(self.path)
+        if (self.command in ('POST', 'PUT', 'PATCH', 'DELETE') and match
+            and match.group(1) in proxy.read_only):
+          self._error(403, 'Forbidden: this account may not write to the bucket (FlakyProxy)')
           return
         conn = http.client.HTTPConnection('127.0.0.1', upstream_port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}

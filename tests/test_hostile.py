@@ -150,6 +150,16 @@ def test_each_run_has_its_own_report_and_exit_code(inputs, tmp_path, spec_file):
   assert json.loads((out / '_surgery' / 'summary.json').read_text())['failed'] == 1  # the latest
 
 
+def children(pid: int) -> list[str]:
+  return subprocess.run(['pgrep', '-P', str(pid)], capture_output=True, text=True).stdout.split()
+
+
+def workers_of(launcher: subprocess.Popen) -> list[str]:
+  """The worker processes of a `ckpt-surgery run`: the children of its command
+  process, which its launcher watches (see pipeline/supervisor)."""
+  return [w for command in children(launcher.pid) for w in children(int(command))]
+
+
 def test_a_worker_killed_mid_run_still_reports_every_finished_checkpoint(inputs, tmp_path, spec_file):
   out = tmp_path / 'out'
   env = {**os.environ, 'PYTHONPATH': os.path.join(os.path.dirname(__file__), 'faults'),
@@ -160,7 +170,7 @@ def test_a_worker_killed_mid_run_still_reports_every_finished_checkpoint(inputs,
   deadline = time.time() + 120
   while not list(out.glob('_surgery/runs/*/records/*.json')) and time.time() < deadline:
     time.sleep(0.1)
-  workers = subprocess.run(['pgrep', '-P', str(run.pid)], capture_output=True, text=True).stdout.split()
+  workers = workers_of(run)
   os.kill(int(workers[0]), signal.SIGKILL)
   text = run.communicate(timeout=240)[0]  # ends: it does not hang
   assert run.returncode == 1, text
@@ -227,8 +237,8 @@ def test_workers_of_a_killed_launcher_exit(inputs, tmp_path, spec_file):
   deadline = time.time() + 120
   while not list((tmp_path / 'out').glob('**/*.orbax-checkpoint-tmp*')) and time.time() < deadline:
     time.sleep(0.1)
-  workers = subprocess.run(['pgrep', '-P', str(run.pid)], capture_output=True, text=True).stdout.split()
-  assert workers
+  workers = workers_of(run) + children(run.pid)
+  assert len(workers) == 3  # two workers, and the command that started them
   run.kill()
   run.wait()
   deadline = time.time() + 30
@@ -341,7 +351,7 @@ def test_a_full_disk_at_the_end_still_shows_every_record(tmp_path, monkeypatch, 
     raise OSError(errno.ENOSPC, 'No space left on device')
 
   monkeypatch.setattr(report, 'write_report', disk_full)
-  records, summary = cli_module._report_from_records([('a', 'out/a'), ('b', 'out/b')], out, run,
+  records, summary = cli_module.report_from_records([('a', 'out/a'), ('b', 'out/b')], out, run,
                                                      time.time(), 'FAILED')
   assert {r['src']: r['status'] for r in records} == {'a': 'ok', 'b': 'failed'}
   assert (summary['ok'], summary['failed']) == (1, 1)

@@ -176,6 +176,14 @@ def test_ten_thousand_checkpoints_stay_well_under_a_megabyte():
   assert [f['count'] for f in page.failures] == [34, 33, 33]
 
 
+def test_a_huge_spec_is_shown_in_part():
+  started_at = time.time()
+  records = made_up_records(started_at)
+  spec = SEED_SPEC + '# ' + 'x' * 50_000_000 + '\n'  # 50 MB, most of it one comment
+  text = report_page.build(records, report.summarize(records, started_at), spec, 'not planned')
+  assert len(text) < 100_000 and 'The spec is 50.0 MB' in text
+
+
 def test_plan_diff_per_signature(samples):
   src = str(samples / 'in' / 'run_b')
   spec_text = RENAME_SPEC
