@@ -42,15 +42,21 @@ import transforms
 from pipeline import copy_through, files, storage
 
 PROVENANCE_KEY = 'ckpt_surgery'
+# Orbax v1's PyTreeHandler stores a tree as v0's PyTree handler does (it
+# delegates to it): it is read and written by that handler, under its own name.
 TREE_HANDLERS = {
     'PyTreeCheckpointHandler': ocp.args.PyTreeSave,
     'StandardCheckpointHandler': ocp.args.StandardSave,
+    'PyTreeHandler': ocp.args.PyTreeSave,
 }
-JSON_HANDLER = 'JsonCheckpointHandler'
 HANDLER_CLASSES = {
     'PyTreeCheckpointHandler': ocp.PyTreeCheckpointHandler,
     'StandardCheckpointHandler': ocp.StandardCheckpointHandler,
+    'PyTreeHandler': ocp.PyTreeCheckpointHandler,
 }
+# What Orbax itself writes at a step's top level; any other file there (v1's
+# `orbax.checkpoint` marker, a user's notes) is carried as it is.
+ORBAX_STEP_FILES = frozenset({'_CHECKPOINT_METADATA', 'commit_success.txt'})
 
 
 class CheckpointError(ValueError):
@@ -66,11 +72,18 @@ class Layout:
   """How a checkpoint (a directory, or a Flax msgpack file) stores its state.
 
   `items` maps item name -> handler class name; a single-tree checkpoint has
-  one item named '' (the directory itself). `msgpack`: the checkpoint is a
-  Flax msgpack file, one tree, written out as a PyTree checkpoint.
+  one item named '' (the directory itself). `handlers`: the handler names as
+  the input records them, which the output records too. `beside`: the files
+  at a step's top level that are not Orbax's own. `msgpack`: the checkpoint
+  is a Flax msgpack file, one tree, written out as a PyTree checkpoint.
+
+  Items that are not trees (metrics, JSON, a dataset iterator's state, any
+  handler) are carried: copied byte for byte, never decoded.
   """
   items: tuple[tuple[str, str], ...]
   msgpack: bool = False
+  handlers: Any = None
+  beside: tuple[str, ...] = ()
 
   @property
   def is_step(self) -> bool:
@@ -79,6 +92,10 @@ class Layout:
   @property
   def trees(self) -> list[str]:
     return [name for name, handler in self.items if handler in TREE_HANDLERS]
+
+  @property
+  def carried(self) -> list[str]:
+    return [name for name, handler in self.items if handler not in TREE_HANDLERS]
 
   def join(self, items: dict[str, Any]) -> Any:
     """The state the surgery sees, from the restored items."""
@@ -142,14 +159,13 @@ def read_layout(path: epath.Path) -> Layout:
     name = _handler_name(handlers or 'PyTreeCheckpointHandler')
     if name not in TREE_HANDLERS:
       raise CheckpointError(f'{path}: handler {name} is not a pytree handler')
-    return Layout(items=(('', name),))
+    return Layout(items=(('', name),), handlers=handlers)
   items = tuple(sorted((n, _handler_name(h)) for n, h in handlers.items()))
-  for name, handler in items:
-    if handler not in TREE_HANDLERS and handler != JSON_HANDLER:
-      raise CheckpointError(f'{path}: item {name!r} uses {handler}, which ckpt-surgery cannot carry')
   if not any(h in TREE_HANDLERS for _, h in items):
     raise CheckpointError(f'{path}: no pytree item among {[n for n, _ in items]}')
-  return Layout(items=items)
+  beside = tuple(sorted(c.name for c in files.children(path)
+                        if c.name not in ORBAX_STEP_FILES and c.name not in handlers))
+  return Layout(items=items, handlers=handlers, beside=beside)
 
 
 def _check_json(file: epath.Path) -> str:
@@ -312,21 +328,19 @@ def restore(path: epath.Path, like: dict[str, Any] | None = None,
   if direct is not None:
     return layout, direct
   args = {}
-  for name, handler in layout.items:
-    if handler in TREE_HANDLERS:
-      tree = like[name]
-      partial = any(skipped(x) for x in jax.tree_util.tree_leaves(tree))
-      item = jax.tree_util.tree_map(
-          lambda x: ocp.PLACEHOLDER if skipped(x) else x, tree) if partial else None
-      args[name] = ocp.args.PyTreeRestore(item=item, restore_args=_restore_args(tree, devices))
-    else:
-      args[name] = ocp.args.JsonRestore()
+  for name in layout.trees:
+    tree = like[name]
+    partial = any(skipped(x) for x in jax.tree_util.tree_leaves(tree))
+    item = jax.tree_util.tree_map(
+        lambda x: ocp.PLACEHOLDER if skipped(x) else x, tree) if partial else None
+    args[name] = ocp.args.PyTreeRestore(item=item, restore_args=_restore_args(tree, devices))
   with files.unglobbed(path) as reachable:
     if not layout.is_step:
       return layout, {'': ocp.PyTreeCheckpointer().restore(reachable, args=args[''])}
-    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+    handlers = {n: ocp.PyTreeCheckpointHandler() for n in layout.trees}
+    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers)).restore(
         reachable, args=ocp.args.Composite(**args))
-  return layout, dict(restored.items())
+  return layout, {n: restored[n] for n in layout.trees}
 
 
 def param_name(keys: tuple[Any, ...]) -> str:
@@ -375,11 +389,10 @@ def _read_directly(path: epath.Path, layout: Layout, like: dict[str, Any],
   """The tree items read straight through TensorStore, with the read spec
   Orbax's restore uses (missing chunks an error), placed as it would place
   them: Orbax's own restore costs tens of milliseconds per call in Python
-  alone. None where that is not a plain read: a JSON item, zarr3, a typed
+  alone. None where that is not a plain read: zarr3, a typed
   key, a leaf of another type, per-process OCDBT without a merged root, an
-  older Orbax's tree that did not store chunks equal to the fill value."""
-  if any(h not in TREE_HANDLERS for _, h in layout.items):
-    return None
+  older Orbax's tree that did not store chunks equal to the fill value.
+  Carried items are not read."""
   reads = []  # (item, param name, directory, ocdbt, leaf)
   for name in layout.trees:
     directory = path / name if name else path
@@ -415,32 +428,99 @@ def _read_directly(path: epath.Path, layout: Layout, like: dict[str, Any],
       like[name]) for name in layout.trees}
 
 
-def _tree_handler(name: str) -> Any:
-  handler = HANDLER_CLASSES[name]()
+def _recorded_as(handler: Any, typestr: str | None) -> Any:
+  """`handler`, recorded in _CHECKPOINT_METADATA under `typestr` (the
+  input's name for its handler) rather than its own class's name."""
+  if typestr:
+    handler.typestr = lambda: typestr
+  return handler
+
+
+def _tree_handler(name: str, typestr: str | None = None, use_zarr3: bool = False) -> Any:
+  """Orbax's handler for a tree item written as handler `name` wrote it
+  (in zarr3 where the input was: Orbax v1 writes it by default)."""
+  cls = HANDLER_CLASSES[name]
+  handler = cls(use_zarr3=True) if use_zarr3 and cls is ocp.PyTreeCheckpointHandler else cls()
   if name == 'StandardCheckpointHandler':
     # Its type check would refuse the stand-ins it passes on to Orbax's array
     # handler, which copies their stored bytes (see copy_through).
     handler._supported_types = (*handler._supported_types, copy_through.StoredArray)  # pylint: disable=protected-access
-  return handler
+  return _recorded_as(handler, typestr)
+
+
+class CarriedItemHandler(ocp.CheckpointHandler):
+  """Saves an item by copying the input's item byte for byte (server-side
+  on GCS): metrics, JSON, a dataset iterator's state, whatever handler wrote
+  it. It is never decoded, so any handler's item rides along."""
+
+  def save(self, directory: epath.Path, args: Any) -> None:
+    for entry in files.children(args.source):
+      storage.copy_entry(entry, directory / entry.name)
+
+  def restore(self, directory: epath.Path, args: Any = None) -> Any:
+    raise NotImplementedError('a carried item is copied, not restored')
+
+
+@ocp.args.register_with_handler(CarriedItemHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class CarryArgs(ocp.args.CheckpointArgs):
+  """The input's item directory, to copy as it is."""
+  source: epath.Path
+
+
+class _StepHandler(ocp.CompositeCheckpointHandler):
+  """Orbax's composite handler that also carries the files beside a step's
+  items (v1's `orbax.checkpoint` marker, a user's notes) into the step."""
+
+  def __init__(self, source: epath.Path, beside: tuple[str, ...], **handlers: Any):
+    super().__init__(**handlers)
+    self._beside = [source / name for name in beside]
+
+  def save(self, directory: epath.Path, *args: Any, **kwargs: Any) -> None:
+    for entry in self._beside:
+      storage.copy_entry(entry, directory / entry.name)
+    super().save(directory, *args, **kwargs)
+
+
+@ocp.args.register_with_handler(_StepHandler, for_save=True, for_restore=True)
+class _StepArgs(ocp.args.Composite):
+  """Orbax's composite args, for `_StepHandler`."""
+
+
+def _uses_zarr3(tree: epath.Path) -> bool:
+  file = tree / '_METADATA'
+  return file.exists() and bool(json.loads(file.read_text()).get('use_zarr3'))
+
+
+def custom_metadata(source: epath.Path, provenance: dict[str, Any]) -> dict[str, Any]:
+  """The output's custom metadata: the input's (a training loop's own), with
+  our provenance under PROVENANCE_KEY."""
+  custom = {}
+  if (source / '_CHECKPOINT_METADATA').exists():
+    custom = dict(ocp_metadata.get_step_metadata(source).custom_metadata or {})
+  return {**custom, PROVENANCE_KEY: provenance}
 
 
 def save(path: epath.Path, layout: Layout, items: dict[str, Any],
-         provenance: dict[str, Any]) -> None:
-  """Write `items` at `path` with Orbax's atomic commit, in `layout`.
-  StoredArray leaves are written by copying their stored bytes."""
+         provenance: dict[str, Any], source: epath.Path) -> None:
+  """Write `items` (the tree items) at `path` with Orbax's atomic commit,
+  in `layout`, carrying the rest of `source`: its other items, the files
+  beside them, its custom metadata. StoredArray leaves are written by
+  copying their stored bytes."""
   if any(isinstance(x, copy_through.StoredArray) for x in jax.tree_util.tree_leaves(items)):
     copy_through.install()
   if not layout.is_step:
     (name, handler_name), = layout.items
     handler, args = _tree_handler(handler_name), TREE_HANDLERS[handler_name](items[name])
   else:
-    handler = ocp.CompositeCheckpointHandler(**{
-        n: _tree_handler(h) if h in TREE_HANDLERS else ocp.JsonCheckpointHandler()
+    recorded = layout.handlers or {}
+    handler = _StepHandler(source, layout.beside, **{
+        n: _tree_handler(h, recorded.get(n), _uses_zarr3(source / n)) if h in TREE_HANDLERS
+        else _recorded_as(CarriedItemHandler(), recorded.get(n)) for n, h in layout.items})
+    args = _StepArgs(**{
+        n: TREE_HANDLERS[h](items[n]) if h in TREE_HANDLERS else CarryArgs(source / n)
         for n, h in layout.items})
-    args = ocp.args.Composite(**{
-        n: TREE_HANDLERS[h](items[n]) if h in TREE_HANDLERS else ocp.args.JsonSave(items[n])
-        for n, h in layout.items})
-  custom = {PROVENANCE_KEY: provenance}
+  custom = custom_metadata(source, provenance)
   if not files.globbed(path) or files.is_gcs(path):
     ocp.Checkpointer(handler).save(path, args=args, custom_metadata=custom)
     return

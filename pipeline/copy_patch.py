@@ -501,7 +501,8 @@ def _checkpoint_metadata(src: epath.Path, layout: checkpoint_io.Layout,
     handlers = f'{handler.__module__}.{handler.__name__}'
   return {'item_handlers': handlers,
           'metrics': {}, 'performance_metrics': {}, 'init_timestamp_nsecs': now,
-          'commit_timestamp_nsecs': now, 'custom_metadata': {checkpoint_io.PROVENANCE_KEY: provenance}}
+          'commit_timestamp_nsecs': now,
+          'custom_metadata': checkpoint_io.custom_metadata(src, provenance)}
 
 
 def write(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
@@ -574,12 +575,13 @@ def finish(src: epath.Path, work: Work, dst: epath.Path, layout: checkpoint_io.L
 
 def _copy_input(src: epath.Path, work: epath.Path, layout: checkpoint_io.Layout,
                 patches: list[TreePatch]) -> storage.CopyStats:
-  """The copy to patch: src's files; for fresh patches, only its other
-  items' (JSON items), each tree item's directory left empty."""
+  """The copy to patch: src's files; for fresh patches, only its carried
+  items and the files beside them, each tree item's directory left empty."""
   if not any(p.fresh for p in patches):
     return storage.copy_tree(src, work, skip=frozenset({COMMIT_FILE}))
-  stats = [storage.copy_tree(src / name, work / name)
-           for name, handler in layout.items if handler not in checkpoint_io.TREE_HANDLERS]
+  stats = [storage.copy_tree(src / name, work / name) for name in layout.carried]
+  for name in layout.beside:
+    storage.copy_entry(src / name, work / name)
   for patch in patches:
     (work / patch.item).mkdir(parents=True, exist_ok=True)
   return storage.CopyStats(*(sum(s[i] for s in stats) for i in range(len(storage.CopyStats._fields))))

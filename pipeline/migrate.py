@@ -308,7 +308,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
     if patches:
       moved = copy_patch.write(src, dst, layout, patches, provenance)
     else:
-      checkpoint_io.save(dst, layout, written, provenance)
+      checkpoint_io.save(dst, layout, written, provenance, src)
       moved = {'bytes_copied_server_side': 0,
                'bytes_uploaded': done['bytes_out'] if str(dst).startswith('gs://') else 0}
   done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],

@@ -152,14 +152,7 @@ def copy_tree(src: epath.Path, dst: epath.Path, skip: frozenset[str] = frozenset
   pairs = [(f, target + f[len(prefix):]) for f in sorted(sizes)
            if f[len(prefix):].lstrip('/') not in skip]
   sizes = {f: sizes[f] for f, _ in pairs}
-  if src_gs and dst_gs:
-    copy = fs.cp_file  # objects.rewrite: server-side
-  elif dst_gs:
-    copy = fs.put_file
-  else:
-    def copy(a, b):
-      os.makedirs(os.path.dirname(b), exist_ok=True)
-      fs.get_file(a, b)
+  copy = _copier(src_gs, dst_gs)
   with concurrent.futures.ThreadPoolExecutor(_GCS_REQUESTS) as pool:
     list(pool.map(lambda pair: _named(copy, *pair), pairs))
   if dst_gs:
@@ -168,6 +161,32 @@ def copy_tree(src: epath.Path, dst: epath.Path, skip: frozenset[str] = frozenset
   if src_gs and dst_gs:
     return CopyStats(len(sizes), 0, 0, total, 0)
   return CopyStats(len(sizes), 0, total, 0, total if dst_gs else 0)
+
+
+def _copier(src_gs: bool, dst_gs: bool) -> Any:
+  """copy(a, b) of one file, with GCS at either end."""
+  fs = files.gcs()
+  if src_gs and dst_gs:
+    return fs.cp_file  # objects.rewrite: server-side
+  if dst_gs:
+    return fs.put_file
+
+  def copy(a, b):
+    os.makedirs(os.path.dirname(b), exist_ok=True)
+    fs.get_file(a, b)
+  return copy
+
+
+def copy_entry(src: epath.Path, dst: epath.Path) -> None:
+  """Copy the file or directory `src` to `dst` (absent) as `copy_tree` copies."""
+  source, target = str(src), str(dst)
+  if src.is_dir():
+    copy_tree(src, dst)
+  elif not files.is_gcs(source) and not files.is_gcs(target):
+    _named(_copy_file, source, target)
+  else:
+    _named(_copier(files.is_gcs(source), files.is_gcs(target)), source, target)
+    files.forget_listings()
 
 
 def _named(copy: Any, a: str, b: str) -> None:
