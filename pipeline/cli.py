@@ -27,7 +27,7 @@ from etils import epath
 
 import transforms
 from pipeline import (ARENAS, checkpoint_io, demo, discovery, inspection, plan, report, report_page,
-                      storage, supervisor)
+                      roots, storage, supervisor)
 
 if TYPE_CHECKING:
   from pipeline.migrate import Settings
@@ -240,6 +240,10 @@ def migrate(pattern: str, output: str, spec_path: str, settings: Settings,
   except Exception as e:  # pylint: disable=broad-except  # 403 and friends: say so, exit 2
     raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
                      f'{_cause(e)}') from None
+  try:
+    roots.carry_root_metadata(pairs)
+  except Exception as e:  # pylint: disable=broad-except  # unreadable input, unwritable output
+    raise UsageError(f'cannot carry a checkpoint root\'s metadata: {_cause(e)}') from None
   print(f'migrating {len(pairs)} checkpoint(s) to {output} (run {run})', flush=True)
   supervisor.started(output, run, started_at, pairs, spec_text, settings.gcs_endpoint)
   local = PipelineOptions(beam_args).view_as(StandardOptions).runner in LOCAL_RUNNERS
