@@ -84,6 +84,8 @@ from pipeline.copy_through import StoredArray
 
 NOTHING_CARRIED = ('no leaf carried over as stored (every leaf computed, a Python scalar among '
                    'params or opt_state, or zarr3)')
+ZERO_FILLS = ("an optimizer-state entry is filled with zeros without 'optimizer:': the state is "
+              'read whole, to check that zero is a value it holds')
 _METADATA_FIELDS = {'tree_metadata', 'use_ocdbt', 'use_zarr3',
                     'store_array_data_equal_to_fill_value', 'custom_metadata'}
 _VALUE_FIELDS = {'value_type', 'skip_deserialize', 'write_shape'}

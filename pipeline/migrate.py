@@ -275,14 +275,19 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
     else:
       meta = checkpoint_io.item_metadata(src, layout)
       trees_in = checkpoint_io.trees(meta)
+      # A zero fill is checked on the whole state, before the compiled surgery runs.
+      whole = settings.full_decode or bool(
+          surgery.zero_fills(surgery.split(layout.join(trees_in))[0]))
       try:
+        if whole and not settings.full_decode:
+          raise stream.NotStreamed(copy_patch.ZERO_FILLS)
         streamed = stream.plan(src, dst, layout, meta, surgery, budget, settings.full_decode)
       except (stream.NotStreamed, copy_patch.NotPatchable) as e:
         streamed, why_not_streamed = None, str(e)
       if streamed:
         return _write_streamed(src, dst, layout, meta, streamed, surgery, settings, deadline,
                                input_identity)
-      migrated = None if settings.full_decode else _copy_through(src, layout, meta, surgery, budget)
+      migrated = None if whole else _copy_through(src, layout, meta, surgery, budget)
       if migrated is None:
         _, items = checkpoint_io.restore(src, like=trees_in)
         check_recorded(src, layout, meta, layout.join(items))

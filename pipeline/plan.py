@@ -67,6 +67,7 @@ def _plan_one(surgery: transforms.Surgery, meta: Any) -> dict[str, Any]:
       'roles': result.roles,
       'dependency_groups': len(result.groups),
       'largest_group_bytes': max((g.nbytes for g in result.groups), default=0),
+      'zero_fills': result.zero_fills,
   }
 
 
@@ -76,6 +77,8 @@ def _writer(src: epath.Path, layout: checkpoint_io.Layout, tree: Any,
   and why not by copy-and-patch."""
   if not untouched and not layout.msgpack:
     return {'write_path': 'full', 'why_not_patched': copy_patch.NOTHING_CARRIED}
+  if surgery.zero_fills(tree):
+    return {'write_path': 'full', 'why_not_patched': copy_patch.ZERO_FILLS}
   try:
     removes = None if layout.msgpack else surgery.removes(tree)
     copy_patch.check_input(src, layout, removes)
@@ -140,6 +143,14 @@ def format_plan(result: dict[str, Any]) -> str:
       lines.append(f"  computed: {group['dependency_groups']} dependency group(s), each reading "
                    f"inputs no other reads; the largest holds {report.size(group['largest_group_bytes'])} "
                    '(inputs and outputs)')
+    if group['zero_fills']:
+      fills = group['zero_fills']
+      lines.append(f"  zero-filled without optimizer: {', '.join(fills[:3])}"
+                   f"{' ...' if len(fills) > 3 else ''}: run fails each checkpoint where such an "
+                   "entry's stored values hold no zero (a state that does not start at zero, "
+                   "as COCOB's; a trained moment too); give the spec an 'optimizer:' section "
+                   "so that its init fills them, or 'mirror_init: zeros' on the pad where "
+                   "zeros are its init")
     why = f" ({group['why_not_patched']})" if group['why_not_patched'] else ''
     lines.append(f"  written by {group['write_path'].replace('_', '-')}{why}")
     lines += _format_memory(group)

@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from pipeline import migrate
+import transforms
+from pipeline import migrate, plan
 from tests import doc_checkpoints as docs
 from transforms import key_path
 
@@ -77,9 +78,9 @@ def step_is_finite(tx, params, opt_state):
 
 WIDEN_BACKBONE_AND_HEAD = """\
 ops:
-  - pad: {match: 'backbone/Dense_1/kernel$', axis: 1, to: 12}
-  - pad: {match: 'backbone/Dense_1/bias$', axis: 0, to: 12}
-  - pad: {match: 'head/kernel$', axis: 0, to: 12}
+  - pad: {match: 'backbone/Dense_1/kernel$', axis: 1, to: 12, mirror_init: zeros}
+  - pad: {match: 'backbone/Dense_1/bias$', axis: 0, to: 12, mirror_init: zeros}
+  - pad: {match: 'head/kernel$', axis: 0, to: 12, mirror_init: zeros}
 """
 
 
@@ -154,10 +155,10 @@ def test_batch_stats_follow_a_widening_and_a_rename(tmp_path):
   case = docs.linen_trainstate_batch_stats(tmp_path)
   spec = """\
 ops:
-  - pad: {match: '^Dense_0/kernel$', axis: 1, to: 12}
-  - pad: {match: '^Dense_0/bias$|^BatchNorm_0/(bias|mean)$', axis: 0, to: 12}
-  - pad: {match: '^BatchNorm_0/(scale|var)$', axis: 0, to: 12, init: ones}
-  - pad: {match: '^Dense_1/kernel$', axis: 0, to: 12}
+  - pad: {match: '^Dense_0/kernel$', axis: 1, to: 12, mirror_init: zeros}
+  - pad: {match: '^Dense_0/bias$|^BatchNorm_0/(bias|mean)$', axis: 0, to: 12, mirror_init: zeros}
+  - pad: {match: '^BatchNorm_0/(scale|var)$', axis: 0, to: 12, init: ones, mirror_init: zeros}
+  - pad: {match: '^Dense_1/kernel$', axis: 0, to: 12, mirror_init: zeros}
 """
   rec = run(case['step_path'], tmp_path / 'out' / '3', spec)
   assert rec['status'] == 'ok', rec['error']
@@ -233,6 +234,39 @@ def test_cocob_new_slots_take_its_init(tmp_path):
   assert step_is_finite(case['tx'], out['params'], out['opt_state'])
 
 
+def test_cocob_pad_without_the_optimizer_fails_by_name_in_plan_and_run(tmp_path):
+  """Without `optimizer:`, zeros in COCOB's new slots (its scale starts at
+  1e-8) are NaN a step later: no stored value of those entries is zero, so
+  nothing proves zeros right, and the checkpoint fails naming them."""
+  case = docs.cocob(tmp_path)
+  spec = WIDEN_BACKBONE_AND_HEAD.replace(', mirror_init: zeros', '')
+  rec = run(case['path'], tmp_path / 'out', spec)
+  assert rec['status'] == 'failed'
+  assert rec['error'].startswith('SurgeryError: pad would fill new slots of opt_state/2/')
+  assert "'optimizer:'" in rec['error'] and "'mirror_init: zeros'" in rec['error']
+  assert not (tmp_path / 'out').exists()
+  planned = plan.plan_checkpoints([str(case['path'])], transforms.load_spec(spec))
+  group, = planned['groups']
+  assert 'opt_state/2/scale backbone/Dense_1/kernel' in group['zero_fills']
+  assert group['write_path'] == 'full'
+  assert "zero-filled without optimizer: " in plan.format_plan(planned)
+
+
+def test_a_stored_zero_proves_zeros_a_value_of_that_state(tmp_path):
+  """Where an entry already holds a zero (here, Adam's moments of a param
+  that never had a gradient), zeros in its new slots need no `optimizer:`."""
+  case = docs.cocob(tmp_path)
+  params = case['params']
+  tx = optax.adam(1e-3)
+  opt_state = tx.init(params)  # all zeros: the moments' init
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / 'adam', {'params': params, 'opt_state': opt_state})
+  rec = run(tmp_path / 'adam', tmp_path / 'out', WIDEN_BACKBONE_AND_HEAD.replace(', mirror_init: zeros', ''))
+  assert rec['status'] == 'ok', rec['error']
+  out = ocp.StandardCheckpointer().restore(tmp_path / 'out')
+  assert not any(np.asarray(x).any() for x in jax.tree_util.tree_leaves(out['opt_state']))
+
+
 def test_haiku_style_keys_are_not_renested(tmp_path):
   case = docs.haiku_style_keys(tmp_path)
   rec = run(case['path'], tmp_path / 'out',
@@ -251,10 +285,10 @@ def test_nnx_model_and_optimizer_follow_a_widening(tmp_path):
 params: model
 opt_state: optimizer
 ops:
-  - pad: {match: '^linear1/kernel/value$', axis: 1, to: 12}
-  - pad: {match: '^linear1/bias/value$|^bn/(bias|mean)/value$', axis: 0, to: 12}
-  - pad: {match: '^bn/(scale|var)/value$', axis: 0, to: 12, init: ones}
-  - pad: {match: '^linear2/kernel/value$', axis: 0, to: 12}
+  - pad: {match: '^linear1/kernel/value$', axis: 1, to: 12, mirror_init: zeros}
+  - pad: {match: '^linear1/bias/value$|^bn/(bias|mean)/value$', axis: 0, to: 12, mirror_init: zeros}
+  - pad: {match: '^bn/(scale|var)/value$', axis: 0, to: 12, init: ones, mirror_init: zeros}
+  - pad: {match: '^linear2/kernel/value$', axis: 0, to: 12, mirror_init: zeros}
 """
   rec = run(case['path'], tmp_path / 'out', spec)
   assert rec['status'] == 'ok', rec['error']

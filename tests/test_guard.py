@@ -125,7 +125,7 @@ def test_colliding_and_empty_subtrees_survive_a_surgery():
   params = {'a': {'b': jnp.ones(2)}, 'a/b': jnp.zeros(2), 'empty': {}, 'c': jnp.ones(3)}
   tx = optax.adam(1e-3)
   state = {'params': params, 'opt_state': tx.init(params)}
-  out = run("ops: [{pad: {match: '^c$', axis: 0, to: 5}}]", state)
+  out = run("ops: [{pad: {match: '^c$', axis: 0, to: 5, mirror_init: zeros}}]", state)
   assert set(out['params']) == {'a', 'a/b', 'empty', 'c'} and out['params']['empty'] == {}
   np.testing.assert_array_equal(out['params']['a/b'], jnp.zeros(2))
   assert out['opt_state'][0].mu['c'].shape == (5,) and out['opt_state'][0].mu['a/b'].shape == (2,)
@@ -220,7 +220,7 @@ def test_typed_per_leaf_masks_follow_a_pad_without_the_optimizer():
   tx = optax.masked(optax.adam(1e-2), lambda p: jax.tree_util.tree_map_with_path(
       lambda k, _: k[-1].key == 'kernel', p))
   params, opt_state = trained(tx, P)
-  out = run("ops: [{pad: {match: '^Head/', axis: -1, to: 3}}]", {'params': params, 'opt_state': opt_state})
+  out = run("ops: [{pad: {match: '^Head/', axis: -1, to: 3, mirror_init: zeros}}]", {'params': params, 'opt_state': opt_state})
   mu = out['opt_state'].inner_state[0].mu
   assert mu['Head']['kernel'].shape == (4, 3) and isinstance(mu['Head']['bias'], optax.MaskedNode)
 
@@ -229,7 +229,7 @@ def test_lookahead_over_a_one_leaf_model():
   tx = optax.lookahead(optax.adam(1e-2), 2, 0.5)
   params = optax.LookaheadParams.init_synced({'w': jnp.ones(3)})
   state = {'params': {'fast': params.fast, 'slow': params.slow}, 'opt_state': tx.init(params)}
-  out = run("ops: [{pad: {match: '/w$', axis: 0, to: 5}}]", state)
+  out = run("ops: [{pad: {match: '/w$', axis: 0, to: 5, mirror_init: zeros}}]", state)
   assert out['opt_state'].fast_state[0].mu['w'].shape == (5,)
 
 

@@ -78,7 +78,7 @@ def test_add_and_reinit_are_seeded_and_zero_their_mirrors():
 
 def test_pad_fills_params_from_init_and_mirrors_with_zeros():
   state = adam_state()
-  out = run("ops: [{pad: {match: '^Dense_1/bias$', axis: 0, to: 5, init: ones}}]", state)
+  out = run("ops: [{pad: {match: '^Dense_1/bias$', axis: 0, to: 5, init: ones, mirror_init: zeros}}]", state)
   np.testing.assert_array_equal(out['params']['Dense_1']['bias'][2:], jnp.ones(3))
   assert not out['opt_state'][0].mu['Dense_1']['bias'][2:].any()
 

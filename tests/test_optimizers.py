@@ -23,9 +23,9 @@ from transforms import key_path
 
 WIDEN = """\
 ops:
-  - pad: {match: '^Dense_0/kernel$', axis: 1, to: 10}
-  - pad: {match: '^Dense_0/bias$', axis: 0, to: 10}
-  - pad: {match: '^Dense_1/kernel$', axis: 0, to: 10}
+  - pad: {match: '^Dense_0/kernel$', axis: 1, to: 10, mirror_init: zeros}
+  - pad: {match: '^Dense_0/bias$', axis: 0, to: 10, mirror_init: zeros}
+  - pad: {match: '^Dense_1/kernel$', axis: 0, to: 10, mirror_init: zeros}
   - rename: {match: '^Dense_1/', to: 'Head/'}
 """
 

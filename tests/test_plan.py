@@ -16,7 +16,7 @@ SPEC = """\
 ops:
   - rename: {match: '^Dense_1/', to: 'Head/'}
   - cast: {match: '^Conv_0/', dtype: bfloat16}
-  - pad: {match: '^Dense_0/bias$', axis: 0, to: 300}
+  - pad: {match: '^Dense_0/bias$', axis: 0, to: 300, mirror_init: zeros}
   - drop: {match: '^Conv_1/bias$'}
   - add: {path: 'Extra/bias', shape: [10]}
 """

@@ -120,7 +120,7 @@ def test_a_leaf_over_the_budget_is_cast_a_slab_at_a_time(tmp_path, monkeypatch):
   src = tmp_path / 'in'
   write(src, 'pytree', sizes=(512, 128, 4))
   spec = ("ops: [{scale: {match: 'Dense_0/kernel', by: 0.5}}, "
-          "{pad: {match: 'Dense_0/kernel', axis: 1, to: 160}}, "
+          "{pad: {match: 'Dense_0/kernel', axis: 1, to: 160, mirror_init: zeros}}, "
           "{cast: {match: '.*', dtype: bfloat16, opt_state: follow}}]")
   whole = migrated(src, tmp_path / 'whole', spec)
   slabs = []

@@ -309,16 +309,26 @@ def check_axis(x: jax.Array, axis: int, path: str) -> int:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Pad(ShapeOp):
-  """Grow `axis` to `to` at the end; params' new entries from `init`, mirrors' zeros."""
+  """Grow `axis` to `to` at the end; params' new entries from `init`.
+
+  Mirrors' new slots: with `optimizer:`, what its init gives; without, zeros,
+  where zero is proven a value of that state (a stored zero, or the spec's
+  `mirror_init: zeros`, the user's word that zeros are their optimizer's
+  init, as Adam's moments' are); otherwise the checkpoint fails by name.
+  """
   name: ClassVar[str] = 'pad'
   axis: int
   to: int
   init: str = 'zeros'
   seed: int = 0
+  mirror_init: str = ''  # '' (prove it) or 'zeros' (the user says so)
 
   def __post_init__(self):
     super().__post_init__()
     initializer(self.init)
+    if self.mirror_init not in ('', 'zeros'):
+      raise ValueError(f"field 'mirror_init': {self.mirror_init!r} is not 'zeros' (with an "
+                       "optimizer whose init is not zeros, give the spec 'optimizer:' instead)")
 
   def leaf(self, x, path, mirror):
     axis = check_axis(x, self.axis, path)
@@ -573,7 +583,8 @@ def _require_full_copy(mirror: Flat, params: Flat, where: str) -> None:
 
 
 def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
-                    can_rebuild: bool, where: str = 'opt_state') -> Flat:
+                    can_rebuild: bool, where: str = 'opt_state',
+                    zero_fills: list[tuple[str, Any]] | None = None) -> Flat:
   """What `op`, applied to `params` at `selected`, does to one mirror.
 
   A mirror leaf whose shape is not its param's cannot follow an op that
@@ -581,6 +592,12 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
   the checkpoint fails naming the leaf. New leaves' entries, and those `zero`
   resets, are STALE too when the optimizer can say what they are (factored,
   masked, zeros or its own starting values).
+
+  Without the optimizer, a pad writes zeros into a mirror entry's new slots:
+  each such entry, as it was before, goes to `zero_fills` as
+  ('<where> <path>', value), so that the caller can refuse zeros in a state
+  that holds none (COCOB's starts at 1e-8: zeros there are NaN a step
+  later). A `zero` reset asks for zeros by name, and gets them.
   """
   mode = op.mirror_mode
   if mode == 'keep':
@@ -604,6 +621,9 @@ def apply_to_mirror(op: Op, mirror: Flat, selected: Sequence[str], params: Flat,
     return {**mirror, **{p: op.grow(mirror[p], p) for p in present if is_array(mirror[p])}}
   if op.creates_leaves and not can_rebuild:
     _require_full_copy(mirror, params, where)
+  if (not can_rebuild and hasattr(op, 'grow') and mode == 'follow' and not op.mirror_init
+      and zero_fills is not None):
+    zero_fills.extend((f'{where} {p}', mirror[p]) for p in present if is_array(mirror[p]))
   if mode == 'follow' or op.structural:
     new, produced = op.apply(mirror, present, mirror=True)
   else:  # a value op with `zero`: the values stay, then are zeroed

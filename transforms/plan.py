@@ -34,6 +34,7 @@ class Plan(NamedTuple):
   bytes_untouched: int           # of bytes_after['total']: output leaves that are input leaves
   roles: dict[str, str]          # each mirror and collection of the input -> what it follows
   groups: list[Group]            # the computed leaves, in groups that read disjoint inputs
+  zero_fills: list[str]          # opt_state entries filled with zeros for want of `optimizer:`
 
 
 def abstract(tree: Any) -> Any:
@@ -90,7 +91,7 @@ def plan(surgery: Surgery, state: Any) -> Plan:
   outputs = jax.tree_util.tree_leaves(out_shape)
   untouched = tree_bytes([outputs[o] for o in carried]) + tree_bytes(rest)
   return Plan(trace, changes, _bytes(tree, rest, surgery), _bytes(out, rest, surgery), untouched,
-              roles(surgery, tree), surgery.groups(tree))
+              roles(surgery, tree), surgery.groups(tree), surgery.zero_fills(tree))
 
 
 def roles(surgery: Surgery, tree: dict[str, Any]) -> dict[str, str]:

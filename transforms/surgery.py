@@ -24,6 +24,7 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.extend as jex
+import jax.numpy as jnp
 # The one private JAX name we use: dead-code elimination of a traced jaxpr,
 # which finds the inputs that the computed outputs read.
 from jax._src.interpreters.partial_eval import dce_jaxpr
@@ -176,10 +177,12 @@ class _View:
                         if k not in (ctx.params, ctx.opt_state)}
     self.found: list[tuple[mirrors.Mirror, str]] = []  # by close: each mirror, its base now
 
-  def follow(self, op: Op, selected: list[str], before: paths.Flat, can_rebuild: bool) -> None:
+  def follow(self, op: Op, selected: list[str], before: paths.Flat, can_rebuild: bool,
+             zero_fills: list[tuple[str, Any]] | None = None) -> None:
     """Apply `op`, which the params took at `selected`, to every mirror and,
-    if it is structural, to every collection (matched by its own paths)."""
-    self.shadows = [apply_to_mirror(op, shadow, selected, before, can_rebuild, m.label)
+    if it is structural, to every collection (matched by its own paths).
+    `zero_fills`: see `apply_to_mirror`."""
+    self.shadows = [apply_to_mirror(op, shadow, selected, before, can_rebuild, m.label, zero_fills)
                     for m, shadow in zip(self.mirrors, self.shadows)]
     if op.structural and isinstance(op, MatchOp):
       self.collections = {k: op.apply(flat, paths.matching(op.pattern, flat))[0]
@@ -228,6 +231,8 @@ class Surgery:
     self._traced: dict[Signature, tuple[Any, ...]] = {}  # see _split_computed
     self._group_functions: dict[Any, Any] = {}  # by group signature: see Computation
     self._computations: dict[tuple[Any, ...], Computation] = {}  # by signature, whole, placement
+    self._zero_fills: dict[Signature, list[str]] = {}  # see zero_fills
+    self._probes: dict[Signature, Any] = {}  # see check_zero_fills
     self._compiling = threading.Lock()  # a worker's threads share one compilation per signature
 
   @property
@@ -275,12 +280,14 @@ class Surgery:
       return {**tree[''], **{k: v for k, v in tree.items() if k != ''}}
     return {**rest, **tree}
 
-  def apply(self, tree: dict[str, Any], trace: list[OpTrace] | None = None
-            ) -> dict[str, Any]:
+  def apply(self, tree: dict[str, Any], trace: list[OpTrace] | None = None,
+            zero_fills: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
     """The pure surgery on what `split` gives: what gets traced and compiled.
     The guard checks its result before it is returned.
 
-    `trace`, when given, gets one OpTrace per op (what `plan` reports).
+    `trace`, when given, gets one OpTrace per op (what `plan` reports);
+    `zero_fills`, each optimizer-state entry that an op fills with zeros for
+    want of `optimizer:`, as it was before (see `check_zero_fills`).
     """
     ctx = Context(self.spec.params, self.spec.opt_state, self.optimizer)
     view = _View(tree, ctx)
@@ -304,7 +311,7 @@ class Surgery:
           lineage.fresh |= set(produced)
         if trace is not None:
           trace.append(OpTrace(index, op.name, len(selected), renamed))
-        view.follow(op, selected, current, self.optimizer is not None)
+        view.follow(op, selected, current, self.optimizer is not None, zero_fills)
       except (SurgeryError, TimeoutError) as e:  # TimeoutError: a regex that would not end
         raise SurgeryError(f'ops[{index}] ({op.name}): {e}') from None
     _check_tree(view.params, 'after the surgery')
@@ -346,7 +353,9 @@ class Surgery:
     with self._compiling:
       if sig in self._compiled:
         return self._compiled[sig], sig, False
-      self._compiled[sig] = _compile_donating(self.apply, tree)
+      fills = []
+      self._compiled[sig] = _compile_donating(lambda t: self.apply(t, zero_fills=fills), tree)
+      self._zero_fills.setdefault(sig, [name for name, _ in fills])
       return self._compiled[sig], sig, True
 
   def __call__(self, state: Any) -> Migrated:
@@ -355,6 +364,8 @@ class Surgery:
     tree, rest = self.split(state)
     tree = jax.device_put(tree)
     compiled, sig, fresh = self.compiled_for(tree)
+    if self._zero_fills[sig]:
+      self.check_zero_fills(tree)
     return Migrated(self.join(compiled(tree), rest), signature_id(sig), fresh)
 
   def route(self, tree: dict[str, Any]) -> tuple[Route, Signature]:
@@ -386,10 +397,45 @@ class Surgery:
     {output leaf index: the input leaf index it is}). No array is read."""
     return self._split_computed(tree)[:3]
 
+  def zero_fills(self, tree: dict[str, Any]) -> list[str]:
+    """The optimizer-state entries this surgery fills with zeros for want
+    of `optimizer:` ('<mirror> <param path>'), traced once per signature
+    (`tree` may be abstract): each is checked by `check_zero_fills`."""
+    sig = signature(tree)
+    if sig not in self._zero_fills:
+      self._split_computed(tree)
+    return self._zero_fills[sig]
+
+  def check_zero_fills(self, tree: dict[str, Any]) -> None:
+    """Fail, naming them, where a pad fills an optimizer-state entry with
+    zeros that held none before. Without `optimizer:` nothing says zero is
+    that state's init: it is Adam's, but COCOB's scale starts at 1e-8 and
+    zeros there turn the params NaN one step later. A zero among the stored
+    values is evidence that the state takes zeros; none, and we cannot
+    prove the output resumes."""
+    sig = signature(tree)
+    if sig not in self._probes:
+      def probe(t):
+        fills = []
+        self.apply(t, zero_fills=fills)
+        return [jnp.all(x != 0) for _, x in fills]
+      self._probes[sig] = jax.jit(probe)
+    zeroless = [name for name, none in zip(self.zero_fills(tree), self._probes[sig](tree)) if none]
+    if zeroless:
+      raise SurgeryError(
+          f'pad would fill new slots of {", ".join(zeroless[:2])}'
+          f'{f" and {len(zeroless) - 2} more" if len(zeroless) > 2 else ""} with zeros, which no '
+          "stored value there is: give the spec 'optimizer:' to fill them from its init, or put "
+          "'mirror_init: zeros' on the pad if zeros are that init (Adam's moments; not COCOB's "
+          "scale, which starts at 1e-8: zeros there are NaN a step later)")
+
   def _trace(self, tree: dict[str, Any]) -> tuple[Any, Any, dict[int, int]]:
     abstract, treedef = _abstract_leaves(tree)
+    fills = []
     closed, out_shape = jax.make_jaxpr(
-        lambda flat: self.apply(treedef.unflatten(flat)), return_shape=True)(abstract)
+        lambda flat: self.apply(treedef.unflatten(flat), zero_fills=fills),
+        return_shape=True)(abstract)
+    self._zero_fills.setdefault(signature(tree), [name for name, _ in fills])
     inputs = {v: i for i, v in enumerate(closed.jaxpr.invars)}
     carried = {o: inputs[v] for o, v in enumerate(closed.jaxpr.outvars)
                if isinstance(v, jex.core.Var) and v in inputs}
