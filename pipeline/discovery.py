@@ -4,9 +4,9 @@ PATTERN is a local path or gs:// URL with globs. Each match is a checkpoint
 directory, a `CheckpointManager` root, whose committed steps are all taken,
 or a legacy Flax msgpack file (recognised by its first bytes, whatever its
 name). A directory that is neither holds legacy checkpoints when it has
-msgpack files named `<prefix><step>` (what `flax.training.checkpoints`
-writes: `checkpoint_100`); each of those is taken, in step order, as a
-root's steps are. Temporary (`*.orbax-checkpoint-tmp-*`, Flax's
+Flax msgpack files: those named `<prefix><step>` (what
+`flax.training.checkpoints` writes: `checkpoint_100`) are taken in step
+order, as a root's steps are, then any other (`state.msgpack`) by name. Temporary (`*.orbax-checkpoint-tmp-*`, Flax's
 `<prefix>tmp`) and uncommitted checkpoints are never taken. Each checkpoint
 lands at PREFIX + its path relative to the pattern's fixed prefix: the part
 before the first glob character, cut back to its last '/'.
@@ -97,14 +97,22 @@ def _is_msgpack_checkpoint(path: epath.Path) -> bool:
   return not path.name.endswith('tmp') and checkpoint_io.is_msgpack(path)
 
 
-def _msgpack_steps(path: epath.Path) -> list[epath.Path]:
-  """The Flax msgpack files named `<prefix><step>` in directory `path`, by step."""
-  steps = {}
-  for child in path.iterdir():
+def _msgpack_files(path: epath.Path) -> list[epath.Path]:
+  """The Flax msgpack files in directory `path`: those named
+  `<prefix><step>` by step, then the others by name."""
+  def order(child: epath.Path) -> tuple[bool, int, str]:
     match = MSGPACK_STEP.fullmatch(child.name)
-    if match and _is_msgpack_checkpoint(child):
-      steps[child] = int(match[1])
-  return sorted(steps, key=lambda c: (steps[c], c.name))
+    return (not match, int(match[1]) if match else 0, child.name)
+  found = [c for c in path.iterdir() if not c.is_dir() and _is_msgpack_checkpoint(c)]
+  return sorted(found, key=order)
+
+
+def _not_msgpack(file: epath.Path) -> str:
+  """Why `file` is not taken as a Flax msgpack checkpoint."""
+  if checkpoint_io.is_msgpack(file):
+    return f'{file} is the temporary file of an unfinished Flax save'
+  return (f'{file} is a file but not a Flax msgpack checkpoint '
+          '(it does not begin with a msgpack map keyed by strings)')
 
 
 def checkpoints_in(path: epath.Path) -> list[epath.Path]:
@@ -124,7 +132,7 @@ def checkpoints_in(path: epath.Path) -> list[epath.Path]:
   steps = ocp.utils.checkpoint_steps_paths(path)
   if any(checkpoint_io.is_checkpoint(s) for s in steps):
     return sorted(steps, key=lambda s: ocp.step.step_from_checkpoint_name(s.name))
-  return _msgpack_steps(path)  # [] for an unfinished checkpoint, or any other directory
+  return _msgpack_files(path)  # [] for an unfinished checkpoint, or any other directory
 
 
 def why_nothing(pattern: str) -> str:
@@ -138,14 +146,15 @@ def why_nothing(pattern: str) -> str:
             'or Flax msgpack file')
   path, = matched
   if not path.is_dir():
-    if checkpoint_io.is_msgpack(path):
-      return f'{path} is the temporary file of an unfinished Flax save'
-    return (f'{path} is a file but not a Flax msgpack checkpoint '
-            '(it does not begin with a msgpack map keyed by strings)')
+    return _not_msgpack(path)
   if (path / '_CHECKPOINT_METADATA').exists() or (path / '_METADATA').exists():
     return f'{path} is an uncommitted (temporary or unfinished) checkpoint'
-  return (f'{path} exists but holds no _CHECKPOINT_METADATA or _METADATA, no committed step '
-          'directories and no Flax msgpack checkpoint files')
+  why = (f'{path} exists but holds no _CHECKPOINT_METADATA or _METADATA, no committed step '
+         'directories and no Flax msgpack checkpoint files')
+  others = sorted((c for c in path.iterdir() if not c.is_dir()), key=lambda c: c.name)
+  if others:
+    why += f' ({len(others)} other file(s): {"; ".join(_not_msgpack(c) for c in others[:3])})'
+  return why
 
 
 def destination(src: str, pattern: str, output: str) -> str:

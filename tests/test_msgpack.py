@@ -82,6 +82,20 @@ def test_legacy_files_are_msgpack_and_found_by_content(legacy, tmp_path):
       str(legacy / 'state.msgpack')]
   assert [s for s, _ in discovery.discover(str(legacy / 'flax' / '*'), out)] == [
       str(legacy / 'flax' / 'checkpoint_10'), str(legacy / 'flax' / 'checkpoint_5')]
+  # A msgpack file whose name carries no step is taken too, after the stepped ones.
+  assert discovery.discover(str(legacy), out) == [(str(legacy / 'state.msgpack'), out + '/old/state.msgpack')]
+  (legacy / 'flax' / 'final.msgpack').write_bytes((legacy / 'state.msgpack').read_bytes())
+  assert [s for s, _ in discovery.discover(str(legacy / 'flax'), out)] == [
+      str(legacy / 'flax' / n) for n in ('checkpoint_5', 'checkpoint_10', 'final.msgpack')]
+  # A directory with files, none of them taken: each says why.
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'state.msgpack').write_text('{"not": "msgpack"}')
+  (tmp_path / 'other' / 'checkpoint_tmp').write_bytes((legacy / 'state.msgpack').read_bytes())
+  with pytest.raises(discovery.DiscoveryError) as e:
+    discovery.discover(str(tmp_path / 'other'), out)
+  assert (f"2 other file(s): {tmp_path / 'other' / 'checkpoint_tmp'} is the temporary file of an "
+          f"unfinished Flax save; {tmp_path / 'other' / 'state.msgpack'} is a file but not a Flax "
+          'msgpack checkpoint (it does not begin with a msgpack map keyed by strings)') in str(e.value)
 
 
 @pytest.mark.parametrize('name', ['state.msgpack', 'flax/checkpoint_5'])
