@@ -87,6 +87,12 @@ def test_v1_save_pytree_reads_back_through_v1(tmp_path):
     assert json.loads((where / 'state' / '_METADATA').read_text())['use_zarr3']
   handlers = json.loads((out / '_CHECKPOINT_METADATA').read_text())['item_handlers']
   assert handlers['state'].endswith('v1._src.handlers.pytree_handler.PyTreeHandler')
+  spec = tmp_path / 'spec.yaml'
+  planned = cli('plan', '--input', tmp_path / 'in' / '100', '--spec', spec)
+  assert planned.returncode == 0 and '1 would migrate, 0 would fail' in planned.stdout, (
+      planned.stdout + planned.stderr)
+  inspected = cli('inspect', out)
+  assert inspected.returncode == 0 and 'Linear_0' in inspected.stdout, inspected.stderr
 
 
 def test_v1_training_checkpointer_keeps_metrics_and_metadata(tmp_path):
@@ -176,7 +182,13 @@ def test_checkpoint_manager_on_gcs_keeps_best_step_metadata_and_every_item(manag
     for name in names:
       local = os.path.join(directory, name)
       storage_fs.put_file(local, f'{src}/{os.path.relpath(local, root)}')
-  migrate(src, f'{bucket}/out', tmp_path, '--full_decode')
+  migrate(src, f'{bucket}/out', tmp_path)
+  runs = sorted(files.children(epath.Path(f'{bucket}/out/_surgery/runs')), key=lambda r: r.name)
+  first = [json.loads(line) for line in (runs[0] / 'report.jsonl').read_text().splitlines()]
+  assert len(first) == 2 and all(r['write_path'] == 'copy_and_patch' for r in first), first
+  # Every carried item (and every untouched array) is copied server-side: nothing uploaded
+  # but the arrays the rename rewrote and the metadata.
+  assert all(r['bytes_copied_server_side'] > r['bytes_uploaded'] for r in first), first
   args = ocp.args.Composite(state=ocp.args.StandardRestore())
   with best_manager(root, read_only=True) as before, best_manager(
       epath.Path(f'{bucket}/out/run'), read_only=True) as after:
