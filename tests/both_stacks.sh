@@ -8,14 +8,9 @@ set -uo pipefail
 pythons=("$1" "$2")
 shift 2
 logs=$(mktemp -d)
-# The second stack takes the test files in reverse order, so that the two
-# do not reach the same heavy files (the GCS server's, the multi-process
-# runners') at the same time.
-order=("" "$(ls tests/test_*.py | sort -r | tr '\n' ' ')")
 pids=()
 for i in 0 1; do
-  # shellcheck disable=SC2086  # the file list splits on purpose
-  "${pythons[$i]}" "$@" ${order[$i]} --basetemp="$logs/tmp$i" > "$logs/stack$i.log" 2>&1 &
+  "${pythons[$i]}" "$@" --basetemp="$logs/tmp$i" > "$logs/stack$i.log" 2>&1 &
   pids+=($!)
 done
 status=0
