@@ -414,13 +414,13 @@ class Surgery:
     values is evidence that the state takes zeros; none, and we cannot
     prove the output resumes."""
     sig = signature(tree)
-    if sig not in self._probes:
-      def probe(t):
-        fills = []
-        self.apply(t, zero_fills=fills)
-        return [jnp.all(x != 0) for _, x in fills]
-      self._probes[sig] = jax.jit(probe)
-    zeroless = [name for name, none in zip(self.zero_fills(tree), self._probes[sig](tree)) if none]
+    def probe(t):
+      fills = []
+      self.apply(t, zero_fills=fills)
+      return [jnp.all(x != 0) for _, x in fills]
+    with self._compiling:  # as every cache here: one per signature, whichever thread asks
+      checks = self._probes.setdefault(sig, jax.jit(probe))
+    zeroless = [name for name, none in zip(self.zero_fills(tree), checks(tree)) if none]
     if zeroless:
       raise SurgeryError(
           f'pad would fill new slots of {", ".join(zeroless[:2])}'
