@@ -357,25 +357,25 @@ def _is_plain(x: Any) -> bool:
   return isinstance(x, (int, float, np.number, ocp_metadata.ScalarMetadata)) and not isinstance(x, bool)
 
 
-def _read_spec(directory: epath.Path, param: str, ocdbt: bool,
+def _read_spec(directory: epath.Path, param: str, ocdbt: bool, zarr3: bool,
                context: ts.Context | None) -> tuple[dict[str, Any], ts.Context]:
-  spec = ts_utils.ArrayReadSpec(str(directory), param, use_zarr3=False, use_ocdbt=ocdbt).json
+  spec = ts_utils.ArrayReadSpec(str(directory), param, use_zarr3=zarr3, use_ocdbt=ocdbt).json
   return spec, context or ts_utils.get_ts_context(use_ocdbt=ocdbt)
 
 
-async def read_stored(directory: epath.Path, param: str, ocdbt: bool,
+async def read_stored(directory: epath.Path, param: str, ocdbt: bool, zarr3: bool,
                       context: ts.Context | None = None) -> np.ndarray:
   """The stored array `param` of the tree at `directory`, decoded. Reads of
   one tree share a `context`: its OCDBT manifest and index are read once."""
-  spec, context = _read_spec(directory, param, ocdbt, context)
+  spec, context = _read_spec(directory, param, ocdbt, zarr3, context)
   store = await ts.open(spec, open=True, context=context)
   return await store.read()
 
 
-def open_stored(directory: epath.Path, param: str, ocdbt: bool) -> ts.TensorStore:
+def open_stored(directory: epath.Path, param: str, ocdbt: bool, zarr3: bool) -> ts.TensorStore:
   """The stored array `param` of the tree at `directory`, opened to read
   parts of it, as Orbax's restore reads it."""
-  spec, context = _read_spec(directory, param, ocdbt, None)
+  spec, context = _read_spec(directory, param, ocdbt, zarr3, None)
   return ts.open(spec, open=True, context=context).result()
 
 
@@ -389,16 +389,15 @@ def _read_directly(path: epath.Path, layout: Layout, like: dict[str, Any],
   """The tree items read straight through TensorStore, with the read spec
   Orbax's restore uses (missing chunks an error), placed as it would place
   them: Orbax's own restore costs tens of milliseconds per call in Python
-  alone. None where that is not a plain read: zarr3, a typed
-  key, a leaf of another type, per-process OCDBT without a merged root, an
+  alone. None where that is not a plain read: a typed key, a leaf of another type, per-process OCDBT without a merged root, an
   older Orbax's tree that did not store chunks equal to the fill value.
   Carried items are not read."""
-  reads = []  # (item, param name, directory, ocdbt, leaf)
+  reads = []  # (item, param name, directory, ocdbt, zarr3, leaf)
   for name in layout.trees:
     directory = path / name if name else path
     metadata = json.loads((directory / '_METADATA').read_text())
-    ocdbt = bool(metadata.get('use_ocdbt'))
-    if (metadata.get('use_zarr3') or 'use_ocdbt' not in metadata
+    ocdbt, zarr3 = bool(metadata.get('use_ocdbt')), bool(metadata.get('use_zarr3'))
+    if ('use_ocdbt' not in metadata
         or not metadata.get('store_array_data_equal_to_fill_value')  # Orbax fills missing chunks
         or (ocdbt and not (directory / 'manifest.ocdbt').exists())):
       return None
@@ -409,13 +408,13 @@ def _read_directly(path: epath.Path, layout: Layout, like: dict[str, Any],
         continue
       if not _is_plain(leaf):
         return None
-      reads.append((name, keys, param_name(keys), directory, ocdbt, leaf))
+      reads.append((name, keys, param_name(keys), directory, ocdbt, zarr3, leaf))
 
   contexts = {o: ts_utils.get_ts_context(use_ocdbt=o) for o in (False, True)}
   values = {}  # not the tasks' results: finished tasks linger in cycles until a collection
 
-  async def read(item, keys, param, directory, ocdbt, leaf):  # placed as it comes: the host copy goes
-    v = await read_stored(directory, param, ocdbt, contexts[ocdbt])
+  async def read(item, keys, param, directory, ocdbt, zarr3, leaf):  # placed as it comes: the host copy goes
+    v = await read_stored(directory, param, ocdbt, zarr3, contexts[ocdbt])
     values[item, tuple(keys)] = (jax.device_put(v, transforms.placement(v.shape, v.dtype, devices))
                                  if is_array(leaf) else v.item())
 
@@ -487,11 +486,6 @@ class _StepArgs(ocp.args.Composite):
   """Orbax's composite args, for `_StepHandler`."""
 
 
-def _uses_zarr3(tree: epath.Path) -> bool:
-  file = tree / '_METADATA'
-  return file.exists() and bool(json.loads(file.read_text()).get('use_zarr3'))
-
-
 def custom_metadata(source: epath.Path, provenance: dict[str, Any]) -> dict[str, Any]:
   """The output's custom metadata: the input's (a training loop's own), with
   our provenance under PROVENANCE_KEY."""
@@ -509,13 +503,19 @@ def save(path: epath.Path, layout: Layout, items: dict[str, Any],
   copying their stored bytes."""
   if any(isinstance(x, copy_through.StoredArray) for x in jax.tree_util.tree_leaves(items)):
     copy_through.install()
+  recorded = layout.handlers if layout.is_step and layout.handlers else {}
+
+  def tree_handler(name: str, handler_name: str) -> Any:  # zarr3 where the input tree was
+    tree = source / name if name else source
+    return _tree_handler(handler_name, recorded.get(name),
+                         copy_through.stored_format(tree).use_zarr3)
+
   if not layout.is_step:
     (name, handler_name), = layout.items
-    handler, args = _tree_handler(handler_name), TREE_HANDLERS[handler_name](items[name])
+    handler, args = tree_handler(name, handler_name), TREE_HANDLERS[handler_name](items[name])
   else:
-    recorded = layout.handlers or {}
     handler = _StepHandler(source, layout.beside, **{
-        n: _tree_handler(h, recorded.get(n), _uses_zarr3(source / n)) if h in TREE_HANDLERS
+        n: tree_handler(n, h) if h in TREE_HANDLERS
         else _recorded_as(CarriedItemHandler(), recorded.get(n)) for n, h in layout.items})
     args = _StepArgs(**{
         n: TREE_HANDLERS[h](items[n]) if h in TREE_HANDLERS else CarryArgs(source / n)

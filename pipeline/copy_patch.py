@@ -10,7 +10,8 @@ of an output is the input's bytes. Instead of re-saving them through Orbax:
            the same file, offset and length) and its old keys deleted, in
            one TensorStore transaction; then computed leaves are written, in
            a second, as the bytes the zarr driver encodes them to with the
-           spec Orbax itself would use (below). In per-array directories, a
+           spec Orbax itself would use (below), in the input's zarr format (v2, or
+           zarr3 as Orbax v1 writes by default). In per-array directories, a
            renamed leaf's directory is moved;
   3. rewrite Orbax's metadata (`_METADATA`, `_sharding`, `array_metadatas`,
            `_CHECKPOINT_METADATA` with our provenance), built with Orbax's own
@@ -45,7 +46,7 @@ path's writer too, and a surgery that removes data may take it.
 Limits, where `plan_patch` says why and another writer is used: old OCDBT
 versions and copied data files keep overwritten values readable, so a
 surgery that removes data takes only fresh patches; and neither kind takes
-inputs whose format this module does not know (zarr3, per-process
+inputs whose format this module does not know (per-process
 databases without a merged root, metadata fields or value types Orbax 0.12
 does not write), typed PRNG keys computed, or leaves of other types.
 """
@@ -82,8 +83,8 @@ from pipeline import checkpoint_io, files, storage
 from pipeline.files import COMMIT_FILE, is_gcs
 from pipeline.copy_through import StoredArray
 
-NOTHING_CARRIED = ('no leaf carried over as stored (every leaf computed, a Python scalar among '
-                   'params or opt_state, or zarr3)')
+NOTHING_CARRIED = ('no leaf carried over as stored (every leaf computed, or a Python scalar among '
+                   'params or opt_state)')
 ZERO_FILLS = ("an optimizer-state entry is filled with zeros without 'optimizer:': the state is "
               'read whole, to check that zero is a value it holds')
 _METADATA_FIELDS = {'tree_metadata', 'use_ocdbt', 'use_zarr3',
@@ -103,6 +104,7 @@ class TreePatch:
   patch: writes into an empty directory)."""
   item: str                        # the item's directory name ('' for a single tree)
   use_ocdbt: bool
+  use_zarr3: bool                  # the input's zarr format, which the output keeps
   renamed: dict[str, str]          # new param name -> the old one whose keys it takes
   computed: dict[str, Any]         # param name -> array to write (a fresh patch's scalar: 0-d;
                                    # abstract where streamed in packs; None once written:
@@ -139,9 +141,9 @@ def _input_entries(directory: epath.Path) -> tuple[dict[str, Any], dict[str, Any
   where it holds what this module does not know."""
   meta = _read_json(directory / '_METADATA')
   unknown = set(meta) - _METADATA_FIELDS
-  if unknown or meta.get('use_zarr3') or not meta.get('store_array_data_equal_to_fill_value'):
+  if unknown or not meta.get('store_array_data_equal_to_fill_value'):
     raise NotPatchable(f'{directory}: metadata this writer does not know '
-                       f'({sorted(unknown) or "zarr3 or fill-value chunks"})')
+                       f'({sorted(unknown) or "fill-value chunks"})')
   entries = {}
   for entry in meta['tree_metadata'].values():
     value = entry['value_metadata']
@@ -169,7 +171,7 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
   comes before the tree's leaf paths in the migrated state; `remote`: the
   output is on GCS."""
   meta, entries = _input_entries(directory)
-  use_ocdbt = bool(meta['use_ocdbt'])
+  use_ocdbt, use_zarr3 = bool(meta['use_ocdbt']), bool(meta.get('use_zarr3'))
   recorded = asyncio.run(array_metadata_store.Store().read(directory)) or {}
   ext = {m.param_name: m.ext_metadata for metas in recorded.values() for m in metas}
   renamed, computed, kept, paths, shardings, arrays, out_entries = {}, {}, set(), {}, {}, [], []
@@ -193,15 +195,15 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
           raise NotPatchable(f'{name} is computed with dtype {x.dtype}')
         computed[name], paths[name] = x, prefix + transforms.key_path(path)
         written = _write_shape(x)
-        chunks = _array_spec(tuple(x.shape), written, np.dtype(x.dtype), use_ocdbt,
-                             remote, chunk_bytes)['metadata']['chunks']
+        chunks = _chunks(_array_spec(tuple(x.shape), written, np.dtype(x.dtype), use_ocdbt,
+                                     use_zarr3, remote, chunk_bytes))
         extra = None
       shape = tuple(x.shape)
       written = tuple(written or shape)
       shardings[name] = _serialized(x.sharding)
       arrays.append(array_metadata.ArrayMetadata(
           param_name=name, shape=shape, dtype=np.dtype(x.dtype), write_shape=written,
-          chunk_shape=tuple(chunks), use_ocdbt=use_ocdbt, use_zarr3=False, ext_metadata=extra))
+          chunk_shape=tuple(chunks), use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, ext_metadata=extra))
       value = tree_metadata.ValueMetadataEntry('jax.Array', False, written)
     elif empty_values.is_supported_empty_value(x, options):
       value = tree_metadata.ValueMetadataEntry(
@@ -221,13 +223,13 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
   if set(renamed) & stored:  # a swap or a shift: each copy's target must be a fresh name
     raise NotPatchable(f'renames onto names the input holds ({sorted(set(renamed) & stored)[:3]})')
   metadata = tree_metadata.InternalTreeMetadata(
-      tree_metadata_entries=out_entries, use_ocdbt=use_ocdbt, use_zarr3=False,
+      tree_metadata_entries=out_entries, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3,
       custom_metadata=meta.get('custom_metadata'),
       store_array_data_equal_to_fill_value=True, pytree_metadata_options=options)
   if fresh and use_ocdbt and not computed:  # no value to write: no database to make
     raise NotPatchable(f'{directory}: a tree with no stored value')
   removed = set() if fresh else stored - kept - set(computed)
-  return TreePatch(item, use_ocdbt, renamed, computed, sorted(kept), sorted(removed),
+  return TreePatch(item, use_ocdbt, use_zarr3, renamed, computed, sorted(kept), sorted(removed),
                    metadata.to_json(), shardings, arrays, paths, fresh, chunk_bytes)
 
 
@@ -291,7 +293,8 @@ def _write_shape(x: Any) -> tuple[int, ...]:
 
 
 def _array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dtype: np.dtype,
-                use_ocdbt: bool, remote: bool, chunk_bytes: int | None = None) -> dict[str, Any]:
+                use_ocdbt: bool, use_zarr3: bool, remote: bool,
+                chunk_bytes: int | None = None) -> dict[str, Any]:
   """The TensorStore spec Orbax writes an array of this shape, shard shape
   and dtype with (zarr metadata, chunks, compression), but its kvstore: the
   same for every leaf of a kind on one storage (`remote`: GCS, whose OCDBT
@@ -300,15 +303,17 @@ def _array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dtype: np.
   chunks of whole trailing rows, as many leading rows (a divisor of the
   write shape's) as fit that many bytes, or one: a leaf too large to hold
   is written a slab of rows at a time, whole chunks each."""
-  return copy.deepcopy(_cached_array_spec(shape, write_shape, dtype, use_ocdbt, remote, chunk_bytes))
+  return copy.deepcopy(_cached_array_spec(shape, write_shape, dtype, use_ocdbt, use_zarr3, remote,
+                                          chunk_bytes))
 
 
 @functools.lru_cache(maxsize=256)
 def _cached_array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dtype: np.dtype,
-                       use_ocdbt: bool, remote: bool, chunk_bytes: int | None) -> dict[str, Any]:
+                       use_ocdbt: bool, use_zarr3: bool, remote: bool,
+                       chunk_bytes: int | None) -> dict[str, Any]:
   parent = epath.Path('gs://bucket' if remote else '/directory')  # never opened
   info = serialization_types.ParamInfo(
-      name='array', parent_dir=parent, is_ocdbt_checkpoint=use_ocdbt, use_zarr3=False,
+      name='array', parent_dir=parent, is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3,
       use_compression=True, ocdbt_target_data_file_size=None, ts_context=_context(use_ocdbt))
   spec = ts_utils.build_array_write_spec(
       info, None, global_shape=shape, local_shape=write_shape, dtype=dtype, use_ocdbt=use_ocdbt,
@@ -317,8 +322,28 @@ def _cached_array_spec(shape: tuple[int, ...], write_shape: tuple[int, ...], dty
     most = chunk_bytes // (math.prod(write_shape[1:]) * dtype.itemsize)
     divisors = {d for i in range(1, math.isqrt(write_shape[0]) + 1) if write_shape[0] % i == 0
                 for d in (i, write_shape[0] // i)}
-    spec['metadata']['chunks'] = [max([d for d in divisors if d <= most] or [1]), *write_shape[1:]]
+    _set_chunks(spec, [max([d for d in divisors if d <= most] or [1]), *write_shape[1:]])
   return {k: v for k, v in spec.items() if k != 'kvstore'}
+
+
+def _chunks(spec: dict[str, Any]) -> list[int]:
+  """The chunk shape of a zarr write spec (zarr3: its shards', which Orbax
+  records as the chunk shape)."""
+  meta = spec['metadata']
+  return meta['chunks'] if 'chunks' in meta else meta['chunk_grid']['configuration']['chunk_shape']
+
+
+def _set_chunks(spec: dict[str, Any], chunks: list[int]) -> None:
+  """Chunks of `chunks` (zarr3: shards of one chunk each, so a slab of
+  whole shards is written alone)."""
+  meta = spec['metadata']
+  if 'chunks' in meta:
+    meta['chunks'] = chunks
+    return
+  meta['chunk_grid']['configuration']['chunk_shape'] = chunks
+  for codec in meta['codecs']:
+    if codec['name'] == 'sharding_indexed':
+      codec['configuration']['chunk_shape'] = chunks
 
 
 class Slab(NamedTuple):
@@ -328,15 +353,18 @@ class Slab(NamedTuple):
   start: int
 
 
-def _chunk_keys(name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
+def _chunk_keys(name: str, shape: tuple[int, ...], chunks: tuple[int, ...], use_zarr3: bool,
                 rows: tuple[int, int] | None = None) -> set[bytes]:
-  """Every key zarr v2 stores an array under: its metadata, and each chunk
-  of its grid ('.'-separated indices; '0' for a 0-d array); of the chunks,
-  only those of leading `rows` [start, stop) where given."""
+  """Every key zarr stores an array under: its metadata, and each chunk of
+  its grid (v2: '.'-separated indices, '0' for a 0-d array; zarr3's default
+  encoding: 'c/' then '/'-separated indices, 'c' for a 0-d array); of the
+  chunks, only those of leading `rows` [start, stop) where given."""
   ranges = [range(-(-n // c)) for n, c in zip(shape, chunks)]
   if rows:
     ranges[0] = range(rows[0] // chunks[0], -(-rows[1] // chunks[0]))
   grid = itertools.product(*ranges)
+  if use_zarr3:
+    return {f'{name}/zarr.json'.encode()} | {'/'.join((name, 'c', *map(str, i))).encode() for i in grid}
   return {f'{name}/.zarray'.encode()} | {f'{name}/{".".join(map(str, i)) or "0"}'.encode() for i in grid}
 
 
@@ -385,12 +413,12 @@ def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[byte
     if not slab and x.shape != shape:
       raise checkpoint_io.VerificationError(f'{name}: {list(x.shape)} handed to the encoder, '
                                             f'{list(shape)} in its metadata')
-    spec = _array_spec(shape, write_shape, np.dtype(x.dtype), patch.use_ocdbt, remote,
-                       patch.chunk_bytes)
+    spec = _array_spec(shape, write_shape, np.dtype(x.dtype), patch.use_ocdbt, patch.use_zarr3,
+                       remote, patch.chunk_bytes)
     rows = (slab.start, slab.start + len(x)) if slab else None
     if slab:
-      _check_slab(patch, name, rows, x, meta[name], spec['metadata']['chunks'][0])
-    expected.update(_chunk_keys(name, shape, spec['metadata']['chunks'], rows))
+      _check_slab(patch, name, rows, x, meta[name], _chunks(spec)[0])
+    expected.update(_chunk_keys(name, shape, _chunks(spec), patch.use_zarr3, rows))
     if name in patch.paths:
       patch.encoding.setdefault(name, transforms.Fingerprinter()).update(x)
       if not slab or rows[1] == shape[0]:
@@ -581,6 +609,7 @@ def _copy_input(src: epath.Path, work: epath.Path, layout: checkpoint_io.Layout,
   items and the files beside them, each tree item's directory left empty."""
   if not any(p.fresh for p in patches):
     return storage.copy_tree(src, work, skip=frozenset({COMMIT_FILE}))
+  work.mkdir(parents=True, exist_ok=True)  # where nothing else makes it: files beside, no item
   stats = [storage.copy_tree(src / name, work / name) for name in layout.carried]
   for name in layout.beside:
     storage.copy_entry(src / name, work / name)
@@ -742,8 +771,9 @@ def _check_computed(directory: epath.Path, patch: TreePatch, stored: dict[bytes,
     raise checkpoint_io.VerificationError(
         f'{directory}: the arrays encoded differ from those computed at {differ[:3]}')
   meta = {a.param_name: a for a in patch.arrays}
-  grids = set().union(*(_chunk_keys(n, meta[n].shape, meta[n].chunk_shape) if n in meta else
-                        _chunk_keys(n, (), ()) for n in patch.computed))
+  grids = set().union(*(_chunk_keys(n, meta[n].shape, meta[n].chunk_shape, patch.use_zarr3)
+                        if n in meta else _chunk_keys(n, (), (), patch.use_zarr3)
+                        for n in patch.computed))
   if set(patch.crcs) != grids:  # what was encoded, slab by slab or whole, is every chunk recorded
     raise checkpoint_io.VerificationError(
         f"{directory}: the values encoded are not every chunk of the computed leaves' grids "

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -46,6 +47,7 @@ class StoredArray:
   directory: str
   name: str
   use_ocdbt: bool
+  use_zarr3: bool
   shape: tuple[int, ...]
   dtype: np.dtype
   chunk_shape: tuple[int, ...]
@@ -57,11 +59,33 @@ class StoredArray:
     return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
 
-def stored_array(meta: Any, use_ocdbt: bool, sharding: jax.sharding.Sharding) -> StoredArray:
-  """The StoredArray of a leaf from its Orbax ArrayMetadata."""
-  chunks = meta.storage.chunk_shape if meta.storage and meta.storage.chunk_shape else meta.shape
-  return StoredArray(str(meta.directory), meta.name, use_ocdbt, tuple(meta.shape),
-                     np.dtype(meta.dtype), tuple(chunks), sharding)
+class StoredFormat(NamedTuple):
+  """How a checkpoint tree stores its arrays."""
+  use_ocdbt: bool
+  use_zarr3: bool
+
+
+def stored_format(tree: epath.Path) -> StoredFormat:
+  """The format of the tree at `tree`, from its files (two small reads)."""
+  metadata = tree / '_METADATA'
+  zarr3 = metadata.exists() and bool(json.loads(metadata.read_text()).get('use_zarr3'))
+  return StoredFormat(ocp.type_handlers.is_ocdbt_checkpoint(tree), zarr3)
+
+
+def stand_ins(place: Callable[[Any], jax.sharding.Sharding]) -> Callable[[Any], StoredArray]:
+  """A function from a leaf's Orbax ArrayMetadata to its StoredArray, placed
+  as `place` says; each tree's format read once."""
+  formats: dict[str, StoredFormat] = {}
+
+  def stand_in(meta: Any) -> StoredArray:
+    directory = str(meta.directory)
+    if directory not in formats:
+      formats[directory] = stored_format(epath.Path(directory))
+    chunks = meta.storage.chunk_shape if meta.storage and meta.storage.chunk_shape else meta.shape
+    return StoredArray(directory, meta.name, *formats[directory], tuple(meta.shape),
+                       np.dtype(meta.dtype), tuple(chunks), place(meta))
+
+  return stand_in
 
 
 _TRANSACTION_BYTES = 64 << 20  # copy in batches: concurrent reads, few commits, bounded memory
@@ -142,6 +166,9 @@ class CopyThroughArrayHandler(ocp.type_handlers.ArrayHandler):
     await asyncio.gather(*(info.await_path_creation() for info in infos))
     writes = []
     for value, info, arg in zip(values, infos, args):
+      if value.use_zarr3 != bool(info.use_zarr3):  # the copied chunks would not be the tree's format
+        raise ValueError(f'{info.name}: stored as zarr{3 if value.use_zarr3 else 2}, copied into '
+                         f'a zarr{3 if info.use_zarr3 else 2} tree')
       use_ocdbt = bool(info.is_ocdbt_checkpoint)
       writes.append(ts_utils.build_array_write_spec(
           info=info, arg=arg, global_shape=value.shape, local_shape=value.shape,

@@ -220,10 +220,7 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
   removes data or None) with every leaf
   the surgery leaves untouched as a StoredArray, restoring only what the
   computed leaves read; None where copy-through does not apply: nothing
-  untouched, a scalar among params and opt_state, or zarr3 input (our
-  outputs are zarr2, so its chunks would not fit)."""
-  if any(m.use_zarr3 for m in meta.values()):
-    return None
+  untouched, or a scalar among params and opt_state."""
   tree_meta, rest_meta = surgery.split(layout.join(checkpoint_io.trees(meta)))
   leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
   if not all(checkpoint_io.is_array(x) for x in leaves):
@@ -237,11 +234,7 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
   if not route.carried and not rest_arrays:
     return None
   check_recorded(src, layout, meta, budget=budget)  # carried leaves are not read below
-  ocdbt = {}  # item directory -> whether it is an OCDBT tree
-  def stand_in(m):
-    if m.directory not in ocdbt:
-      ocdbt[m.directory] = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(m.directory))
-    return copy_through.stored_array(m, ocdbt[m.directory], place(m))
+  stand_in = copy_through.stand_ins(place)
   needed = set(route.needed)
   like = surgery.join(
       treedef.unflatten([m if i in needed else ocp.PLACEHOLDER for i, m in enumerate(leaves)]),

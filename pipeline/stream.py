@@ -36,8 +36,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_patch, release_freed_memory
-from pipeline.copy_through import StoredArray, stored_array
+from pipeline import checkpoint_io, copy_patch, copy_through, release_freed_memory
+from pipeline.copy_through import StoredArray
 
 MIN_BUDGET = 64 << 20
 FOOTPRINT = 1 << 30  # what a worker holds besides its checkpoints (JAX, Beam, TensorStore), about
@@ -139,12 +139,7 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: d
   held = sum(g.nbytes for g in surgery.groups(abstract, everything))
   if held + everything * transforms.tree_bytes(rest_arrays) <= limit:
     return None
-  ocdbt = {}  # item directory -> whether it is an OCDBT tree
-
-  def stand_in(m):
-    if m.directory not in ocdbt:
-      ocdbt[m.directory] = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(m.directory))
-    return stored_array(m, ocdbt[m.directory], place(m))
+  stand_in = copy_through.stand_ins(place)
 
   def lay_out(fresh: str | None) -> Streamed:
     """The plan writing a fresh tree (`fresh` says why) or patching a copy."""
@@ -306,7 +301,7 @@ class Run:
     source = streamed.leaves[group.inputs[0]]
     directory = epath.Path(source.directory)
     stored = checkpoint_io.open_stored(directory, source.name,
-                                       ocp.type_handlers.is_ocdbt_checkpoint(directory))
+                                       *copy_through.stored_format(directory))
     running = transforms.Fingerprinter()
     for start in range(0, size, rows):
       stop = min(size, start + rows)

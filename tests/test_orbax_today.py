@@ -25,7 +25,7 @@ import pytest
 from etils import epath
 from orbax.checkpoint import v1 as ocp_v1
 
-from pipeline import files
+from pipeline import files, storage
 from tests.test_cli import cli
 
 SPEC = "ops:\n  - rename: {match: '^Dense_0/', to: 'Linear_0/'}\n"
@@ -81,6 +81,7 @@ def test_v1_save_pytree_reads_back_through_v1(tmp_path):
   ocp_v1.save_pytree(tmp_path / 'in' / '100', saved)
   migrate(tmp_path / 'in' / '100', tmp_path / 'out', tmp_path)
   out = tmp_path / 'out' / '100'
+  assert [r['write_path'] for r in records(tmp_path / 'out')] == ['copy_and_patch']  # zarr3 patched
   assert_same(ocp_v1.load_pytree(out), renamed(ocp_v1.load_pytree(tmp_path / 'in' / '100')))
   assert (out / 'orbax.checkpoint').exists()  # v1's marker, carried
   for where in (tmp_path / 'in' / '100', out):
@@ -104,6 +105,7 @@ def test_v1_training_checkpointer_keeps_metrics_and_metadata(tmp_path):
                         custom_metadata={'data_epoch': step})
   migrate(root, tmp_path / 'out', tmp_path)
   out = tmp_path / 'out' / 'run'
+  assert [r['write_path'] for r in records(tmp_path / 'out')] == ['copy_and_patch'] * len(steps)
   with ocp_v1.training.Checkpointer(root) as before, ocp_v1.training.Checkpointer(out) as after:
     assert [(c.step, c.metrics) for c in after.checkpoints] == [
         (c.step, c.metrics) for c in before.checkpoints]
@@ -174,17 +176,20 @@ def test_checkpoint_manager_keeps_best_step_metadata_and_every_item(manager_root
     assert handlers['notes'].endswith('test_orbax_today.Notes')
 
 
-def test_checkpoint_manager_on_gcs_keeps_best_step_metadata_and_every_item(manager_root, tmp_path, bucket):
-  root = manager_root
-  src = f'{bucket}/in/run'
+def upload(root, src: str) -> None:
   storage_fs = files.gcs()
   for directory, _, names in os.walk(root):
     for name in names:
       local = os.path.join(directory, name)
       storage_fs.put_file(local, f'{src}/{os.path.relpath(local, root)}')
+
+
+def test_checkpoint_manager_on_gcs_keeps_best_step_metadata_and_every_item(manager_root, tmp_path, bucket):
+  root = manager_root
+  src = f'{bucket}/in/run'
+  upload(root, src)
   migrate(src, f'{bucket}/out', tmp_path)
-  runs = sorted(files.children(epath.Path(f'{bucket}/out/_surgery/runs')), key=lambda r: r.name)
-  first = [json.loads(line) for line in (runs[0] / 'report.jsonl').read_text().splitlines()]
+  first = records(f'{bucket}/out')
   assert len(first) == 2 and all(r['write_path'] == 'copy_and_patch' for r in first), first
   # Every carried item (and every untouched array) is copied server-side: nothing uploaded
   # but the arrays the rename rewrote and the metadata.
@@ -200,3 +205,80 @@ def test_checkpoint_manager_on_gcs_keeps_best_step_metadata_and_every_item(manag
       for file in files.children(epath.Path(root / str(step) / item)):
         assert epath.Path(f'{bucket}/out/run/{step}/{item}/{file.name}').read_bytes() == (
             file.read_bytes())
+
+
+def records(out) -> list[dict]:
+  """The records of the first run at `out`."""
+  runs = sorted(files.children(epath.Path(out) / '_surgery' / 'runs'), key=lambda r: r.name)
+  return [json.loads(line) for line in (runs[0] / 'report.jsonl').read_text().splitlines()]
+
+
+ZARR3_WAYS = [  # (spec, settings, write path, whether streamed): every way an output is written
+    (SPEC, {}, 'copy_and_patch', False),
+    (SPEC, {'full_decode': True}, 'full', False),
+    ("ops: [{rename: {match: '^Dense_0/', to: 'Linear_0/'}}, "
+     "{normalize: {match: 'Dense_[1-3]/kernel$'}}]", {'memory_budget': 64 << 10},
+     'copy_and_patch', True),
+    ("ops: [{scale: {match: 'Dense_0/kernel', by: 0.5}}, "  # Dense_0/kernel (256 KB) in slabs
+     "{cast: {match: '.*', dtype: bfloat16, opt_state: follow}}]", {'memory_budget': 64 << 10},
+     'full', True),
+    ("ops: [{rename: {match: '^Dense_2/', to: 'Tmp/'}}, "  # a swap: onto names held
+     "{rename: {match: '^Dense_3/', to: 'Dense_2/'}}, {rename: {match: '^Tmp/', to: 'Dense_3/'}}]",
+     {}, 'copy_through', False),
+]
+
+
+@pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'no_ocdbt'])
+def test_zarr3_inputs_take_every_write_path_and_stay_zarr3(tmp_path, use_ocdbt):
+  """A zarr3 tree (Orbax v1's default; v0 with `use_zarr3=True`) is written
+  by each writer as zarr3: its chunks carried or copied as stored, its
+  computed leaves encoded as zarr3 (in slabs, under a budget), each output
+  restoring through Orbax bit for bit as the same surgery's whole output."""
+  from tests.conftest import mlp, trained  # pylint: disable=g-import-not-at-top
+  from tests.test_copy_through import restored_bits  # pylint: disable=g-import-not-at-top
+  from pipeline import migrate  # pylint: disable=g-import-not-at-top
+  src = tmp_path / 'in'
+  params, opt_state = trained(optax.adam(1e-2), mlp((512, 128, 32, 32, 4)))
+  ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=True)).save(
+      src, {'params': params, 'opt_state': opt_state, 'step': 3})
+  for i, (spec, settings, path, streamed) in enumerate(ZARR3_WAYS):
+    migrate._SURGERIES.clear()
+    surgery = migrate.surgery_for(spec)
+    whole = migrate.migrate_one(str(src), str(tmp_path / f'whole{i}'), surgery,
+                                migrate.Settings(full_decode=True), attempts=1)
+    rec = migrate.migrate_one(str(src), str(tmp_path / f'out{i}'), surgery,
+                              migrate.Settings(**settings), attempts=1)
+    assert (rec['status'], rec['write_path'], rec['packs'] > 1) == ('ok', path, streamed), (
+        spec, rec['error'], rec['why_not_patched'])
+    assert whole['status'] == 'ok', whole['error']
+    assert restored_bits(tmp_path / f'out{i}', 'pytree') == restored_bits(tmp_path / f'whole{i}',
+                                                                          'pytree')
+    for out in (tmp_path / f'out{i}', tmp_path / f'whole{i}'):
+      assert json.loads((out / '_METADATA').read_text())['use_zarr3']
+      stored = (storage.ocdbt_index(out) if (out / 'manifest.ocdbt').exists() else
+                {str(p.relative_to(out)).encode(): None for p in out.rglob('*') if p.is_file()})
+      assert not any(k.endswith(b'/.zarray') for k in stored) and (
+          b'params.Dense_1.kernel/zarr.json' in stored or b'params.Dense_0.kernel/zarr.json' in stored)
+
+
+def test_v1_training_checkpointer_on_gcs_is_patched_server_side(tmp_path, bucket):
+  """A v1 root (zarr3 trees, metrics, root and step metadata) on gs://: each
+  step copied server-side and patched, read back by v1's Checkpointer."""
+  root = tmp_path / 'in' / 'run'
+  with ocp_v1.training.Checkpointer(root, custom_metadata={'experiment': 'sweep-7'}) as ckptr:
+    for step in (1, 2):
+      ckptr.save_pytree(step, state(step), metrics={'loss': 1.0 / step},
+                        custom_metadata={'data_epoch': step})
+  src = f'{bucket}/v1/in/run'
+  upload(root, src)
+  migrate(src, f'{bucket}/v1/out', tmp_path)
+  done = records(f'{bucket}/v1/out')
+  assert [r['write_path'] for r in done] == ['copy_and_patch'] * 2, done
+  assert all(r['bytes_copied_server_side'] > r['bytes_uploaded'] for r in done), done
+  out = epath.Path(f'{bucket}/v1/out/run')
+  with ocp_v1.training.Checkpointer(root) as before, ocp_v1.training.Checkpointer(out) as after:
+    assert [(c.step, c.metrics) for c in after.checkpoints] == [
+        (c.step, c.metrics) for c in before.checkpoints]
+    assert after.root_metadata().custom_metadata == {'experiment': 'sweep-7'}
+    assert_same(after.load_pytree(2), renamed(before.load_pytree(2)))
+  assert custom(out / '2') == {'data_epoch': 2}
