@@ -20,12 +20,21 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
+import aiohttp
 import fsspec
 from etils import epath
 from etils.epath import backend as epath_backend
 
 COMMIT_FILE = 'commit_success.txt'  # what Orbax writes last on GCS
 _REQUESTS = 16  # concurrent object requests: many small objects are not round trips in series
+
+# gcsfs sends each request with no timeout at all, so a response that never
+# comes holds a worker forever (seen once in the suite: a 186-byte upload).
+# A request given a minute to connect and two minutes between bytes of its
+# answer fails with aiohttp's ServerTimeoutError instead, which gcsfs retries.
+# Every gcsfs instance takes it, epath's (and so Orbax's) too.
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=60, sock_read=120)
+fsspec.config.conf.setdefault('gcs', {}).setdefault('requests_timeout', REQUEST_TIMEOUT)
 
 
 def is_gcs(path: Any) -> bool:
