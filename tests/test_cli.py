@@ -14,12 +14,7 @@ from pipeline import cli as cli_module
 from pipeline import migrate, run as run_lib
 from pipeline.demo import SEED_SPEC
 from tests.conftest import mlp
-
-
-def cli(*args, cwd=None, env=None):
-  """`python -m pipeline ARGS` (the same program as `ckpt-surgery`)."""
-  return subprocess.run([sys.executable, '-m', 'pipeline', *map(str, args)],
-                        capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+from tests.forked_cli import cli
 
 
 @pytest.fixture
