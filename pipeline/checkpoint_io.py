@@ -56,7 +56,7 @@ HANDLER_CLASSES = {
 }
 # What Orbax itself writes at a step's top level; any other file there (v1's
 # `orbax.checkpoint` marker, a user's notes) is carried as it is.
-ORBAX_STEP_FILES = frozenset({'_CHECKPOINT_METADATA', 'commit_success.txt'})
+ORBAX_STEP_FILES = frozenset({'_CHECKPOINT_METADATA', files.COMMIT_FILE})
 
 
 class CheckpointError(ValueError):

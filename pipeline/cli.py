@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 from etils import epath
 
 import transforms
-from pipeline import (ARENAS, checkpoint_io, demo, discovery, inspection, plan, report, report_page,
-                      roots, storage, supervisor)
+from pipeline import (ARENAS, checkpoint_io, demo, discovery, files, inspection, plan, report,
+                      report_page, roots, storage, supervisor)
 
 if TYPE_CHECKING:
   from pipeline.migrate import Settings
@@ -357,7 +357,7 @@ def build_page(prefix: str, run: str | None, open_it: bool) -> int:
     where = report.run_dir(prefix, run) if run else report.report_dir(prefix)
     raise UsageError(f'no report at {where}') from None
   print(page)
-  if open_it and str(page).startswith('gs://'):
+  if open_it and files.is_gcs(page):
     print('ckpt-surgery: --open: a browser cannot open gs://; download the page', file=sys.stderr)
   elif open_it:
     webbrowser.open(pathlib.Path(str(page)).resolve().as_uri())

@@ -49,7 +49,7 @@ LONGEST_SUFFIX = len('.ckpt-surgery-new.orbax-checkpoint-tmp-') + 19
 
 def gcs_unsafe(path: str, role: str) -> str | None:
   """Why a gs:// path cannot be used as it is named, or None."""
-  bad = sorted(set(path.removeprefix('gs://')) & set(GCS_UNSAFE)) if path.startswith('gs://') else []
+  bad = sorted(set(path.removeprefix('gs://')) & set(GCS_UNSAFE)) if files.is_gcs(path) else []
   if bad:
     return (f'{role} {path} holds {" ".join(repr(c) for c in bad)}, which GCS tools read as '
             'wildcards or do not keep as written (Google advises against them in object names); '
@@ -65,7 +65,7 @@ def refused_names(src: str, dst: str) -> str | None:
   if why := gcs_unsafe(src, 'input') or gcs_unsafe(dst, 'output'):
     return why
   name = len(os.path.basename(dst).encode())
-  if not dst.startswith('gs://') and name + LONGEST_SUFFIX > NAME_MAX:
+  if not files.is_gcs(dst) and name + LONGEST_SUFFIX > NAME_MAX:
     return (f'output {dst}: its name is {name} bytes, and the temporaries beside it add '
             f'{LONGEST_SUFFIX}: names of at most {NAME_MAX - LONGEST_SUFFIX} bytes fit this file '
             f"system's limit of {NAME_MAX}")
@@ -173,7 +173,7 @@ def real_path(path: str) -> str:
   """Where a path really is: local symlinks resolved; a gs:// URL as its
   bucket and object prefix, as gcsfs and epath name the objects (repeated
   slashes and `.` segments gone; GCS has no links)."""
-  if path.startswith('gs://'):
+  if files.is_gcs(path):
     return 'gs://' + '/'.join(p for p in path[len('gs://'):].split('/') if p not in ('', '.'))
   return os.path.realpath(path)
 

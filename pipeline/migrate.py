@@ -30,8 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, identity, lease, outputs,
-                      report, storage, stream)
+from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, files, identity, lease,
+                      outputs, report, storage, stream)
 from pipeline.deadline import Deadline
 from pipeline.checkpoint_io import VerificationError
 from pipeline.report import record
@@ -308,7 +308,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
     else:
       checkpoint_io.save(dst, layout, written, provenance, src)
       moved = {'bytes_copied_server_side': 0,
-               'bytes_uploaded': done['bytes_out'] if str(dst).startswith('gs://') else 0}
+               'bytes_uploaded': done['bytes_out'] if files.is_gcs(dst) else 0}
   done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],
               bytes_uploaded=moved['bytes_uploaded'])
   written = checkpoint_io.abstract(written)  # verify_saved reads the arrays back in batches

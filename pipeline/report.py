@@ -91,7 +91,7 @@ def read_spec(prefix: str, run: str) -> str | None:
 def write_whole(path: epath.Path, text: str) -> None:
   """Write `path` so that no reader sees half of it: beside, then renamed
   (an object write on GCS is whole anyway)."""
-  if str(path).startswith('gs://'):
+  if files.is_gcs(path):
     path.write_text(text)
     return
   part = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}.part'

@@ -67,7 +67,7 @@ class StorageError(OSError):
 
 def check_bucket(url: str, role: str) -> None:
   """Refuse a gs:// URL whose bucket does not exist or cannot be seen."""
-  if not url.startswith('gs://'):
+  if not files.is_gcs(url):
     return
   bucket = 'gs://' + url[len('gs://'):].split('/')[0]
   try:
@@ -134,7 +134,7 @@ def copy_tree(src: epath.Path, dst: epath.Path, skip: frozenset[str] = frozenset
   paths relative to src not to copy (the commit file, written last).
   """
   source, target = str(src).rstrip('/'), str(dst).rstrip('/')
-  src_gs, dst_gs = source.startswith('gs://'), target.startswith('gs://')
+  src_gs, dst_gs = files.is_gcs(source), files.is_gcs(target)
   if not src_gs and not dst_gs:
     return _copy_local(source, target, skip)
   fs = files.gcs()
@@ -241,9 +241,9 @@ def sync(path: epath.Path) -> None:
   """Make what was written under a local `path` durable: one syncfs of its
   file system (os.sync where there is none), cheaper than an fsync per file.
   Nothing to do on GCS, where a finished upload is durable."""
-  path = str(path)
-  if path.startswith('gs://'):
+  if files.is_gcs(path):
     return
+  path = str(path)
   try:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
@@ -271,7 +271,7 @@ def kvstore_spec(path: epath.Path) -> dict[str, Any]:
   gs://, as Orbax builds its own: a JSON spec, not a URL, so that no
   character of the path (`#`, `?`, `%`) is read as a URL's."""
   path = str(path).rstrip('/') + '/'
-  if path.startswith('gs://'):
+  if files.is_gcs(path):
     bucket, _, rest = path[len('gs://'):].partition('/')
     return {'driver': 'gcs', 'bucket': bucket, 'path': rest}
   return {'driver': 'file', 'path': path}
