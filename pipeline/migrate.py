@@ -38,12 +38,40 @@ from pipeline.report import record
 
 log = logging.getLogger('ckpt_surgery')
 METRICS = 'ckpt_surgery'
-_SURGERIES: dict[str, transforms.Surgery] = {}  # one per spec per process
-# One checkpoint at a time reads and operates, and one at a time saves: the
-# next one's read overlaps the last one's save (and Orbax's handlers are
-# shared by every save in the process).
-_READING = threading.Lock()
-_SAVING = threading.Lock()
+
+
+class WorkerState:
+  """What a worker process keeps from one checkpoint to the next: each
+  spec's Surgery (so compilations outlive bundles), and two locks. One
+  checkpoint at a time reads and operates, and one at a time saves: the
+  next one's read overlaps the last one's save (and Orbax's handlers are
+  shared by every save in the process). `clear()` forgets it all."""
+
+  def __init__(self):
+    self.clear()
+
+  def clear(self) -> None:
+    self.surgeries: dict[str, transforms.Surgery] = {}
+    self.reading = threading.Lock()
+    self.saving = threading.Lock()
+
+  def surgery_for(self, spec_text: str) -> transforms.Surgery:
+    spec = transforms.load_spec(spec_text)
+    return self.surgeries.setdefault(spec.hash, transforms.Surgery(spec))
+
+  def reset_after_timeout(self, spec_text: str) -> transforms.Surgery:
+    """A worker whose checkpoint was given up may have a thread stuck
+    forever holding the read lock (a streamed checkpoint's, the save lock
+    too) and the surgery's compile lock: later checkpoints get fresh ones
+    (and compile afresh), so one stuck op fails one checkpoint, not every
+    one after it."""
+    self.reading, self.saving = threading.Lock(), threading.Lock()
+    spec = transforms.load_spec(spec_text)
+    self.surgeries[spec.hash] = transforms.Surgery(spec)
+    return self.surgeries[spec.hash]
+
+
+WORKER = WorkerState()  # this process's
 
 
 def show_progress() -> None:
@@ -66,8 +94,7 @@ def tool_version() -> str:
 
 def surgery_for(spec_text: str) -> transforms.Surgery:
   """The process-wide Surgery of a spec, so compilations outlive bundles."""
-  spec = transforms.load_spec(spec_text)
-  return _SURGERIES.setdefault(spec.hash, transforms.Surgery(spec))
+  return WORKER.surgery_for(spec_text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +284,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   time where what the surgery computes exceeds the memory budget (`stream`)."""
   budget = settings.memory_budget or stream.default_budget(settings.in_flight)
   why_not_streamed = None
-  with deadline.hold(_READING):
+  with deadline.hold(WORKER.reading):
     layout = checkpoint_io.read_layout(src)
     if layout.msgpack:  # one file, read once and whole: no metadata, no stored chunks to copy
       _, items = checkpoint_io.restore(src)
@@ -302,7 +329,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
   patches, done['write_path'], done['why_not_patched'] = _choose_writer(
       src, dst, layout, written, removes, carried, settings)
-  with deadline.hold(_SAVING), deadline.writing():
+  with deadline.hold(WORKER.saving), deadline.writing():
     if patches:
       moved = copy_patch.write(src, dst, layout, patches, provenance)
     else:
@@ -358,7 +385,7 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layo
             if (i + 1) % 10 == 0 else None)
   provenance = _provenance(src, surgery.spec, run.prints, streamed.carried, settings,
                            input_identity)
-  with deadline.hold(_SAVING), deadline.writing():
+  with deadline.hold(WORKER.saving), deadline.writing():
     moved = copy_patch.finish(src, work, dst, layout, streamed.patches, provenance)
   copy_patch.verify(src, dst, layout, streamed.patches, run.prints)
   done = _fields(checkpoint_io.trees(meta), streamed.bytes_out, streamed.carried,
@@ -487,19 +514,6 @@ def peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
 
 
-def reset_after_timeout(spec_text: str) -> transforms.Surgery:
-  """A worker whose checkpoint was given up may have a thread stuck forever
-  holding the read lock (a streamed checkpoint's, the save lock too) and the
-  surgery's compile lock: later checkpoints get
-  fresh ones (and compile afresh), so one stuck op fails one checkpoint, not
-  every one after it."""
-  global _READING, _SAVING
-  _READING, _SAVING = threading.Lock(), threading.Lock()
-  spec = transforms.load_spec(spec_text)
-  _SURGERIES[spec.hash] = transforms.Surgery(spec)
-  return _SURGERIES[spec.hash]
-
-
 def in_daemon_thread(fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
   """fn(*args, **kwargs) in a thread of its own; its future. A daemon thread:
   one stuck past its checkpoint's deadline (a `python:` op that never returns)
@@ -584,7 +598,7 @@ class MigrateFn(beam.DoFn):
         return done.result()
       except Exception:  # pylint: disable=broad-except
         pass
-    self.surgery = reset_after_timeout(self.spec_text)
+    self.surgery = WORKER.reset_after_timeout(self.spec_text)
     return record(src, dst, 'failed', seconds=deadline.seconds,
                   error=describe(deadline.timeout_error()))
 

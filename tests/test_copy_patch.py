@@ -30,7 +30,7 @@ RENAME = "ops: [{rename: {match: '^Dense_0/', to: 'Linear_0/'}}]"
 
 
 def migrated(src, dst, spec=SPEC, **settings):
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   return migrate.migrate_one(str(src), str(dst), migrate.surgery_for(spec),
                              migrate.Settings(**settings), attempts=1)
 

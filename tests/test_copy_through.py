@@ -94,7 +94,7 @@ def decoded(monkeypatch):
 def test_copy_through_restores_bit_identical_to_the_full_path(tmp_path, layout, use_ocdbt, decoded):
   src = tmp_path / 'in'
   write(src, layout, use_ocdbt)
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   surgery = migrate.surgery_for(SPEC)
   full = migrate.migrate_one(str(src), str(tmp_path / 'full'), surgery,
                              migrate.Settings(full_decode=True))
@@ -115,7 +115,7 @@ def test_typed_restore_of_a_copied_through_output(tmp_path):
   """The user's own restore, with their optimizer's abstract state, works."""
   src, dst = tmp_path / 'in', tmp_path / 'out'
   write(src, 'standard', True)
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   assert migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC))['status'] == 'ok'
   before = state()
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {
@@ -131,7 +131,7 @@ def test_typed_restore_of_a_copied_through_output(tmp_path):
 def test_a_surgery_that_touches_every_param_carries_only_the_rest(tmp_path, decoded):
   src = tmp_path / 'in'
   write(src, 'pytree', True)
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   everything = "ops: [{scale: {match: '.*', by: 2.0}}, {drop_optimizer: {}}]"
   rec = migrate.migrate_one(str(src), str(tmp_path / 'out'), migrate.surgery_for(everything))
   assert rec['status'] == 'ok', rec['error']
@@ -146,7 +146,7 @@ def test_a_carried_leaf_that_does_not_read_back_as_copied_fails_and_is_removed(t
   real = copy_through.stored_checksums
   monkeypatch.setattr(copy_through, 'stored_checksums',
                       lambda d, names: ['stored:00000000'] + real(d, names)[1:])
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   rec = migrate.migrate_one(str(src), str(out / 'x'), migrate.surgery_for(SPEC), attempts=1)
   assert rec['status'] == 'failed' and 'VerificationError' in rec['error']
   assert list(out.iterdir()) == []
@@ -181,7 +181,7 @@ def test_a_typed_prng_key_stays_a_key(tmp_path, full_decode):
   """Orbax stores a typed key as its bits plus the key's impl: both paths keep it a key."""
   src, dst = tmp_path / 'in', tmp_path / 'out'
   ocp.PyTreeCheckpointer().save(src, {'params': mlp(), 'rng': jax.random.key(7), 'step': 1})
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   rec = migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC),
                             migrate.Settings(full_decode=full_decode))
   assert rec['status'] == 'ok', rec['error']

@@ -37,7 +37,7 @@ def writer(request, monkeypatch):
 
 
 def run(src, out, spec):
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   return migrate.migrate_one(str(src), str(out), migrate.surgery_for(spec), SETTINGS)
 
 

@@ -131,7 +131,7 @@ def test_transient_errors_are_retried_then_permanent_ones_fail(inputs, tmp_path,
 
   for module, name in ((checkpoint_io, 'save'), (copy_patch, 'write')):
     monkeypatch.setattr(module, name, flaky(getattr(module, name)))
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
                             migrate.surgery_for(SEED_SPEC), backoff=0.01)
   assert (rec['status'], rec['attempts']) == ('ok', 2)
@@ -158,7 +158,7 @@ def test_half_written_output_on_gcs_is_redone_not_skipped(gcs, gcs_samples, buck
   """An output without commit_success.txt (a killed save) is not done: it is
   removed and written again, never reported as skipped."""
   src, dst = gcs_samples + '/run_c', bucket + '/half/run_c'
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   surgery = migrate.surgery_for(SEED_SPEC)
   assert migrate.migrate_one(src, dst, surgery)['status'] == 'ok'
   (epath.Path(dst) / 'commit_success.txt').unlink()
@@ -174,7 +174,7 @@ def test_overwrite_on_gcs_swaps_in_the_verified_output(gcs, gcs_samples, bucket)
   output replaces the old whole, and a swap killed halfway is rolled forward."""
   from pipeline import checkpoint_io, outputs  # pylint: disable=g-import-not-at-top
   src, dst = gcs_samples + '/run_b', epath.Path(bucket + '/swap/run_b')
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   assert migrate.migrate_one(src, str(dst), migrate.surgery_for(SEED_SPEC))['status'] == 'ok'
   other = migrate.surgery_for(SEED_SPEC + "  - scale: {match: 'bias$', by: 2.0}\n")
   rec = migrate.migrate_one(src, str(dst), other, migrate.Settings(overwrite=True))

@@ -16,7 +16,7 @@ SCALE_SPEC = "ops: [{scale: {match: 'kernel$', by: 0.5}}]"
 
 
 def surgery(text=SEED_SPEC):
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   return migrate.surgery_for(text)
 
 

@@ -51,7 +51,7 @@ def legacy(tmp_path, state):
 
 
 def surgery(text=RENAME_SPEC):
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   return migrate.surgery_for(text)
 
 

@@ -45,7 +45,7 @@ def migrate_checkpoint(tmp_path, name, with_optimizer):
   params, opt_state = trained(tx, mlp((4, 6, 3)), steps=3)
   ocp.PyTreeCheckpointer().save(tmp_path / 'in', {'params': params, 'opt_state': opt_state, 'step': 3})
   spec = WIDEN + (f"optimizer: {{factory: 'tests.optimizers:{name}'}}\n" if with_optimizer else '')
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   rec = migrate.migrate_one(str(tmp_path / 'in'), str(tmp_path / 'out'), migrate.surgery_for(spec))
   return tx, params, opt_state, rec
 
@@ -119,7 +119,7 @@ def test_added_leaves_get_the_optimizers_own_entries(tmp_path, name, with_optimi
   tx = optimizers.FACTORIES[name]()
   params, opt_state = trained(tx, mlp((4, 6, 3)), steps=3)
   ocp.PyTreeCheckpointer().save(tmp_path / 'in', {'params': params, 'opt_state': opt_state})
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   spec = ADD + (f"optimizer: {{factory: 'tests.optimizers:{name}'}}\n" if with_optimizer else '')
   rec = migrate.migrate_one(str(tmp_path / 'in'), str(tmp_path / 'out'), migrate.surgery_for(spec))
   if name in PARTIAL_MIRRORS and not with_optimizer:

@@ -242,7 +242,7 @@ def test_zarr3_inputs_take_every_write_path_and_stay_zarr3(tmp_path, use_ocdbt):
   ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=True)).save(
       src, {'params': params, 'opt_state': opt_state, 'step': 3})
   for i, (spec, settings, path, streamed) in enumerate(ZARR3_WAYS):
-    migrate._SURGERIES.clear()
+    migrate.WORKER.clear()
     surgery = migrate.surgery_for(spec)
     whole = migrate.migrate_one(str(src), str(tmp_path / f'whole{i}'), surgery,
                                 migrate.Settings(full_decode=True), attempts=1)

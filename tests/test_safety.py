@@ -119,7 +119,7 @@ def test_inputs_are_never_written(inputs, tmp_path):
 
 def test_nonfinite_results_fail_unless_allowed(inputs, tmp_path):
   spec = "ops: [{scale: {match: '^Dense_1/kernel$', by: .inf}}]"
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), migrate.surgery_for(spec))
   assert rec['status'] == 'failed'
   assert 'non-finite values (NaN or inf) in 1 leaf(s): params/Dense_1/kernel' in rec['error']
@@ -150,7 +150,7 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
 
   monkeypatch.setattr(checkpoint_io, 'save', corrupting_save)
   monkeypatch.setattr(copy_patch, 'write', corrupting_patch)
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
                             migrate.surgery_for(SEED_SPEC),
                             migrate.Settings(full_decode=writer == 'full'), attempts=1)
@@ -162,7 +162,7 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
 
 def test_provenance_records_the_digest(inputs, tmp_path):
   from pipeline import checkpoint_io
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), migrate.surgery_for(SEED_SPEC))
   provenance = checkpoint_io.read_provenance(epath.Path(tmp_path / 'o' / 'run_b'))
   assert provenance['digest'] == rec['digest'] and provenance['checksums']

@@ -45,7 +45,7 @@ def write(path, layout: str, use_ocdbt: bool = True, sizes=SIZES) -> None:
 
 
 def migrated(src, dst, spec, **settings):
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   return migrate.migrate_one(str(src), str(dst), migrate.surgery_for(spec),
                              migrate.Settings(**settings), attempts=1)
 
@@ -104,7 +104,7 @@ def test_layers_alike_share_one_compilation(tmp_path):
   Dense_1 to Dense_4 are alike. A second checkpoint compiles nothing."""
   write(tmp_path / 'a', 'pytree')
   write(tmp_path / 'b', 'pytree')
-  migrate._SURGERIES.clear()
+  migrate.WORKER.clear()
   surgery = migrate.surgery_for(NORMALIZE)
   settings = migrate.Settings(memory_budget=BUDGET)
   first = migrate.migrate_one(str(tmp_path / 'a'), str(tmp_path / 'out' / 'a'), surgery, settings)
