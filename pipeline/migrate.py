@@ -30,8 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, files, identity, lease,
-                      outputs, report, storage, stream)
+from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, files, finite, identity,
+                      lease, outputs, report, storage, stream)
 from pipeline.deadline import Deadline
 from pipeline.checkpoint_io import VerificationError
 from pipeline.report import record
@@ -314,12 +314,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
         migrated = (items, *surgery(layout.join(items)), None)
   items, new_state, sig, compiled, removes = migrated
   prints = transforms.fingerprints(new_state)
-  nonfinite = sorted(p for p, f in prints.items() if not f.finite)
-  if nonfinite and not settings.allow_nonfinite:
-    raise transforms.SurgeryError(
-        f'the surgery made non-finite values (NaN or inf) in {len(nonfinite)} leaf(s): '
-        f'{", ".join(nonfinite[:5])}{" ..." if len(nonfinite) > 5 else ""}; '
-        'pass --allow_nonfinite to write them anyway')
+  finite.refuse_nonfinite(prints, settings.allow_nonfinite)
   carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(new_state)[0]
              if isinstance(x, copy_through.StoredArray)}
   provenance = _provenance(src, surgery.spec, prints, carried, settings, input_identity)

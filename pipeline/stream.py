@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_patch, copy_through, release_freed_memory
+from pipeline import checkpoint_io, copy_patch, copy_through, finite, release_freed_memory
 from pipeline.copy_through import StoredArray
 
 MIN_BUDGET = 64 << 20
@@ -232,10 +232,7 @@ class Run:
       copy_patch.write_pack(work, self.streamed.patches, arrays)
 
   def _check(self, path: str, fingerprint: transforms.Fingerprint) -> None:
-    if not fingerprint.finite and not self.allow_nonfinite:
-      raise transforms.SurgeryError(
-          f'the surgery made non-finite values (NaN or inf) in {path}; '
-          'pass --allow_nonfinite to write them anyway')
+    finite.refuse_nonfinite({path: fingerprint}, self.allow_nonfinite)
     self.prints[path] = fingerprint
 
   def _compute(self, pack: transforms.Pack) -> dict[str, dict[str, Any]]:
