@@ -80,6 +80,7 @@ from orbax.checkpoint._src.tree import utils as tree_utils
 
 import transforms
 from pipeline import checkpoint_io, files, storage
+from pipeline.batching import byte_batches
 from pipeline.files import COMMIT_FILE, is_gcs
 from pipeline.copy_through import StoredArray
 
@@ -435,12 +436,9 @@ def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[byte
       await memory.write(key, None)
       return value
 
-    encoded, names = {}, list(arrays)
-    while names:  # a batch at a time, each array let go once encoded
-      batch, size = [], 0
-      while names and (not batch or size + _nbytes(arrays[names[0]]) <= _ENCODE_BYTES):
-        size += _nbytes(arrays[names[0]])
-        batch.append(names.pop(0))
+    encoded = {}
+    # A batch at a time, each array let go once encoded.
+    for batch in byte_batches(list(arrays), lambda n: _nbytes(arrays[n]), _ENCODE_BYTES):
       await asyncio.gather(*(encode(n, arrays.pop(n)) for n in batch))
       keys = await memory.list()
       encoded.update(zip(keys, await asyncio.gather(*(take(k) for k in keys))))

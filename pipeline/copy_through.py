@@ -39,6 +39,8 @@ from orbax.checkpoint._src.multihost import multihost
 from orbax.checkpoint._src.serialization import jax_array_handlers, ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from pipeline.batching import byte_batches
+
 
 @dataclasses.dataclass(eq=False)
 class StoredArray:
@@ -186,13 +188,8 @@ class CopyThroughArrayHandler(ocp.type_handlers.ArrayHandler):
       await asyncio.gather(*(store.write(k, v) for k, v in chunks.items()))
       value.checksum = _checksum(chunks)
 
-    batches, size = [[]], 0
-    for pair in zip(values, infos):
-      if size >= _TRANSACTION_BYTES:
-        batches, size = batches + [[]], 0
-      batches[-1].append(pair)
-      size += pair[0].nbytes
-    for batch in batches:
+    for batch in byte_batches(list(zip(values, infos)), lambda pair: pair[0].nbytes,
+                              _TRANSACTION_BYTES):
       txn = ts.Transaction()
       await asyncio.gather(*(copy(value, info, txn) for value, info in batch))
       await txn.commit_async()

@@ -32,6 +32,7 @@ from etils import epath
 import transforms
 from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, files, finite, identity,
                       lease, outputs, report, storage, stream)
+from pipeline.batching import byte_batches
 from pipeline.deadline import Deadline
 from pipeline.checkpoint_io import VerificationError
 from pipeline.report import record
@@ -230,14 +231,10 @@ def check_recorded(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str
 def batches(tree: Any, paths: set[str], budget: int | None) -> list[set[str]]:
   """The leaf paths of `tree` in `paths`, in batches of at most `budget`
   bytes (a leaf larger than that alone; one batch where None)."""
-  out, size = [set()], 0
-  for k, m in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if transforms.key_path(k) in paths:
-      if budget is not None and size and size + transforms.tree_bytes(m) > budget:
-        out, size = out + [set()], 0
-      out[-1].add(transforms.key_path(k))
-      size += transforms.tree_bytes(m)
-  return out
+  leaves = [(transforms.key_path(k), m) for k, m in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if transforms.key_path(k) in paths]
+  return [{path for path, _ in batch}
+          for batch in byte_batches(leaves, lambda leaf: transforms.tree_bytes(leaf[1]), budget)]
 
 
 def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
