@@ -277,14 +277,6 @@ def _context(use_ocdbt: bool) -> ts.Context:
   return ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
 
 
-def _unsynced(kvstore: dict[str, Any]) -> dict[str, Any]:
-  """A TensorStore kvstore spec whose local files are not fsynced one by one:
-  `commit` syncs the whole output once, before it becomes visible."""
-  if kvstore.get('driver') == 'file':
-    return {**kvstore, 'file_io_sync': False}
-  return {k: _unsynced(v) if isinstance(v, dict) else v for k, v in kvstore.items()}
-
-
 def _write_shape(x: Any) -> tuple[int, ...]:
   """The shape Orbax writes an array in, a chunk each: its shards' (a
   jax.Array spread over devices, or its abstract form), else its own."""
@@ -452,17 +444,6 @@ def _encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[byte
   return encoded
 
 
-async def _open_tree(directory: epath.Path, use_ocdbt: bool, synced: bool = True,
-                     fresh: bool = False) -> ts.KvStore:
-  """The tree's key-value store: its OCDBT database (`fresh`: a new one,
-  configured as Orbax configures its own, small values inline), or its
-  directory."""
-  options = ts_utils.OcdbtKvStoreWriteOptions(ts_utils.OcdbtWriteMode.WRITE) if fresh else None
-  spec = (ts_utils.build_kvstore_tspec(str(directory), use_ocdbt=True, ocdbt_write_options=options)
-          if use_ocdbt else storage.kvstore_spec(directory))
-  return await ts.KvStore.open(spec if synced else _unsynced(spec), context=_context(use_ocdbt))
-
-
 async def _clear_ocdbt(directory: epath.Path, patch: TreePatch) -> None:
   """One transaction: renames (index-only copies, then the old keys'
   deletes: in that order, as TensorStore reads a copy's source through the
@@ -471,7 +452,7 @@ async def _clear_ocdbt(directory: epath.Path, patch: TreePatch) -> None:
   write after a delete of its range in one transaction is not read back
   reliably)."""
   if patch.renamed or patch.cleared:
-    root = await _open_tree(directory, True, synced=False)
+    root = await storage.open_store(directory, True, synced=False)
     txn = ts.Transaction()
     staged = root.with_transaction(txn)
     await asyncio.gather(*((root / f'{old}/').experimental_copy_range_to(staged / f'{new}/')
@@ -498,7 +479,7 @@ async def _store(directory: epath.Path, patch: TreePatch, encoded: dict[bytes, b
   """Write encoded values into the tree (an OCDBT database: in one
   transaction, a new one made on the first write of a fresh patch),
   emptying `encoded` as each is staged: the transaction holds the copy."""
-  root = await _open_tree(directory, patch.use_ocdbt, synced=False, fresh=patch.fresh)
+  root = await storage.open_store(directory, patch.use_ocdbt, synced=False, fresh=patch.fresh)
   txn = ts.Transaction() if patch.use_ocdbt else None
   staged = root.with_transaction(txn) if txn else root
   await asyncio.gather(*(staged.write(k, encoded.pop(k)) for k in list(encoded)))
@@ -807,7 +788,7 @@ def _stored_crcs(directory: epath.Path, patch: TreePatch, stored: dict[bytes, An
     return crcs
 
   async def read_back():
-    root = await _open_tree(directory, patch.use_ocdbt)
+    root = await storage.open_store(directory, patch.use_ocdbt)
     at_once = asyncio.Semaphore(max(1, min(_READS, _READ_BYTES // patch.chunk_bytes))
                                 if patch.chunk_bytes else _READS)
 

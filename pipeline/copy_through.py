@@ -39,6 +39,7 @@ from orbax.checkpoint._src.multihost import multihost
 from orbax.checkpoint._src.serialization import jax_array_handlers, ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from pipeline import storage
 from pipeline.batching import byte_batches
 
 
@@ -93,12 +94,6 @@ def stand_ins(place: Callable[[Any], jax.sharding.Sharding]) -> Callable[[Any], 
 _TRANSACTION_BYTES = 64 << 20  # copy in batches: concurrent reads, few commits, bounded memory
 
 
-async def _open_root(directory: str, use_ocdbt: bool) -> ts.KvStore:
-  """The key-value store of a checkpoint tree's arrays (its OCDBT database, or its directory)."""
-  return await ts.KvStore.open(ts_utils.build_kvstore_tspec(directory, use_ocdbt=use_ocdbt),
-                               context=ts_utils.get_ts_context(use_ocdbt=use_ocdbt))
-
-
 def _checksum(chunks: dict[bytes, bytes]) -> str:
   crc = 0
   for key in sorted(chunks):
@@ -120,7 +115,8 @@ async def _read_array(root: ts.KvStore, name: str) -> dict[bytes, bytes]:
 def stored_checksums(directory: str, names: Sequence[str]) -> list[str]:
   """The checksums of arrays `names`' stored chunks in the checkpoint tree at `directory`."""
   async def read_all():
-    root = await _open_root(directory, ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(directory)))
+    root = await storage.open_store(
+        directory, ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(directory)))
     return [_checksum(await _read_array(root, n)) for n in names]
   return asyncio.run(read_all())
 
@@ -158,7 +154,8 @@ class CopyThroughArrayHandler(ocp.type_handlers.ArrayHandler):
     sources: dict[tuple[str, bool], ts.KvStore] = {}
     for value in values:
       if (value.directory, value.use_ocdbt) not in sources:
-        sources[value.directory, value.use_ocdbt] = await _open_root(value.directory, value.use_ocdbt)
+        sources[value.directory, value.use_ocdbt] = await storage.open_store(value.directory,
+                                                                             value.use_ocdbt)
     # What makes stored bits more than an array (a typed PRNG key's impl) rides along.
     ext_metadata = {}
     for directory in {v.directory for v in values}:

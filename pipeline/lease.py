@@ -30,7 +30,7 @@ _NO_VALUE = b'\x02'  # TensorStore's generation of a key that does not exist
 
 
 def _kvstore(directory: epath.Path) -> ts.KvStore:
-  return ts.KvStore.open(storage.kvstore_spec(directory)).result()
+  return storage.open_store(directory).result()
 
 
 def _alive_here(holder: dict) -> bool:
