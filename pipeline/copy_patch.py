@@ -249,10 +249,11 @@ def _check_surgery(src: epath.Path, layout: checkpoint_io.Layout, removes: str |
 
 
 def check_input(src: epath.Path, layout: checkpoint_io.Layout, removes: str | None,
-                dst: epath.Path | None = None) -> None:
+                dst: epath.Path | None = None, fresh: bool = False) -> None:
   """NotPatchable where this writer cannot write outputs of `src` (at `dst`)
-  for a surgery that removes data as `removes` says (`Route.removes`)."""
-  _check_surgery(src, layout, removes, dst)
+  for a surgery that removes data as `removes` says (`Route.removes`), as
+  patches of a copy or (`fresh`) as fresh trees."""
+  _check_surgery(src, layout, removes, dst, fresh)
   for name in layout.trees:
     _input_entries(src / name if name else src)
 

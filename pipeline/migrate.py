@@ -31,7 +31,7 @@ from etils import epath
 
 import transforms
 from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, files, finite, identity,
-                      lease, outputs, report, storage, stream)
+                      lease, outputs, report, storage, stream, writers)
 from pipeline.batching import byte_batches
 from pipeline.deadline import Deadline
 from pipeline.checkpoint_io import VerificationError
@@ -111,6 +111,7 @@ class Settings:
   output: str = ''               # the run's PREFIX and id: where workers save each record
   run: str = ''
   launcher: int = 0              # the launching process's pid
+  writers: tuple[str, ...] = writers.WRITERS  # those outputs may be written by (tests narrow it)
 
 
 def _done(src: str, dst: epath.Path, spec: transforms.Spec, run: str, input_now: str) -> str | None:
@@ -280,7 +281,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   applies (copy-and-patch, copy-through, full save), verify; a pack at a
   time where what the surgery computes exceeds the memory budget (`stream`)."""
   budget = settings.memory_budget or stream.default_budget(settings.in_flight)
-  why_not_streamed = None
+  why_not_streamed, zero_fills = None, False
   with deadline.hold(WORKER.reading):
     layout = checkpoint_io.read_layout(src)
     if layout.msgpack:  # one file, read once and whole: no metadata, no stored chunks to copy
@@ -293,12 +294,13 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       meta = checkpoint_io.item_metadata(src, layout)
       trees_in = checkpoint_io.trees(meta)
       # A zero fill is checked on the whole state, before the compiled surgery runs.
-      whole = settings.full_decode or bool(
-          surgery.zero_fills(surgery.split(layout.join(trees_in))[0]))
+      zero_fills = bool(surgery.zero_fills(surgery.split(layout.join(trees_in))[0]))
+      whole = settings.full_decode or zero_fills
       try:
         if whole and not settings.full_decode:
           raise stream.NotStreamed(copy_patch.ZERO_FILLS)
-        streamed = stream.plan(src, dst, layout, meta, surgery, budget, settings.full_decode)
+        streamed = stream.plan(src, dst, layout, meta, surgery, budget, settings.full_decode,
+                               settings.writers)
       except (stream.NotStreamed, copy_patch.NotPatchable) as e:
         streamed, why_not_streamed = None, str(e)
       if streamed:
@@ -319,8 +321,11 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   done.update(memory_budget=budget, why_not_streamed=why_not_streamed)
   written = layout.split(new_state, items)
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
-  patches, done['write_path'], done['why_not_patched'] = _choose_writer(
-      src, dst, layout, written, removes, carried, settings)
+  choice = writers.choose(src, layout, removes, carried=bool(carried), zero_fills=zero_fills,
+                          full_decode=settings.full_decode, dst=dst, written=written,
+                          writers=settings.writers)
+  patches, done['write_path'], done['why_not_patched'] = (choice.patches, choice.write_path,
+                                                          choice.why_not_patched)
   with deadline.hold(WORKER.saving), deadline.writing():
     if patches:
       moved = copy_patch.write(src, dst, layout, patches, provenance)
@@ -388,25 +393,6 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layo
               bytes_copied_server_side=moved['bytes_copied_server_side'],
               bytes_uploaded=moved['bytes_uploaded'])
   return done
-
-
-def _choose_writer(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
-                   written: dict[str, Any], removes: str | None, carried: dict[str, Any],
-                   settings: Settings) -> tuple[list[copy_patch.TreePatch] | None, str, str | None]:
-  """(the patches to write or None for an Orbax save, the write path taken,
-  why not copy-and-patch). The full path (--full_decode, or nothing
-  carried) writes fresh patches where it can: every leaf encoded once."""
-  if layout.msgpack:
-    return None, 'full', 'a Flax msgpack input is read whole'
-  full = ('--full_decode' if settings.full_decode else
-          None if carried else copy_patch.NOTHING_CARRIED)
-  try:
-    patches = copy_patch.plan_patch(src, dst, layout, written, removes, fresh=bool(full))
-    return patches, 'full' if full else 'copy_and_patch', full
-  except copy_patch.NotPatchable as e:
-    if full:
-      return None, 'full', f"{full}; by Orbax's save: {e}"
-    return None, 'copy_through', str(e)
 
 
 VERIFY_BATCH_BYTES = 256 << 20  # read back at most this much at once: memory stays bounded

@@ -15,7 +15,7 @@ import jax
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_patch, discovery, report, stream
+from pipeline import checkpoint_io, discovery, report, stream, writers
 
 
 def plan_checkpoints(sources: list[str], spec: transforms.Spec, budget: int = 0,
@@ -75,17 +75,9 @@ def _writer(src: epath.Path, layout: checkpoint_io.Layout, tree: Any,
             surgery: transforms.Surgery, untouched: int) -> dict[str, Any]:
   """How `run` will write outputs of this signature (unless --full_decode),
   and why not by copy-and-patch."""
-  if not untouched and not layout.msgpack:
-    return {'write_path': 'full', 'why_not_patched': copy_patch.NOTHING_CARRIED}
-  if surgery.zero_fills(tree):
-    return {'write_path': 'full', 'why_not_patched': copy_patch.ZERO_FILLS}
-  try:
-    removes = None if layout.msgpack else surgery.removes(tree)
-    copy_patch.check_input(src, layout, removes)
-    return {'write_path': 'copy_and_patch', 'why_not_patched': None}
-  except copy_patch.NotPatchable as e:
-    carried = untouched and not layout.msgpack
-    return {'write_path': 'copy_through' if carried else 'full', 'why_not_patched': str(e)}
+  choice = writers.choose(src, layout, None if layout.msgpack else surgery.removes(tree),
+                          carried=bool(untouched), zero_fills=bool(surgery.zero_fills(tree)))
+  return {'write_path': choice.write_path, 'why_not_patched': choice.why_not_patched}
 
 
 def _memory(surgery: transforms.Surgery, tree: Any, write_path: str, budget: int,

@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, copy_patch, copy_through, finite, release_freed_memory
+from pipeline import checkpoint_io, copy_patch, copy_through, finite, release_freed_memory, writers
 from pipeline.copy_through import StoredArray
 
 MIN_BUDGET = 64 << 20
@@ -114,11 +114,13 @@ class Streamed:
 
 
 def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
-         surgery: transforms.Surgery, budget: int, full_decode: bool) -> Streamed | None:
+         surgery: transforms.Surgery, budget: int, full_decode: bool,
+         allowed: tuple[str, ...] = writers.WRITERS) -> Streamed | None:
   """The streamed migration of `src` to `dst`, or None where what the
   unbounded path would hold (what the surgery computes and reads; every
   leaf with --full_decode) fits what a pack may (`pack_limit`) under
-  `budget`; NotStreamed where it does not fit and cannot stream."""
+  `budget`; NotStreamed where it does not fit and cannot stream (by the
+  `allowed` writers)."""
   tree_meta, rest_meta = surgery.split(layout.join(checkpoint_io.trees(meta)))
   leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
   rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
@@ -173,14 +175,11 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: d
                     jax.tree_util.tree_map(lambda _: ocp.PLACEHOLDER, rest_meta),
                     transforms.signature_id(sig), budget, transforms.tree_bytes(state))
 
-  fresh = '--full_decode' if full_decode else None if route.carried else copy_patch.NOTHING_CARRIED
-  if not fresh:
-    try:
-      copy_patch.check_input(src, layout, route.removes, dst)
-      return lay_out(None)
-    except copy_patch.NotPatchable as e:
-      fresh = str(e)  # a fresh tree copies nothing of the input's: it applies where a patch does not
-  return lay_out(fresh)
+  choice = writers.choose(src, layout, route.removes, carried=bool(route.carried),
+                          full_decode=full_decode, dst=dst, writers=allowed, streamed=True)
+  if choice.writer == 'orbax_save':
+    raise NotStreamed(choice.why_not_patched)
+  return lay_out(choice.why_not_patched if choice.writer == 'fresh' else None)
 
 
 class Run:

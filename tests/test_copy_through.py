@@ -1,7 +1,7 @@
 """Copy-through: untouched leaves keep their stored bytes, and the output is
 an ordinary Orbax checkpoint that restores bit-identical to the full path's,
 whatever Orbax format the input used. (Copy-and-patch, the cheaper writer,
-is kept out of these tests by `no_patching`; tests/test_copy_patch.py has it.)"""
+is kept out of these tests by `without_patching`; tests/test_copy_patch.py has it.)"""
 from __future__ import annotations
 
 import jax
@@ -11,7 +11,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import checkpoint_io, copy_patch, copy_through, migrate
+from pipeline import checkpoint_io, copy_through, migrate
 from tests.conftest import mlp, trained
 from transforms import flatten
 
@@ -62,12 +62,9 @@ def restored_bits(path, layout: str) -> dict[str, bytes]:
   return out
 
 
-@pytest.fixture(autouse=True)
-def no_patching(monkeypatch):
-  """Copy-and-patch declines every output here, as it does for a surgery that removes data."""
-  def decline(*args, **kwargs):
-    raise copy_patch.NotPatchable('kept out of copy-through tests')
-  monkeypatch.setattr(copy_patch, 'plan_patch', decline)
+def without_patching(**settings) -> migrate.Settings:
+  """Copy-and-patch writes no output here, as for a surgery that removes data."""
+  return migrate.Settings(writers=('copy_through', 'orbax_save'), **settings)
 
 
 @pytest.fixture
@@ -97,11 +94,11 @@ def test_copy_through_restores_bit_identical_to_the_full_path(tmp_path, layout, 
   migrate.WORKER.clear()
   surgery = migrate.surgery_for(SPEC)
   full = migrate.migrate_one(str(src), str(tmp_path / 'full'), surgery,
-                             migrate.Settings(full_decode=True))
+                             without_patching(full_decode=True))
   assert full['status'] == 'ok', full['error']
   assert full['bytes_carried'] == 0
   decoded.clear()
-  carried = migrate.migrate_one(str(src), str(tmp_path / 'carried'), surgery)
+  carried = migrate.migrate_one(str(src), str(tmp_path / 'carried'), surgery, without_patching())
   assert (carried['status'], carried['write_path']) == ('ok', 'copy_through'), carried['error']
   # Only the normalized kernel was decoded: from the input, then read back.
   assert sorted(set(decoded) - {'step'}) == ['Dense_1.kernel' if layout == 'step' else 'params.Dense_1.kernel']
@@ -116,7 +113,8 @@ def test_typed_restore_of_a_copied_through_output(tmp_path):
   src, dst = tmp_path / 'in', tmp_path / 'out'
   write(src, 'standard', True)
   migrate.WORKER.clear()
-  assert migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC))['status'] == 'ok'
+  assert migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC),
+                             without_patching())['status'] == 'ok'
   before = state()
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {
       **before, 'params': {'Linear_0': before['params']['Dense_0'], 'Dense_1': before['params']['Dense_1']}})
@@ -133,7 +131,8 @@ def test_a_surgery_that_touches_every_param_carries_only_the_rest(tmp_path, deco
   write(src, 'pytree', True)
   migrate.WORKER.clear()
   everything = "ops: [{scale: {match: '.*', by: 2.0}}, {drop_optimizer: {}}]"
-  rec = migrate.migrate_one(str(src), str(tmp_path / 'out'), migrate.surgery_for(everything))
+  rec = migrate.migrate_one(str(src), str(tmp_path / 'out'), migrate.surgery_for(everything),
+                            without_patching())
   assert rec['status'] == 'ok', rec['error']
   # batch_stats lies outside the surgery: still carried.
   assert rec['bytes_carried'] == 4 * 4
@@ -147,7 +146,8 @@ def test_a_carried_leaf_that_does_not_read_back_as_copied_fails_and_is_removed(t
   monkeypatch.setattr(copy_through, 'stored_checksums',
                       lambda d, names: ['stored:00000000'] + real(d, names)[1:])
   migrate.WORKER.clear()
-  rec = migrate.migrate_one(str(src), str(out / 'x'), migrate.surgery_for(SPEC), attempts=1)
+  rec = migrate.migrate_one(str(src), str(out / 'x'), migrate.surgery_for(SPEC), without_patching(),
+                            attempts=1)
   assert rec['status'] == 'failed' and 'VerificationError' in rec['error']
   assert list(out.iterdir()) == []
 
@@ -183,7 +183,7 @@ def test_a_typed_prng_key_stays_a_key(tmp_path, full_decode):
   ocp.PyTreeCheckpointer().save(src, {'params': mlp(), 'rng': jax.random.key(7), 'step': 1})
   migrate.WORKER.clear()
   rec = migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC),
-                            migrate.Settings(full_decode=full_decode))
+                            without_patching(full_decode=full_decode))
   assert rec['status'] == 'ok', rec['error']
   rng = ocp.PyTreeCheckpointer().restore(dst)['rng']
   assert jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
