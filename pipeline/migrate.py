@@ -246,20 +246,15 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
   the surgery leaves untouched as a StoredArray, restoring only what the
   computed leaves read; None where copy-through does not apply: nothing
   untouched, or a scalar among params and opt_state."""
-  tree_meta, rest_meta = surgery.split(layout.join(checkpoint_io.trees(meta)))
-  leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
-  if not all(checkpoint_io.is_array(x) for x in leaves):
+  placed = stream.placed_input(layout, meta, surgery)
+  leaves, treedef, rest_meta, rest_arrays, _, abstract = placed
+  if abstract is None:
     return None
-  devices = jax.local_devices()
-  place = lambda m: transforms.placement(m.shape, m.dtype, devices)
-  abstract = treedef.unflatten(
-      [jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m)) for m in leaves])
   route, sig = surgery.route(abstract)
-  rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
   if not route.carried and not rest_arrays:
     return None
   check_recorded(src, layout, meta, budget=budget)  # carried leaves are not read below
-  stand_in = copy_through.stand_ins(place)
+  stand_in = placed.stand_in()
   needed = set(route.needed)
   like = surgery.join(
       treedef.unflatten([m if i in needed else ocp.PLACEHOLDER for i, m in enumerate(leaves)]),

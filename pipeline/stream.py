@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, NamedTuple
 
 import jax
 import numpy as np
@@ -83,6 +83,39 @@ def too_large(path: str, group: transforms.Group, budget: int, why: str) -> tran
       f'bytes, and its computation cannot go a slab at a time ({why}); raise --memory_budget')
 
 
+class PlacedInput(NamedTuple):
+  """A checkpoint's state as the surgery sees it, from its metadata: the
+  leaf metadata of the surgery's tree (`leaves`, by index, and `treedef`);
+  the values beside it (`rest`, and the arrays among them); where each
+  array is placed on this worker's devices (`place`, from its metadata);
+  and the tree's abstract form, placed, where every leaf is an array (else
+  None: a Python scalar among params or opt_state)."""
+  leaves: list[Any]
+  treedef: Any
+  rest: Any
+  rest_arrays: list[Any]
+  place: Callable[[Any], jax.sharding.Sharding]
+  abstract: Any
+
+  def stand_in(self) -> Callable[[Any], StoredArray]:
+    """A leaf's StoredArray, from its metadata, placed."""
+    return copy_through.stand_ins(self.place)
+
+
+def placed_input(layout: checkpoint_io.Layout, meta: dict[str, Any],
+                 surgery: transforms.Surgery) -> PlacedInput:
+  """The PlacedInput of a checkpoint of `layout` whose items' metadata is `meta`."""
+  tree_meta, rest_meta = surgery.split(layout.join(checkpoint_io.trees(meta)))
+  leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
+  rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
+  devices = jax.local_devices()
+  place = lambda m: transforms.placement(m.shape, m.dtype, devices)
+  abstract = (treedef.unflatten([jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m))
+                                 for m in leaves])
+              if all(checkpoint_io.is_array(x) for x in leaves) else None)
+  return PlacedInput(leaves, treedef, rest_meta, rest_arrays, place, abstract)
+
+
 class _Slot:
   """Stands for output leaf `index` while the output's tree is laid out."""
 
@@ -121,18 +154,13 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: d
   leaf with --full_decode) fits what a pack may (`pack_limit`) under
   `budget`; NotStreamed where it does not fit and cannot stream (by the
   `allowed` writers)."""
-  tree_meta, rest_meta = surgery.split(layout.join(checkpoint_io.trees(meta)))
-  leaves, treedef = jax.tree_util.tree_flatten(tree_meta)
-  rest_arrays = [m for m in jax.tree_util.tree_leaves(rest_meta) if checkpoint_io.is_array(m)]
+  placed = placed_input(layout, meta, surgery)
+  leaves, treedef, rest_meta, rest_arrays, place, abstract = placed
   limit = pack_limit(budget)
-  if not all(checkpoint_io.is_array(x) for x in leaves):
+  if abstract is None:
     if transforms.tree_bytes(leaves) + transforms.tree_bytes(rest_arrays) <= limit:
       return None
     raise NotStreamed('a Python scalar among params or opt_state')
-  devices = jax.local_devices()
-  place = lambda m: transforms.placement(m.shape, m.dtype, devices)
-  abstract = treedef.unflatten(
-      [jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m)) for m in leaves])
   route, sig = surgery.route(abstract)
   _, out_shape, _ = surgery.trace(abstract)
   outputs = [jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=place(o))
@@ -141,7 +169,7 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout, meta: d
   held = sum(g.nbytes for g in surgery.groups(abstract, everything))
   if held + everything * transforms.tree_bytes(rest_arrays) <= limit:
     return None
-  stand_in = copy_through.stand_ins(place)
+  stand_in = placed.stand_in()
 
   def lay_out(fresh: str | None) -> Streamed:
     """The plan writing a fresh tree (`fresh` says why) or patching a copy."""
