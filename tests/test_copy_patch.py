@@ -164,13 +164,13 @@ def test_a_value_changed_on_its_way_to_storage_fails_the_checkpoint(tmp_path, mo
   src, out = tmp_path / 'in', tmp_path / 'out'
   ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)).save(
       src, {'params': mlp((64, 64, 64)), 'step': 1})  # 16 KB kernels: stored out of line
-  real = copy_patch.commit
+  real = copy_patch.writing.commit
 
   def flip_then_commit(work, dst):
     flip_a_bit_of_the_largest_value(pathlib.Path(work))
     real(work, dst)
 
-  monkeypatch.setattr(copy_patch, 'commit', flip_then_commit)
+  monkeypatch.setattr(copy_patch.writing, 'commit', flip_then_commit)
   rec = migrated(src, out / 'x', full_decode=True)
   assert rec['status'] == 'failed' and 'read back differ' in rec['error'], rec
   assert list(out.iterdir()) == []
@@ -182,8 +182,8 @@ def test_an_encoder_that_leaves_out_a_chunk_fails_the_checkpoint(tmp_path, monke
   fails by name: the stored bytes alone would not show a missing chunk."""
   src, out = tmp_path / 'in', tmp_path / 'out'
   write(src, 'pytree', True)
-  real = copy_patch._chunk_keys
-  monkeypatch.setattr(copy_patch, '_chunk_keys',
+  real = copy_patch.encoding.chunk_keys
+  monkeypatch.setattr(copy_patch.encoding, 'chunk_keys',
                       lambda name, *grid: real(name, *grid) | {f'{name}/9'.encode()})
   rec = migrated(src, out / 'x', full_decode=True)
   assert rec['status'] == 'failed' and "keys other than the chunk grids'" in rec['error'], rec
@@ -252,14 +252,14 @@ def test_the_index_check_catches_a_swapped_rename(tmp_path, monkeypatch):
   storage library's) fails the checkpoint, and nothing is left at dst."""
   src, out = tmp_path / 'in', tmp_path / 'out'
   write(src, 'pytree', True)
-  real = copy_patch._clear_ocdbt
+  real = copy_patch.writing._clear_ocdbt
 
   async def swapped(directory, patch):
     targets = sorted(patch.renamed)
     olds = [patch.renamed[t] for t in targets]
     await real(directory, dataclasses.replace(patch, renamed=dict(zip(targets, olds[1:] + olds[:1]))))
 
-  monkeypatch.setattr(copy_patch, '_clear_ocdbt', swapped)
+  monkeypatch.setattr(copy_patch.writing, '_clear_ocdbt', swapped)
   rec = migrated(src, out / 'x', RENAME)
   assert rec['status'] == 'failed' and 'IndexMismatch' in rec['error'], rec
   assert list(out.iterdir()) == []
@@ -270,7 +270,7 @@ import os, signal, sys
 from pipeline import copy_patch, migrate
 def die(*args):
   os.kill(os.getpid(), signal.SIGKILL)
-copy_patch._write_metadata = die  # killed once the copy is patched, before its metadata
+copy_patch.writing._write_metadata = die  # killed once the copy is patched, before its metadata
 migrate.migrate_one(sys.argv[1], sys.argv[2], migrate.surgery_for(sys.argv[3]))
 """
 

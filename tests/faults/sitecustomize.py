@@ -27,4 +27,4 @@ if _delay:
       time.sleep(_delay)
       return commit(*args, **kwargs)
     return commit_slowly
-  copy_patch.commit = _commit_slowly(copy_patch.commit)
+  copy_patch.writing.commit = _commit_slowly(copy_patch.writing.commit)
