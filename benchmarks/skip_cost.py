@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from pipeline import demo, files, identity, migrate
+from pipeline import demo, files, identity, migrate, worker
 
 
 def make_inputs(root: str, count: int) -> list[str]:
@@ -47,7 +47,7 @@ def make_inputs(root: str, count: int) -> list[str]:
 
 
 def skip_all(sources: list[str], root: str) -> float:
-  surgery = migrate.surgery_for(demo.SEED_SPEC)
+  surgery = worker.surgery_for(demo.SEED_SPEC)
   start = time.perf_counter()
   for src in sources:
     rec = migrate.migrate_one(src, f'{root}/out/{src.rsplit("/", 1)[1]}', surgery)
@@ -75,7 +75,7 @@ def main(argv=None):
     else:
       root = stack.enter_context(tempfile.TemporaryDirectory())
     sources = make_inputs(root, args.count)
-    surgery = migrate.surgery_for(demo.SEED_SPEC)  # normalizes Dense_1/kernel
+    surgery = worker.surgery_for(demo.SEED_SPEC)  # normalizes Dense_1/kernel
     for src in sources:
       rec = migrate.migrate_one(src, f'{root}/out/{src.rsplit("/", 1)[1]}', surgery)
       assert rec['status'] == 'ok', rec

@@ -16,12 +16,12 @@ import tempfile
 import time
 from unittest import mock
 
-from pipeline import demo, migrate
+from pipeline import demo, migrate, worker
 
 
 def run_all(sources: list[str], out: str) -> float:
   shutil.rmtree(out, ignore_errors=True)
-  surgery = migrate.surgery_for(demo.SEED_SPEC)
+  surgery = worker.surgery_for(demo.SEED_SPEC)
   start = time.perf_counter()
   for src in sources:
     rec = migrate.migrate_one(src, out + src[src.rindex('/in/') + 3:], surgery)

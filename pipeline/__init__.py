@@ -61,7 +61,7 @@ import importlib
 # import Beam, and a worker imports only the modules its DoFn needs.
 _EXPORTS = {
     'DiscoveryError': 'pipeline.discovery', 'discover': 'pipeline.discovery',
-    'MigrateFn': 'pipeline.migrate', 'migrate_one': 'pipeline.migrate',
+    'MigrateFn': 'pipeline.migrate_fn', 'migrate_one': 'pipeline.migrate',
     'MigrateCheckpoints': 'pipeline.run', 'WriteReport': 'pipeline.run',
     'run_migration': 'pipeline.run',
 }

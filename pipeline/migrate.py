@@ -1,7 +1,7 @@
 """Migrate one checkpoint: restore, run the shared surgery, save atomically.
 
 `migrate_one` is the whole job for one checkpoint as a plain function, tested
-without Beam; `MigrateFn` is the DoFn that calls it on a worker. Every outcome
+without Beam; `migrate_fn.MigrateFn` is the DoFn that calls it on a worker. Every outcome
 is a record (ok, skipped, failed) and never an exception, so one bad
 checkpoint cannot stop the others. An attempt holds the output's lease while
 it touches the output, and a failure leaves nothing there: it removes
@@ -9,93 +9,21 @@ whatever it left.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import datetime
-import importlib.metadata
-import logging
-import os
-import resource
-import threading
 import time
 from typing import Any
 
-import apache_beam as beam
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
 from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, files, finite, identity,
-                      lease, outputs, report, storage, stream, writers)
-from pipeline.batching import byte_batches
+                      lease, outputs, storage, stream, verification, writers)
 from pipeline.deadline import Deadline
-from pipeline.checkpoint_io import VerificationError
 from pipeline.report import record
-
-log = logging.getLogger('ckpt_surgery')
-METRICS = 'ckpt_surgery'
-
-
-class WorkerState:
-  """What a worker process keeps from one checkpoint to the next: each
-  spec's Surgery (so compilations outlive bundles), and two locks. One
-  checkpoint at a time reads and operates, and one at a time saves: the
-  next one's read overlaps the last one's save (and Orbax's handlers are
-  shared by every save in the process). `clear()` forgets it all."""
-
-  def __init__(self):
-    self.clear()
-
-  def clear(self) -> None:
-    self.surgeries: dict[str, transforms.Surgery] = {}
-    self.reading = threading.Lock()
-    self.saving = threading.Lock()
-
-  def surgery_for(self, spec_text: str) -> transforms.Surgery:
-    spec = transforms.load_spec(spec_text)
-    return self.surgeries.setdefault(spec.hash, transforms.Surgery(spec))
-
-  def reset_after_timeout(self, spec_text: str) -> transforms.Surgery:
-    """A worker whose checkpoint was given up may have a thread stuck
-    forever holding the read lock (a streamed checkpoint's, the save lock
-    too) and the surgery's compile lock: later checkpoints get fresh ones
-    (and compile afresh), so one stuck op fails one checkpoint, not every
-    one after it."""
-    self.reading, self.saving = threading.Lock(), threading.Lock()
-    spec = transforms.load_spec(spec_text)
-    self.surgeries[spec.hash] = transforms.Surgery(spec)
-    return self.surgeries[spec.hash]
-
-
-WORKER = WorkerState()  # this process's
-
-
-def show_progress() -> None:
-  """One line per checkpoint on the worker's stderr, whatever the worker's log
-  level; not propagated, so the runner does not relay it a second time."""
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter('%(message)s'))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
-def tool_version() -> str:
-  try:
-    return importlib.metadata.version('ckpt-surgery')
-  except importlib.metadata.PackageNotFoundError:
-    return 'unknown'
-
-
-def surgery_for(spec_text: str) -> transforms.Surgery:
-  """The process-wide Surgery of a spec, so compilations outlive bundles."""
-  return WORKER.surgery_for(spec_text)
+from pipeline.worker import WORKER, log, tool_version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,46 +126,6 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
       raise
 
 
-def check_recorded(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
-                   state: Any = None, budget: int | None = None) -> None:
-  """An input we wrote (a migration of a migration) must still hold what we
-  recorded: each leaf whose checksum its provenance lists must match it.
-  Storage formats do not checksum array data; we did. `state`: the restored
-  state, where the caller has it; else those leaves are read here, at most
-  `budget` bytes at a time where given, each batch let go before the next."""
-  recorded = (checkpoint_io.read_provenance(src) or {}).get('checksums') or {}
-  if not recorded:
-    return
-  mismatched = lambda state: [p for p, x in transforms.leaf_paths(state).items()
-                              if p in recorded and checkpoint_io.is_array(x) and
-                              transforms.fingerprint(x).checksum != recorded[p]]
-  if state is not None:
-    bad = mismatched(state)
-  else:
-    whole, bad = layout.join(checkpoint_io.trees(meta)), []
-    for batch in batches(whole, set(recorded), budget):
-      only = jax.tree_util.tree_map_with_path(
-          lambda k, m: m if transforms.key_path(k) in batch else ocp.PLACEHOLDER, whole)
-      _, items = checkpoint_io.restore(src, like=layout.split(only, {}))
-      bad += mismatched(layout.join(items))
-      del items  # before the next batch
-  if bad:
-    bad.sort()
-    raise checkpoint_io.CheckpointError(
-        f'{src}: {", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""} no longer match the '
-        'checksums ckpt-surgery recorded when it wrote this checkpoint: its stored data changed '
-        'since (a flipped bit, a partial overwrite)')
-
-
-def batches(tree: Any, paths: set[str], budget: int | None) -> list[set[str]]:
-  """The leaf paths of `tree` in `paths`, in batches of at most `budget`
-  bytes (a leaf larger than that alone; one batch where None)."""
-  leaves = [(transforms.key_path(k), m) for k, m in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if transforms.key_path(k) in paths]
-  return [{path for path, _ in batch}
-          for batch in byte_batches(leaves, lambda leaf: transforms.tree_bytes(leaf[1]), budget)]
-
-
 def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
                   surgery: transforms.Surgery, budget: int | None = None
                   ) -> tuple[dict[str, Any], Any, str, bool, str | None] | None:
@@ -253,7 +141,7 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
   route, sig = surgery.route(abstract)
   if not route.carried and not rest_arrays:
     return None
-  check_recorded(src, layout, meta, budget=budget)  # carried leaves are not read below
+  verification.check_recorded(src, layout, meta, budget=budget)  # carried leaves are not read below
   stand_in = placed.stand_in()
   needed = set(route.needed)
   like = surgery.join(
@@ -304,7 +192,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       migrated = None if whole else _copy_through(src, layout, meta, surgery, budget)
       if migrated is None:
         _, items = checkpoint_io.restore(src, like=trees_in)
-        check_recorded(src, layout, meta, layout.join(items))
+        verification.check_recorded(src, layout, meta, layout.join(items))
         migrated = (items, *surgery(layout.join(items)), None)
   items, new_state, sig, compiled, removes = migrated
   prints = transforms.fingerprints(new_state)
@@ -331,7 +219,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],
               bytes_uploaded=moved['bytes_uploaded'])
   written = checkpoint_io.abstract(written)  # verify_saved reads the arrays back in batches
-  verify(src, dst, layout, written, prints, patches)  # if it fails, the attempt's recovery removes dst
+  verification.verify(src, dst, layout, written, prints, patches)  # if it fails, the attempt's recovery removes dst
   return done
 
 
@@ -369,7 +257,7 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layo
   checkpoint in flight waits to read instead of holding a budget's worth
   beside it. Each write is a section of the deadline's, so one given up
   writes no more; the commit takes the save lock, as other saves do."""
-  check_recorded(src, layout, meta, budget=stream.pack_limit(streamed.budget))
+  verification.check_recorded(src, layout, meta, budget=stream.pack_limit(streamed.budget))
   run = stream.Run(src, layout, streamed, surgery, settings.allow_nonfinite, deadline.writing)
   with deadline.writing():
     work = copy_patch.begin(src, dst, layout, streamed.patches)
@@ -388,54 +276,6 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layo
               bytes_copied_server_side=moved['bytes_copied_server_side'],
               bytes_uploaded=moved['bytes_uploaded'])
   return done
-
-
-VERIFY_BATCH_BYTES = 256 << 20  # read back at most this much at once: memory stays bounded
-
-
-def verify(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
-           written: dict[str, Any], prints: dict[str, transforms.Fingerprint],
-           patches: list[copy_patch.TreePatch] | None) -> None:
-  """Prove that what was committed at dst is what was computed, or raise:
-  by its stored bytes where `patches` wrote it (`copy_patch.verify`), else
-  by reading back what Orbax's save wrote (`verify_saved`)."""
-  if patches:
-    copy_patch.verify(src, dst, layout, patches, prints)
-  else:
-    verify_saved(dst, written, prints)
-
-
-def verify_saved(dst: epath.Path, written: dict[str, Any],
-                 prints: dict[str, transforms.Fingerprint]) -> None:
-  """Reopen what Orbax's save committed at dst: it must hold the arrays of
-  `written` (the items as saved, arrays or their abstract form), reading
-  back `prints`' checksums, and the stored chunks of its StoredArrays as
-  copied. Arrays are read back a batch of VERIFY_BATCH_BYTES at a time."""
-  expected = checkpoint_io.array_specs(written)
-  arrays = {transforms.key_path(k) for k, x in jax.tree_util.tree_flatten_with_path(written)[0]
-            if checkpoint_io.is_array(x)}
-  got, back = {}, {}
-  for batch in batches(written, arrays, VERIFY_BATCH_BYTES):
-    like = jax.tree_util.tree_map_with_path(
-        lambda k, x, batch=batch: ocp.PLACEHOLDER if checkpoint_io.is_array(x) and
-        transforms.key_path(k) not in batch else x, written)
-    layout, items = checkpoint_io.restore(dst, like=like)
-    got.update(checkpoint_io.array_specs(items))
-    back.update(transforms.fingerprints(layout.join(items)))
-    del items  # before the next batch
-  if got != expected:
-    differ = sorted(set(got.items()) ^ set(expected.items()))[:3]
-    raise VerificationError(f'{dst}: committed arrays differ from what was computed: {differ}')
-  bad = sorted(p for p, f in prints.items() if p not in back or back[p].checksum != f.checksum)
-  for name, tree in written.items():
-    names = dict(jax.tree_util.tree_flatten_with_path(ocp.tree.get_param_names(tree))[0])
-    stored = [(names[k], x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-              if isinstance(x, copy_through.StoredArray)]
-    if stored:
-      sums = copy_through.stored_checksums(str(dst / name if name else dst), [n for n, _ in stored])
-      bad += [f'{name}:{n}' for (n, x), got_sum in zip(stored, sums) if got_sum != x.checksum]
-  if bad:
-    raise VerificationError(f'{dst}: committed data differ from what was computed in {bad[:5]}')
 
 
 def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
@@ -481,126 +321,3 @@ def describe(error: BaseException) -> str:
   cause = next((c for code, c in _CAUSES.items() if code in (lines[0] if lines else '')), None)
   return f'{text} ({cause})' if cause else text
 
-
-def peak_rss() -> int:
-  """This process's peak resident set so far, in bytes."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
-
-
-def in_daemon_thread(fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-  """fn(*args, **kwargs) in a thread of its own; its future. A daemon thread:
-  one stuck past its checkpoint's deadline (a `python:` op that never returns)
-  must not keep the worker from exiting, as a pool's threads would."""
-  future: concurrent.futures.Future = concurrent.futures.Future()
-
-  def target():
-    try:
-      future.set_result(fn(*args, **kwargs))
-    except BaseException as e:  # pylint: disable=broad-except
-      future.set_exception(e)
-
-  threading.Thread(target=target, daemon=True, name='migrate').start()
-  return future
-
-
-def exit_when_orphaned(poll: float = 1.0) -> None:
-  """End this worker process soon after the process that started it dies (a
-  killed launcher), instead of working on and holding leases."""
-  parent = os.getppid()
-
-  def watch():
-    while os.getppid() == parent:
-      time.sleep(poll)
-    os._exit(1)  # pylint: disable=protected-access
-
-  threading.Thread(target=watch, daemon=True, name='orphan-watch').start()
-
-
-class MigrateFn(beam.DoFn):
-  """Migrates each (src, dst) pair; yields its record and counts it in metrics.
-
-  `settings.in_flight` checkpoints (2) are in flight in each worker, each in
-  a thread of its own: while one is written and verified, the next is read
-  and operated on (`_write` lets one checkpoint at a time read), so storage
-  and device stay busy. One past its deadline is given up (see Deadline).
-  Records come out as checkpoints finish, the last ones from finish_bundle.
-
-  It never raises: whatever escapes migrate_one becomes a failed record too,
-  so the report is the run's dead-letter sink. (Not Beam's
-  with_exception_handling: the DaskRunner routes a ParDo's main and tagged
-  outputs all to the tagged one, so a multi-output DoFn breaks there.)
-  """
-  def __init__(self, spec_text: str, settings: Settings):
-    self.spec_text = spec_text
-    self.settings = settings
-
-  def setup(self):
-    if os.getpid() != self.settings.launcher:  # a worker process, not the launcher itself
-      exit_when_orphaned()
-    storage.configure(self.settings.gcs_endpoint)
-    self.surgery = surgery_for(self.spec_text)
-    show_progress()
-    jax.local_devices()  # start the backend: part of the worker's footprint, not a checkpoint's
-    self.idle_rss = peak_rss()  # the worker's own footprint before any checkpoint
-
-  def start_bundle(self):
-    self.pending = collections.deque()
-
-  def process(self, pair):
-    deadline = Deadline(self.settings.checkpoint_timeout)
-    self.pending.append((pair, in_daemon_thread(
-        migrate_one, *pair, self.surgery, self.settings, deadline=deadline), deadline))
-    while len(self.pending) >= self.settings.in_flight or (self.pending and self.pending[0][1].done()):
-      yield self._finish(*self.pending.popleft())
-
-  def finish_bundle(self):
-    while self.pending:
-      yield WindowedValue(self._finish(*self.pending.popleft()), MIN_TIMESTAMP, [GlobalWindow()])
-
-  def _give_up(self, pair: tuple[str, str], done: concurrent.futures.Future,
-               deadline: Deadline) -> dict[str, Any]:
-    """The record of a checkpoint past its deadline: given up (its lease
-    freed), unless it finished just now."""
-    src, dst = pair
-    try:
-      deadline.cancel()
-    except Exception as e:  # freeing the lease failed: it goes stale on its own
-      log.warning('could not free the lease of %s: %s', dst, e)
-    if done.done():
-      try:
-        return done.result()
-      except Exception:  # pylint: disable=broad-except
-        pass
-    self.surgery = WORKER.reset_after_timeout(self.spec_text)
-    return record(src, dst, 'failed', seconds=deadline.seconds,
-                  error=describe(deadline.timeout_error()))
-
-  def _finish(self, pair: tuple[str, str], done: concurrent.futures.Future,
-              deadline: Deadline) -> dict[str, Any]:
-    """The record of a finished (or given up) checkpoint, counted (in the
-    bundle's thread, where Beam's metrics live) and saved on its own."""
-    src, dst = pair
-    try:
-      rec = done.result(timeout=deadline.left())
-    except concurrent.futures.TimeoutError:
-      rec = self._give_up(pair, done, deadline)
-    except Exception as e:  # a bug past migrate_one's own handling
-      rec = record(src, dst, 'failed', error=f'{type(e).__name__}: {e}')
-    rec['peak_rss_over_idle'] = peak_rss() - self.idle_rss
-    if self.settings.run:
-      try:
-        report.save_record(self.settings.output, self.settings.run, rec)
-      except Exception as e:  # the report step still has it; only a dead worker would lose it
-        log.warning('could not save the record of %s: %s', src, e)
-    beam.metrics.Metrics.counter(METRICS, rec['status']).inc()
-    beam.metrics.Metrics.counter(METRICS, 'bytes_read').inc(rec['bytes_in'])
-    beam.metrics.Metrics.counter(METRICS, 'bytes_written').inc(rec['bytes_out'])
-    beam.metrics.Metrics.counter(METRICS, 'bytes_carried').inc(rec['bytes_carried'])
-    beam.metrics.Metrics.counter(METRICS, 'bytes_copied_server_side').inc(rec['bytes_copied_server_side'])
-    beam.metrics.Metrics.counter(METRICS, 'bytes_uploaded').inc(rec['bytes_uploaded'])
-    if rec['write_path']:
-      beam.metrics.Metrics.counter(METRICS, rec['write_path']).inc()
-    beam.metrics.Metrics.counter(METRICS, 'compilations').inc(rec['compilations'])
-    log.info('%-7s %s -> %s (%.1fs)%s', rec['status'], src, dst, rec['seconds'],
-             f": {rec['error']}" if rec['error'] else '')
-    return rec

@@ -26,7 +26,8 @@ from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
 import transforms
 from pipeline import storage
-from pipeline.migrate import MigrateFn, Settings
+from pipeline.migrate import Settings
+from pipeline.migrate_fn import MigrateFn
 from pipeline.report import write_report
 
 LOCAL_RUNNERS = (None, 'DirectRunner', 'FnApiRunner')

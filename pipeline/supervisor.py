@@ -13,7 +13,7 @@ saved, failing the others as unfinished (naming them), and exits 1.
 
 The parent leaves ^C to the command (the terminal sends it to both) and
 passes on a SIGTERM or SIGHUP; the command dies with the parent (`kill -9`
-of the launcher), and its worker processes with it (`migrate.exit_when_orphaned`).
+of the launcher), and its worker processes with it (`worker.exit_when_orphaned`).
 Only the standard library is imported here, so the fork copies no thread.
 """
 from __future__ import annotations

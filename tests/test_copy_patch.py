@@ -20,7 +20,7 @@ import pytest
 import tensorstore as ts
 from etils import epath
 
-from pipeline import checkpoint_io, copy_patch, migrate, storage
+from pipeline import checkpoint_io, copy_patch, migrate, storage, worker
 from tests.conftest import mlp
 from tests.test_copy_through import SPEC, decoded, restored_bits, state, write  # pylint: disable=unused-import
 from tests.test_storage_copy import snapshot
@@ -30,8 +30,8 @@ RENAME = "ops: [{rename: {match: '^Dense_0/', to: 'Linear_0/'}}]"
 
 
 def migrated(src, dst, spec=SPEC, **settings):
-  migrate.WORKER.clear()
-  return migrate.migrate_one(str(src), str(dst), migrate.surgery_for(spec),
+  worker.WORKER.clear()
+  return migrate.migrate_one(str(src), str(dst), worker.surgery_for(spec),
                              migrate.Settings(**settings), attempts=1)
 
 
@@ -271,7 +271,7 @@ from pipeline import copy_patch, migrate
 def die(*args):
   os.kill(os.getpid(), signal.SIGKILL)
 copy_patch.writing._write_metadata = die  # killed once the copy is patched, before its metadata
-migrate.migrate_one(sys.argv[1], sys.argv[2], migrate.surgery_for(sys.argv[3]))
+migrate.migrate_one(sys.argv[1], sys.argv[2], worker.surgery_for(sys.argv[3]))
 """
 
 

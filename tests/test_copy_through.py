@@ -11,7 +11,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import checkpoint_io, copy_through, migrate
+from pipeline import checkpoint_io, copy_through, migrate, worker
 from tests.conftest import mlp, trained
 from transforms import flatten
 
@@ -91,8 +91,8 @@ def decoded(monkeypatch):
 def test_copy_through_restores_bit_identical_to_the_full_path(tmp_path, layout, use_ocdbt, decoded):
   src = tmp_path / 'in'
   write(src, layout, use_ocdbt)
-  migrate.WORKER.clear()
-  surgery = migrate.surgery_for(SPEC)
+  worker.WORKER.clear()
+  surgery = worker.surgery_for(SPEC)
   full = migrate.migrate_one(str(src), str(tmp_path / 'full'), surgery,
                              without_patching(full_decode=True))
   assert full['status'] == 'ok', full['error']
@@ -112,8 +112,8 @@ def test_typed_restore_of_a_copied_through_output(tmp_path):
   """The user's own restore, with their optimizer's abstract state, works."""
   src, dst = tmp_path / 'in', tmp_path / 'out'
   write(src, 'standard', True)
-  migrate.WORKER.clear()
-  assert migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC),
+  worker.WORKER.clear()
+  assert migrate.migrate_one(str(src), str(dst), worker.surgery_for(SPEC),
                              without_patching())['status'] == 'ok'
   before = state()
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, {
@@ -129,9 +129,9 @@ def test_typed_restore_of_a_copied_through_output(tmp_path):
 def test_a_surgery_that_touches_every_param_carries_only_the_rest(tmp_path, decoded):
   src = tmp_path / 'in'
   write(src, 'pytree', True)
-  migrate.WORKER.clear()
+  worker.WORKER.clear()
   everything = "ops: [{scale: {match: '.*', by: 2.0}}, {drop_optimizer: {}}]"
-  rec = migrate.migrate_one(str(src), str(tmp_path / 'out'), migrate.surgery_for(everything),
+  rec = migrate.migrate_one(str(src), str(tmp_path / 'out'), worker.surgery_for(everything),
                             without_patching())
   assert rec['status'] == 'ok', rec['error']
   # batch_stats lies outside the surgery: still carried.
@@ -145,8 +145,8 @@ def test_a_carried_leaf_that_does_not_read_back_as_copied_fails_and_is_removed(t
   real = copy_through.stored_checksums
   monkeypatch.setattr(copy_through, 'stored_checksums',
                       lambda d, names: ['stored:00000000'] + real(d, names)[1:])
-  migrate.WORKER.clear()
-  rec = migrate.migrate_one(str(src), str(out / 'x'), migrate.surgery_for(SPEC), without_patching(),
+  worker.WORKER.clear()
+  rec = migrate.migrate_one(str(src), str(out / 'x'), worker.surgery_for(SPEC), without_patching(),
                             attempts=1)
   assert rec['status'] == 'failed' and 'VerificationError' in rec['error']
   assert list(out.iterdir()) == []
@@ -181,8 +181,8 @@ def test_a_typed_prng_key_stays_a_key(tmp_path, full_decode):
   """Orbax stores a typed key as its bits plus the key's impl: both paths keep it a key."""
   src, dst = tmp_path / 'in', tmp_path / 'out'
   ocp.PyTreeCheckpointer().save(src, {'params': mlp(), 'rng': jax.random.key(7), 'step': 1})
-  migrate.WORKER.clear()
-  rec = migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC),
+  worker.WORKER.clear()
+  rec = migrate.migrate_one(str(src), str(dst), worker.surgery_for(SPEC),
                             without_patching(full_decode=full_decode))
   assert rec['status'] == 'ok', rec['error']
   rng = ocp.PyTreeCheckpointer().restore(dst)['rng']

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 import transforms
-from pipeline import migrate, plan
+from pipeline import migrate, plan, worker
 from tests import doc_checkpoints as docs
 from transforms import key_path
 
@@ -37,8 +37,8 @@ def writer(request, monkeypatch):
 
 
 def run(src, out, spec):
-  migrate.WORKER.clear()
-  return migrate.migrate_one(str(src), str(out), migrate.surgery_for(spec), SETTINGS)
+  worker.WORKER.clear()
+  return migrate.migrate_one(str(src), str(out), worker.surgery_for(spec), SETTINGS)
 
 
 def restore(case, path, target):

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from pipeline import discovery, migrate, storage
+from pipeline import discovery, migrate, storage, worker
 from pipeline.demo import SEED_SPEC
 from tests.test_cli import cli
 
@@ -131,14 +131,14 @@ def test_transient_errors_are_retried_then_permanent_ones_fail(inputs, tmp_path,
 
   for module, name in ((checkpoint_io, 'save'), (copy_patch, 'write')):
     monkeypatch.setattr(module, name, flaky(getattr(module, name)))
-  migrate.WORKER.clear()
+  worker.WORKER.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
-                            migrate.surgery_for(SEED_SPEC), backoff=0.01)
+                            worker.surgery_for(SEED_SPEC), backoff=0.01)
   assert (rec['status'], rec['attempts']) == ('ok', 2)
   for module, name in ((checkpoint_io, 'save'), (copy_patch, 'write')):
     monkeypatch.setattr(module, name, forbidden)
   rec = migrate.migrate_one(str(inputs / 'run_c'), str(tmp_path / 'o' / 'run_c'),
-                            migrate.surgery_for(SEED_SPEC), backoff=0.01)
+                            worker.surgery_for(SEED_SPEC), backoff=0.01)
   assert (rec['status'], rec['attempts']) == ('failed', 1) and '403' in rec['error']
   assert not (tmp_path / 'o' / 'run_c').exists()
 
@@ -158,8 +158,8 @@ def test_half_written_output_on_gcs_is_redone_not_skipped(gcs, gcs_samples, buck
   """An output without commit_success.txt (a killed save) is not done: it is
   removed and written again, never reported as skipped."""
   src, dst = gcs_samples + '/run_c', bucket + '/half/run_c'
-  migrate.WORKER.clear()
-  surgery = migrate.surgery_for(SEED_SPEC)
+  worker.WORKER.clear()
+  surgery = worker.surgery_for(SEED_SPEC)
   assert migrate.migrate_one(src, dst, surgery)['status'] == 'ok'
   (epath.Path(dst) / 'commit_success.txt').unlink()
   rec = migrate.migrate_one(src, dst, surgery)
@@ -174,19 +174,19 @@ def test_overwrite_on_gcs_swaps_in_the_verified_output(gcs, gcs_samples, bucket)
   output replaces the old whole, and a swap killed halfway is rolled forward."""
   from pipeline import checkpoint_io, outputs  # pylint: disable=g-import-not-at-top
   src, dst = gcs_samples + '/run_b', epath.Path(bucket + '/swap/run_b')
-  migrate.WORKER.clear()
-  assert migrate.migrate_one(src, str(dst), migrate.surgery_for(SEED_SPEC))['status'] == 'ok'
-  other = migrate.surgery_for(SEED_SPEC + "  - scale: {match: 'bias$', by: 2.0}\n")
+  worker.WORKER.clear()
+  assert migrate.migrate_one(src, str(dst), worker.surgery_for(SEED_SPEC))['status'] == 'ok'
+  other = worker.surgery_for(SEED_SPEC + "  - scale: {match: 'bias$', by: 2.0}\n")
   rec = migrate.migrate_one(src, str(dst), other, migrate.Settings(overwrite=True))
   assert rec['status'] == 'ok', rec['error']
   assert checkpoint_io.read_provenance(dst)['spec_hash'] == other.spec.hash
   assert sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
   # Killed after the old output's removal began, before the new one was in place.
   new = outputs.sibling(dst, outputs.NEW)
-  assert migrate.migrate_one(src, str(new), migrate.surgery_for(SEED_SPEC))['status'] == 'ok'
+  assert migrate.migrate_one(src, str(new), worker.surgery_for(SEED_SPEC))['status'] == 'ok'
   outputs.sibling(dst, outputs.ATTEMPT).write_text(outputs.SWAPPING)
   (dst / 'commit_success.txt').unlink()
   outputs.recover(dst)
   assert checkpoint_io.is_checkpoint(dst) and sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
-  assert checkpoint_io.read_provenance(dst)['spec_hash'] == migrate.surgery_for(SEED_SPEC).spec.hash
+  assert checkpoint_io.read_provenance(dst)['spec_hash'] == worker.surgery_for(SEED_SPEC).spec.hash
   assert seed_applied(src, str(dst))

@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from pipeline import checkpoint_io, copy_patch, discovery, lease, migrate, outputs, report
+from pipeline import (checkpoint_io, copy_patch, discovery, lease, migrate, migrate_fn, outputs, report,
+                      verification, worker)
 from pipeline.demo import SEED_SPEC
 from tests import fix_heads
 from tests.test_cli import cli
@@ -29,7 +30,7 @@ def spec_file(tmp_path):
 
 
 def migrate_one(src, dst, spec=SEED_SPEC, **settings):
-  return migrate.migrate_one(str(src), str(dst), migrate.surgery_for(spec), migrate.Settings(**settings))
+  return migrate.migrate_one(str(src), str(dst), worker.surgery_for(spec), migrate.Settings(**settings))
 
 
 # 1, 2. Overlap by real path; an output inside an input root.
@@ -108,7 +109,7 @@ def test_a_swap_killed_halfway_ends_whole(inputs, tmp_path, killed):
   assert sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
   assert checkpoint_io.is_checkpoint(dst)
   assert (digest(dst) == old) == (killed == 'new half-written')
-  assert checkpoint_io.read_provenance(dst)['spec_hash'] == migrate.surgery_for(
+  assert checkpoint_io.read_provenance(dst)['spec_hash'] == worker.surgery_for(
       SEED_SPEC if killed == 'new half-written' else other).spec.hash
 
 
@@ -204,7 +205,7 @@ def test_a_regex_that_backtracks_forever_fails_by_name_in_plan_and_run(tmp_path)
 
 def test_a_python_op_that_never_returns_times_out_and_frees_its_lease(inputs, tmp_path):
   fix_heads.RELEASE.clear()
-  fn = migrate.MigrateFn("ops: [{python: {fn: 'tests.fix_heads:never_returns'}}]",
+  fn = migrate_fn.MigrateFn("ops: [{python: {fn: 'tests.fix_heads:never_returns'}}]",
                          migrate.Settings(checkpoint_timeout=3))
   fn.setup()
   fn.start_bundle()
@@ -365,7 +366,7 @@ def test_an_output_inside_the_root_of_globbed_steps_is_refused(inputs):
 
 def test_one_stuck_checkpoint_does_not_hold_up_the_next(inputs, tmp_path):
   fix_heads.RELEASE.clear()
-  fn = migrate.MigrateFn("ops: [{python: {fn: 'tests.fix_heads:hangs_once'}}]",
+  fn = migrate_fn.MigrateFn("ops: [{python: {fn: 'tests.fix_heads:hangs_once'}}]",
                          migrate.Settings(checkpoint_timeout=4, in_flight=1))
   fn.setup()
   fn.start_bundle()
@@ -385,16 +386,16 @@ def test_a_given_up_attempt_writes_nothing_once_its_lease_is_free(inputs, tmp_pa
   from pipeline import deadline as deadline_module  # pylint: disable=g-import-not-at-top
   dst = epath.Path(tmp_path / 'out' / 'run_b')
   verifying, fail_it = threading.Event(), threading.Event()
-  real_verify = migrate.verify
+  real_verify = verification.verify
 
   def stuck_verify(*args, **kwargs):
     if threading.current_thread().name == 'first':
       verifying.set()
       fail_it.wait()
-      raise migrate.VerificationError('read back differently')
+      raise checkpoint_io.VerificationError('read back differently')
     return real_verify(*args, **kwargs)
 
-  monkeypatch.setattr(migrate, 'verify', stuck_verify)
+  monkeypatch.setattr(verification, 'verify', stuck_verify)
   given_up = deadline_module.Deadline(3600)
   first = []
   thread = threading.Thread(target=lambda: first.append(migrate_one_with(inputs, dst, given_up)),
@@ -425,5 +426,5 @@ def test_a_lease_is_not_freed_in_the_middle_of_a_write():
 
 
 def migrate_one_with(inputs, dst, deadline):
-  return migrate.migrate_one(str(inputs / 'run_b'), str(dst), migrate.surgery_for(SEED_SPEC),
+  return migrate.migrate_one(str(inputs / 'run_b'), str(dst), worker.surgery_for(SEED_SPEC),
                              deadline=deadline)

@@ -8,7 +8,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import checkpoint_io, migrate
+from pipeline import checkpoint_io, migrate, migrate_fn, worker
 from pipeline.demo import SEED_SPEC
 from transforms import flatten
 
@@ -16,8 +16,8 @@ SCALE_SPEC = "ops: [{scale: {match: 'kernel$', by: 0.5}}]"
 
 
 def surgery(text=SEED_SPEC):
-  migrate.WORKER.clear()
-  return migrate.surgery_for(text)
+  worker.WORKER.clear()
+  return worker.surgery_for(text)
 
 
 def typed_target(state):
@@ -113,7 +113,7 @@ def test_a_worker_reads_the_next_checkpoint_while_it_writes_the_last(monkeypatch
     return migrate.record(src, dst, 'ok')
 
   monkeypatch.setattr(migrate, 'migrate_one', slow_migrate)
-  fn = migrate.MigrateFn(SCALE_SPEC, migrate.Settings())
+  fn = migrate_fn.MigrateFn(SCALE_SPEC, migrate.Settings())
   fn.setup()
   fn.start_bundle()
   out = [rec for i in range(3) for rec in fn.process((f'in/{i}', f'out/{i}'))]

@@ -12,7 +12,7 @@ import pytest
 from flax import serialization
 from flax.training import checkpoints
 
-from pipeline import checkpoint_io, discovery, migrate
+from pipeline import checkpoint_io, discovery, migrate, worker
 from tests.conftest import mlp, trained
 from tests.test_cli import cli, read_report
 from transforms import flatten
@@ -51,8 +51,8 @@ def legacy(tmp_path, state):
 
 
 def surgery(text=RENAME_SPEC):
-  migrate.WORKER.clear()
-  return migrate.surgery_for(text)
+  worker.WORKER.clear()
+  return worker.surgery_for(text)
 
 
 def bits(tree):

@@ -15,7 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import migrate
+from pipeline import migrate, worker
 from tests import optimizers
 from tests.conftest import mlp, trained
 from transforms import flatten, load_spec, Surgery
@@ -45,8 +45,8 @@ def migrate_checkpoint(tmp_path, name, with_optimizer):
   params, opt_state = trained(tx, mlp((4, 6, 3)), steps=3)
   ocp.PyTreeCheckpointer().save(tmp_path / 'in', {'params': params, 'opt_state': opt_state, 'step': 3})
   spec = WIDEN + (f"optimizer: {{factory: 'tests.optimizers:{name}'}}\n" if with_optimizer else '')
-  migrate.WORKER.clear()
-  rec = migrate.migrate_one(str(tmp_path / 'in'), str(tmp_path / 'out'), migrate.surgery_for(spec))
+  worker.WORKER.clear()
+  rec = migrate.migrate_one(str(tmp_path / 'in'), str(tmp_path / 'out'), worker.surgery_for(spec))
   return tx, params, opt_state, rec
 
 
@@ -119,9 +119,9 @@ def test_added_leaves_get_the_optimizers_own_entries(tmp_path, name, with_optimi
   tx = optimizers.FACTORIES[name]()
   params, opt_state = trained(tx, mlp((4, 6, 3)), steps=3)
   ocp.PyTreeCheckpointer().save(tmp_path / 'in', {'params': params, 'opt_state': opt_state})
-  migrate.WORKER.clear()
+  worker.WORKER.clear()
   spec = ADD + (f"optimizer: {{factory: 'tests.optimizers:{name}'}}\n" if with_optimizer else '')
-  rec = migrate.migrate_one(str(tmp_path / 'in'), str(tmp_path / 'out'), migrate.surgery_for(spec))
+  rec = migrate.migrate_one(str(tmp_path / 'in'), str(tmp_path / 'out'), worker.surgery_for(spec))
   if name in PARTIAL_MIRRORS and not with_optimizer:
     assert rec['status'] == 'failed'
     assert 'is not a full copy of the params' in rec['error'] and "'optimizer:'" in rec['error']

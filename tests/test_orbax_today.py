@@ -25,7 +25,7 @@ import pytest
 from etils import epath
 from orbax.checkpoint import v1 as ocp_v1
 
-from pipeline import files, storage
+from pipeline import files, storage, worker
 from tests.test_cli import cli
 
 SPEC = "ops:\n  - rename: {match: '^Dense_0/', to: 'Linear_0/'}\n"
@@ -242,8 +242,8 @@ def test_zarr3_inputs_take_every_write_path_and_stay_zarr3(tmp_path, use_ocdbt):
   ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=True)).save(
       src, {'params': params, 'opt_state': opt_state, 'step': 3})
   for i, (spec, settings, path, streamed) in enumerate(ZARR3_WAYS):
-    migrate.WORKER.clear()
-    surgery = migrate.surgery_for(spec)
+    worker.WORKER.clear()
+    surgery = worker.surgery_for(spec)
     whole = migrate.migrate_one(str(src), str(tmp_path / f'whole{i}'), surgery,
                                 migrate.Settings(full_decode=True), attempts=1)
     rec = migrate.migrate_one(str(src), str(tmp_path / f'out{i}'), surgery,

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent('''
     import json, sys
     import jax, jax.numpy as jnp, numpy as np, optax, orbax.checkpoint as ocp
     from etils import epath
-    from pipeline import checkpoint_io, migrate
+    from pipeline import checkpoint_io, migrate, worker
     work = epath.Path(sys.argv[1])
     rng = np.random.default_rng(0)
     params = {'big': jnp.asarray(rng.standard_normal((1024, 1030)), jnp.float32),  # 4.2 MB
@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent('''
     ocp.PyTreeCheckpointer().save(work / 'in', {'params': params, 'opt_state': optax.adam(1e-3).init(params)})
     _, items = checkpoint_io.restore(work / 'in')
     big, small = items['']['params']['big'], items['']['params']['small']
-    surgery = migrate.surgery_for("ops: [{normalize: {match: '^big$'}}]")
+    surgery = worker.surgery_for("ops: [{normalize: {match: '^big$'}}]")
     names = ('full', 'carried', 'streamed')  # streamed: a pack of one leaf and its moments at a time
     records = [migrate.migrate_one(str(work / 'in'), str(work / name), surgery, migrate.Settings(
                    full_decode=name != 'carried', memory_budget=(24 << 20) * (name == 'streamed')))

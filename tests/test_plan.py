@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, migrate
+from pipeline import checkpoint_io, migrate, worker
 from tests.conftest import mlp, trained
 from tests.test_cli import cli
 
@@ -57,8 +57,8 @@ def test_plan_reads_no_array_bytes_and_groups_by_signature(inputs, tmp_path):
 
 def test_plan_predicts_what_run_writes(inputs, tmp_path):
   src, dst = inputs / 'run_b', tmp_path / 'out'
-  migrate.WORKER.clear()
-  rec = migrate.migrate_one(str(src), str(dst), migrate.surgery_for(SPEC))
+  worker.WORKER.clear()
+  rec = migrate.migrate_one(str(src), str(dst), worker.surgery_for(SPEC))
   assert rec['status'] == 'ok'
   predicted = transforms.plan(transforms.Surgery(transforms.load_spec(SPEC)),
                               checkpoint_io.read_metadata(epath.Path(src))[1])
@@ -90,8 +90,8 @@ def test_plan_reports_failures_as_run_meets_them(inputs, tmp_path):
   assert result.returncode == 1, result.stderr
   failing = [g for g in plan['groups'] if g['error']]
   assert [g['checkpoints'] for g in failing] == [[str(inputs / 'mlp')]]
-  migrate.WORKER.clear()
-  ran = migrate.migrate_one(str(inputs / 'mlp'), str(tmp_path / 'out' / 'mlp'), migrate.surgery_for(SPEC))
+  worker.WORKER.clear()
+  ran = migrate.migrate_one(str(inputs / 'mlp'), str(tmp_path / 'out' / 'mlp'), worker.surgery_for(SPEC))
   assert failing[0]['error'] == ran['error'] and "ops[1] (cast): match '^Conv_0/' matched no param path" in ran['error']
   assert [u['src'] for u in plan['unreadable']] == [str(inputs / 'run_d')]
   assert (plan['would_migrate'], plan['would_fail']) == (5, 2)  # 6 samples + mlp
@@ -112,8 +112,8 @@ def test_plan_says_which_writer_run_takes(inputs, tmp_path):
     (group,) = plan['groups']
     assert group['write_path'] == path and (why is None) == (group['why_not_patched'] is None)
     assert why is None or why in group['why_not_patched']
-    migrate.WORKER.clear()
-    rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / path), migrate.surgery_for(spec_text))
+    worker.WORKER.clear()
+    rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / path), worker.surgery_for(spec_text))
     assert (rec['status'], rec['write_path']) == ('ok', path), rec['error']
   assert 'written by copy-through (the surgery drops ' in cli(
       'plan', '--input', inputs / 'run_b', '--spec', tmp_path / 'spec.yaml').stdout

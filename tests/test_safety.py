@@ -14,14 +14,14 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from pipeline import lease, migrate, outputs
+from pipeline import lease, migrate, outputs, worker
 from pipeline.demo import SEED_SPEC
 from tests.test_cli import cli
 
 ATTEMPT = '''
 import json, sys
 from pipeline import migrate
-print(json.dumps(migrate.migrate_one(sys.argv[1], sys.argv[2], migrate.surgery_for(sys.argv[3]))))
+print(json.dumps(migrate.migrate_one(sys.argv[1], sys.argv[2], worker.surgery_for(sys.argv[3]))))
 '''
 
 
@@ -119,12 +119,12 @@ def test_inputs_are_never_written(inputs, tmp_path):
 
 def test_nonfinite_results_fail_unless_allowed(inputs, tmp_path):
   spec = "ops: [{scale: {match: '^Dense_1/kernel$', by: .inf}}]"
-  migrate.WORKER.clear()
-  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), migrate.surgery_for(spec))
+  worker.WORKER.clear()
+  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), worker.surgery_for(spec))
   assert rec['status'] == 'failed'
   assert 'non-finite values (NaN or inf) in 1 leaf(s): params/Dense_1/kernel' in rec['error']
   assert not (tmp_path / 'o' / 'run_b').exists()
-  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), migrate.surgery_for(spec),
+  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), worker.surgery_for(spec),
                             migrate.Settings(allow_nonfinite=True))
   assert rec['status'] == 'ok'
 
@@ -150,9 +150,9 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
 
   monkeypatch.setattr(checkpoint_io, 'save', corrupting_save)
   monkeypatch.setattr(copy_patch, 'write', corrupting_patch)
-  migrate.WORKER.clear()
+  worker.WORKER.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
-                            migrate.surgery_for(SEED_SPEC),
+                            worker.surgery_for(SEED_SPEC),
                             migrate.Settings(full_decode=writer == 'full'), attempts=1)
   assert rec['write_path'] is None  # failed records name no writer
   assert rec['status'] == 'failed' and 'VerificationError' in rec['error']
@@ -162,8 +162,8 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
 
 def test_provenance_records_the_digest(inputs, tmp_path):
   from pipeline import checkpoint_io
-  migrate.WORKER.clear()
-  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), migrate.surgery_for(SEED_SPEC))
+  worker.WORKER.clear()
+  rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'), worker.surgery_for(SEED_SPEC))
   provenance = checkpoint_io.read_provenance(epath.Path(tmp_path / 'o' / 'run_b'))
   assert provenance['digest'] == rec['digest'] and provenance['checksums']
   assert len(provenance['checksums']) + len(provenance['carried']) > 10

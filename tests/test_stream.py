@@ -16,7 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import checkpoint_io, copy_patch, migrate, outputs, storage, stream
+from pipeline import checkpoint_io, copy_patch, migrate, outputs, storage, stream, worker
 from tests.conftest import mlp, trained
 from tests.test_copy_through import restored_bits
 
@@ -45,8 +45,8 @@ def write(path, layout: str, use_ocdbt: bool = True, sizes=SIZES) -> None:
 
 
 def migrated(src, dst, spec, **settings):
-  migrate.WORKER.clear()
-  return migrate.migrate_one(str(src), str(dst), migrate.surgery_for(spec),
+  worker.WORKER.clear()
+  return migrate.migrate_one(str(src), str(dst), worker.surgery_for(spec),
                              migrate.Settings(**settings), attempts=1)
 
 
@@ -104,8 +104,8 @@ def test_layers_alike_share_one_compilation(tmp_path):
   Dense_1 to Dense_4 are alike. A second checkpoint compiles nothing."""
   write(tmp_path / 'a', 'pytree')
   write(tmp_path / 'b', 'pytree')
-  migrate.WORKER.clear()
-  surgery = migrate.surgery_for(NORMALIZE)
+  worker.WORKER.clear()
+  surgery = worker.surgery_for(NORMALIZE)
   settings = migrate.Settings(memory_budget=BUDGET)
   first = migrate.migrate_one(str(tmp_path / 'a'), str(tmp_path / 'out' / 'a'), surgery, settings)
   second = migrate.migrate_one(str(tmp_path / 'b'), str(tmp_path / 'out' / 'b'), surgery, settings)
@@ -195,7 +195,7 @@ def die_on_the_third(*args):
     os.kill(os.getpid(), signal.SIGKILL)
   return real(*args)
 copy_patch.write_pack = die_on_the_third
-migrate.migrate_one(sys.argv[1], sys.argv[2], migrate.surgery_for(sys.argv[3]),
+migrate.migrate_one(sys.argv[1], sys.argv[2], worker.surgery_for(sys.argv[3]),
                     migrate.Settings(memory_budget=int(sys.argv[4])))
 """
 
