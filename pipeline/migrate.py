@@ -20,7 +20,8 @@ from etils import epath
 
 import transforms
 from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, files, finite, identity,
-                      lease, outputs, storage, stream, verification, writers)
+                      lease, orbax_save, outputs, storage, stream, verification,
+                      writers)
 from pipeline.deadline import Deadline
 from pipeline.report import record
 from pipeline.worker import WORKER, log, tool_version
@@ -213,7 +214,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
     if patches:
       moved = copy_patch.write(src, dst, layout, patches, provenance)
     else:
-      checkpoint_io.save(dst, layout, written, provenance, src)
+      orbax_save.save(dst, layout, written, provenance, src)
       moved = {'bytes_copied_server_side': 0,
                'bytes_uploaded': done['bytes_out'] if files.is_gcs(dst) else 0}
   done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],

@@ -24,7 +24,7 @@ from typing import Any
 
 from etils import epath
 
-from pipeline import checkpoint_io, files
+from pipeline import checkpoint_io, files, orbax_save
 
 ATTEMPT = '.ckpt-surgery-attempt'
 NEW = '.ckpt-surgery-new'
@@ -66,12 +66,12 @@ def _says_ours(dst: epath.Path) -> bool:
 def _dead_saves(dst: epath.Path, new: epath.Path) -> list[epath.Path]:
   """What a save at dst or its twin left when its process died (local only:
   on GCS Orbax writes in place and commits with a file): Orbax's
-  temporaries of either, and the plain-named stages `checkpoint_io.save`
+  temporaries of either, and the plain-named stages `orbax_save.save`
   writes a path with glob characters at. Found by name in one listing of
   dst's directory, never by a glob of dst."""
   if files.is_gcs(dst):
     return []
-  stages = {checkpoint_io.staged_at(p).name for p in (dst, new)}
+  stages = {orbax_save.staged_at(p).name for p in (dst, new)}
   temporaries = tuple(f'{name}.orbax-checkpoint-tmp' for name in (dst.name, new.name, *stages))
   return [p for p in files.children(dst.parent)
           if p.name in stages or p.name.startswith(temporaries)]

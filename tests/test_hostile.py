@@ -14,8 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from pipeline import (checkpoint_io, copy_patch, discovery, lease, migrate, migrate_fn, outputs, report,
-                      verification, worker)
+from pipeline import (checkpoint_io, copy_patch, discovery, lease, migrate, migrate_fn, orbax_save,
+                      outputs, report, verification, worker)
 from pipeline.demo import SEED_SPEC
 from tests import fix_heads
 from tests.test_cli import cli
@@ -79,7 +79,7 @@ def test_overwrite_keeps_the_old_output_when_the_new_one_cannot_be_written(input
     (epath.Path(path) / 'partial').write_text('x')
     raise OSError(errno.ENOSPC, 'No space left on device')
 
-  monkeypatch.setattr(checkpoint_io, 'save', lambda dst, *args: disk_full(dst))
+  monkeypatch.setattr(orbax_save, 'save', lambda dst, *args: disk_full(dst))
   monkeypatch.setattr(copy_patch, 'write', lambda src, dst, *args: disk_full(dst))
   other = SEED_SPEC + "  - scale: {match: 'bias$', by: 2.0}\n"
   rec = migrate_one(inputs / 'run_b', dst, other, overwrite=True)

@@ -134,8 +134,8 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
                                                                    writer):
   """A writer that commits something else than what was computed (a bug, a
   bad disk) is caught by reading the output back, and the output removed."""
-  from pipeline import checkpoint_io, copy_patch
-  real_save, real_patch = checkpoint_io.save, copy_patch.write
+  from pipeline import copy_patch, orbax_save
+  real_save, real_patch = orbax_save.save, copy_patch.write
   changed = lambda kernel: kernel.at[0, 0].add(1.0)  # the leaf the seed's surgery computes
 
   def corrupting_save(path, layout, items, provenance):
@@ -148,7 +148,7 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
     patch.computed['params.Dense_1.kernel'] = changed(patch.computed['params.Dense_1.kernel'])
     return real_patch(src, dst, layout, patches, provenance)
 
-  monkeypatch.setattr(checkpoint_io, 'save', corrupting_save)
+  monkeypatch.setattr(orbax_save, 'save', corrupting_save)
   monkeypatch.setattr(copy_patch, 'write', corrupting_patch)
   worker.WORKER.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
