@@ -12,9 +12,9 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 import jax
 
-from pipeline import report, storage
+from pipeline import migrate, report, storage
 from pipeline.deadline import Deadline
-from pipeline.migrate import Settings, describe, migrate_one
+from pipeline.migrate import Settings, describe
 from pipeline.report import record
 from pipeline.worker import (WORKER, exit_when_orphaned, in_daemon_thread, log, peak_rss,
                              show_progress, surgery_for)
@@ -55,7 +55,7 @@ class MigrateFn(beam.DoFn):
   def process(self, pair):
     deadline = Deadline(self.settings.checkpoint_timeout)
     self.pending.append((pair, in_daemon_thread(
-        migrate_one, *pair, self.surgery, self.settings, deadline=deadline), deadline))
+        migrate.migrate_one, *pair, self.surgery, self.settings, deadline=deadline), deadline))
     while len(self.pending) >= self.settings.in_flight or (self.pending and self.pending[0][1].done()):
       yield self._finish(*self.pending.popleft())
 

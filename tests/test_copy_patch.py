@@ -267,7 +267,7 @@ def test_the_index_check_catches_a_swapped_rename(tmp_path, monkeypatch):
 
 KILLED = """
 import os, signal, sys
-from pipeline import copy_patch, migrate
+from pipeline import copy_patch, migrate, worker
 def die(*args):
   os.kill(os.getpid(), signal.SIGKILL)
 copy_patch.writing._write_metadata = die  # killed once the copy is patched, before its metadata

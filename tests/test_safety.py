@@ -20,7 +20,7 @@ from tests.test_cli import cli
 
 ATTEMPT = '''
 import json, sys
-from pipeline import migrate
+from pipeline import migrate, worker
 print(json.dumps(migrate.migrate_one(sys.argv[1], sys.argv[2], worker.surgery_for(sys.argv[3]))))
 '''
 

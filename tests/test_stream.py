@@ -187,7 +187,7 @@ def test_a_leaf_over_the_budget_that_cannot_stream_fails_by_name(tmp_path):
 
 KILLED = """
 import os, signal, sys
-from pipeline import copy_patch, migrate
+from pipeline import copy_patch, migrate, worker
 real, packs = copy_patch.write_pack, []
 def die_on_the_third(*args):
   packs.append(1)
