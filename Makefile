@@ -9,7 +9,7 @@ NEWEST_VENV ?= .venv-newest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NEWEST_STAMP := $(NEWEST_VENV)/.installed
-PYTEST := -m pytest -q -rs -p no:cacheprovider
+PYTEST := -m pytest -q -rfEs -p no:cacheprovider
 
 .PHONY: demo test clean
 
