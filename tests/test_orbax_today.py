@@ -208,9 +208,12 @@ def test_checkpoint_manager_on_gcs_keeps_best_step_metadata_and_every_item(manag
 
 
 def records(out) -> list[dict]:
-  """The records of the first run at `out`."""
-  runs = sorted(files.children(epath.Path(out) / '_surgery' / 'runs'), key=lambda r: r.name)
-  return [json.loads(line) for line in (runs[0] / 'report.jsonl').read_text().splitlines()]
+  """The records of every run at `out` but those of checkpoints skipped
+  (`migrate` reruns each; two runs may start within the same second, so
+  their names do not order them)."""
+  runs = files.children(epath.Path(out) / '_surgery' / 'runs')
+  found = [json.loads(line) for run in runs for line in (run / 'report.jsonl').read_text().splitlines()]
+  return sorted((r for r in found if r['status'] != 'skipped'), key=lambda r: r['dst'])
 
 
 ZARR3_WAYS = [  # (spec, settings, write path, whether streamed): every way an output is written
