@@ -23,7 +23,7 @@ import uuid
 import tensorstore as ts
 from etils import epath
 
-from pipeline import storage
+from pipeline import files, storage
 
 SUFFIX = '.ckpt-surgery-lease'
 _NO_VALUE = b'\x02'  # TensorStore's generation of a key that does not exist
@@ -84,9 +84,14 @@ def _body() -> bytes:
                      'attempt': uuid.uuid4().hex, 'time': time.time()}).encode()
 
 
-def _break_if_stale(store: ts.KvStore, key: str, stale_after: float) -> None:
+def _break_if_stale(store: ts.KvStore, key: str, stale_after: float, local: bool) -> None:
   held = store.read(key).result()
   if held.state != 'value':
+    if local:
+      # A process killed inside TensorStore's write or delete of a local key
+      # leaves the key's `.__lock` file; a delete of the absent key takes
+      # that lock as TensorStore does and removes the file. GCS has none.
+      store.write(key, None, if_equal=_NO_VALUE).result()
     return  # released just now
   try:
     holder = json.loads(held.value)
@@ -105,14 +110,14 @@ def try_claim(dst: epath.Path, stale_after: float = 300.0, heartbeat: float = 30
   stamp = store.write(key, _body(), if_equal=_NO_VALUE).result()
   if stamp.generation:
     return Lease(store, key, stamp.generation, heartbeat)
-  _break_if_stale(store, key, stale_after)
+  _break_if_stale(store, key, stale_after, not files.is_gcs(dst))
   return None
 
 
 def clear_stale(dst: epath.Path, stale_after: float = 300.0) -> None:
   """Remove a stale lease beside `dst` (a killed run's, left beside an output
   it had committed); a live one stays."""
-  _break_if_stale(_kvstore(dst.parent), dst.name + SUFFIX, stale_after)
+  _break_if_stale(_kvstore(dst.parent), dst.name + SUFFIX, stale_after, not files.is_gcs(dst))
 
 
 def claim(dst: epath.Path, wait: float = 3600.0, poll: float = 0.5, **kwargs) -> Lease:

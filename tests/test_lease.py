@@ -56,3 +56,15 @@ def test_waiting_for_a_lease_held_too_long_fails_by_name(tmp_path):
   with lease.try_claim(dst):
     with pytest.raises(TimeoutError, match='being written by another attempt'):
       lease.claim(dst, wait=0.1, poll=0.02)
+
+
+def test_clearing_removes_the_lock_file_a_killed_write_left(tmp_path):
+  """kill -9 inside TensorStore's delete of a released lease leaves `<key>.__lock`
+  on local disk; the next run's clearing removes it and claims still work."""
+  dst = epath.Path(tmp_path / 'out')
+  lock = dst.parent / (dst.name + lease.SUFFIX + '.__lock')
+  lock.write_bytes(b'')
+  lease.clear_stale(dst)
+  assert not lock.exists()
+  with lease.try_claim(dst) as held:
+    assert held is not None
