@@ -7,7 +7,8 @@ instead, as a real bucket under load does; the stack must retry them.
 The proxy also gives the emulator two things GCS has and it lacks:
 - the `x-goog-generation` / `x-goog-metageneration` headers on object media,
   from which TensorStore reads an object's generation (without them it fails,
-  "Malformed StorageGeneration", once an object is read back);
+  "Malformed StorageGeneration", once an object is read back), always the
+  generation of the bytes sent with it;
 - `ifGenerationMatch` preconditions on writes and deletes (412 when they do
   not hold), checked and applied atomically: the conditional create that
   leases rely on.
@@ -120,11 +121,8 @@ class FlakyProxy:
           if not holds:
             self._error(412, 'Precondition Failed')
             return
-          conn.request(self.command, self.path, body=body, headers=headers)
-          response = conn.getresponse()
-          payload = response.read()
+          response, payload, extra = proxy._send(conn, self.command, self.path, body, headers)
         proxy._count_bytes(self.command, self.path, len(body), response.status, payload)
-        extra = proxy._generation_headers(self.command, self.path, response.status, conn)
         self.send_response(response.status, response.reason)
         for k, v in response.getheaders() + extra:
           if k.lower() not in HOP_BY_HOP | {'server', 'date'}:
@@ -172,19 +170,34 @@ class FlakyProxy:
       yield generation == int(query['ifGenerationMatch'][0])
 
   @staticmethod
-  def _generation_headers(method, path, status, conn) -> list[tuple[str, str]]:
-    """What GCS sends with an object's media and the emulator does not."""
-    match = MEDIA_PATH.match(path)
-    if method not in ('GET', 'HEAD') or status not in (200, 206) or not match:
-      return []
-    conn.request('GET', match.group(1))
+  def _send(conn, method, path, body, headers):
+    """(response, payload, extra headers): the upstream's answer, and for
+    object media the generation headers GCS sends and the emulator does not.
+    The generation is read before and after the media and the read is redone
+    until they agree: an overwrite between them would pair old bytes with the
+    new generation, and a writer that trusts it (OCDBT's manifest update)
+    would then overwrite a commit it never saw."""
+    match = MEDIA_PATH.match(path) if method in ('GET', 'HEAD') else None
+    while True:
+      before = match and FlakyProxy._generation(conn, match.group(1))
+      conn.request(method, path, body=body, headers=headers)
+      response = conn.getresponse()
+      payload = response.read()
+      if not match or response.status not in (200, 206):
+        return response, payload, []
+      if before is not None and FlakyProxy._generation(conn, match.group(1)) == before:
+        return response, payload, [('x-goog-generation', before[0]),
+                                   ('x-goog-metageneration', before[1])]
+
+  @staticmethod
+  def _generation(conn, object_path) -> tuple[str, str] | None:
+    conn.request('GET', object_path)
     meta = conn.getresponse()
     body = meta.read()
     if meta.status != 200:
-      return []
+      return None
     info = json.loads(body)
-    return [('x-goog-generation', info['generation']),
-            ('x-goog-metageneration', info['metageneration'])]
+    return info['generation'], info['metageneration']
 
   def _count_bytes(self, method, path, body_size, status, payload) -> None:
     """Add a forwarded request's bytes to the counters (see the module doc)."""

@@ -7,12 +7,14 @@ inherit it.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from etils import epath
 
 from pipeline import discovery, migrate, storage, worker
@@ -190,3 +192,20 @@ def test_overwrite_on_gcs_swaps_in_the_verified_output(gcs, gcs_samples, bucket)
   assert checkpoint_io.is_checkpoint(dst) and sorted(p.name for p in dst.parent.iterdir()) == ['run_b']
   assert checkpoint_io.read_provenance(dst)['spec_hash'] == worker.surgery_for(SEED_SPEC).spec.hash
   assert seed_applied(src, str(dst))
+
+
+def test_writers_of_one_ocdbt_from_several_contexts_lose_nothing(bucket):
+  """Orbax's handlers, and copy-through's copies, write one OCDBT tree each
+  from its own TensorStore context; their manifest updates must all land."""
+  base = {'driver': 'ocdbt', 'base': f'{bucket}/tree/'}
+
+  async def write(writer):
+    store = await ts.KvStore.open(base, context=ts.Context())
+    for k in range(6):
+      await store.write(f'w{writer}/k{k}', b'x')
+
+  async def write_all():
+    await asyncio.gather(*(write(w) for w in range(4)))
+    return await (await ts.KvStore.open(base, context=ts.Context())).list()
+
+  assert len(asyncio.run(write_all())) == 4 * 6
