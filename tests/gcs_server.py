@@ -86,7 +86,7 @@ class FlakyProxy:
     self.read_only: set[str] = set()  # buckets whose writes and deletes get HTTP 403
     self._count = 0
     self._lock = threading.Lock()
-    self._precondition_lock = threading.Lock()
+    self._objects_lock = threading.Lock()
     self.bytes_uploaded = 0
     self.bytes_rewritten = 0
     proxy = self
@@ -154,15 +154,23 @@ class FlakyProxy:
 
   @contextlib.contextmanager
   def _precondition(self, method, path, conn):
-    """Yields whether an `ifGenerationMatch` on a write or delete holds; the
-    check and the request run under one lock, so racing creates see each other."""
+    """Yields whether an `ifGenerationMatch` on a write or delete holds. Every
+    object write, with its check, and every media read, with the read of its
+    generation, runs under one lock: racing creates see each other, and no
+    write lands between a read's bytes and its generation (old bytes paired
+    with a new generation let an OCDBT writer overwrite a commit it never
+    saw). The emulator serves one request at a time anyway."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
     match = OBJECT_PATH.match(path)
-    if method not in ('POST', 'PUT', 'PATCH', 'DELETE') or 'ifGenerationMatch' not in query or not match:
+    writes = method in ('POST', 'PUT', 'PATCH', 'DELETE') and match
+    if not writes and not (method in ('GET', 'HEAD') and MEDIA_PATH.match(path)):
       yield True
       return
-    name = match.group(2) or urllib.parse.quote(query.get('name', [''])[0], safe='')
-    with self._precondition_lock:
+    with self._objects_lock:
+      if not writes or 'ifGenerationMatch' not in query or COPY_PATH.match(path):
+        yield True
+        return
+      name = match.group(2) or urllib.parse.quote(query.get('name', [''])[0], safe='')
       conn.request('GET', f'/storage/v1/b/{match.group(1)}/o/{name}')
       meta = conn.getresponse()
       body = meta.read()
@@ -172,32 +180,21 @@ class FlakyProxy:
   @staticmethod
   def _send(conn, method, path, body, headers):
     """(response, payload, extra headers): the upstream's answer, and for
-    object media the generation headers GCS sends and the emulator does not.
-    The generation is read before and after the media and the read is redone
-    until they agree: an overwrite between them would pair old bytes with the
-    new generation, and a writer that trusts it (OCDBT's manifest update)
-    would then overwrite a commit it never saw."""
+    object media the generation headers GCS sends and the emulator does not."""
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    payload = response.read()
     match = MEDIA_PATH.match(path) if method in ('GET', 'HEAD') else None
-    while True:
-      before = match and FlakyProxy._generation(conn, match.group(1))
-      conn.request(method, path, body=body, headers=headers)
-      response = conn.getresponse()
-      payload = response.read()
-      if not match or response.status not in (200, 206):
-        return response, payload, []
-      if before is not None and FlakyProxy._generation(conn, match.group(1)) == before:
-        return response, payload, [('x-goog-generation', before[0]),
-                                   ('x-goog-metageneration', before[1])]
-
-  @staticmethod
-  def _generation(conn, object_path) -> tuple[str, str] | None:
-    conn.request('GET', object_path)
+    if not match or response.status not in (200, 206):
+      return response, payload, []
+    conn.request('GET', match.group(1))
     meta = conn.getresponse()
-    body = meta.read()
+    info = meta.read()
     if meta.status != 200:
-      return None
-    info = json.loads(body)
-    return info['generation'], info['metageneration']
+      return response, payload, []
+    info = json.loads(info)
+    return response, payload, [('x-goog-generation', info['generation']),
+                               ('x-goog-metageneration', info['metageneration'])]
 
   def _count_bytes(self, method, path, body_size, status, payload) -> None:
     """Add a forwarded request's bytes to the counters (see the module doc)."""
