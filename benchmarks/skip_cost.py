@@ -24,7 +24,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from pipeline import demo, files, identity, migrate, worker
+from pipeline import demo, migrate
+from pipeline.checkpoint import identity
+from pipeline.compute import worker
+from pipeline.storage import files
 
 
 def make_inputs(root: str, count: int) -> list[str]:
@@ -63,7 +66,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   with contextlib.ExitStack() as stack:
     if args.gcs:
-      from pipeline import storage  # pylint: disable=g-import-not-at-top
+      from pipeline import storage
       from tests.gcs_server import Emulator, FlakyProxy  # pylint: disable=g-import-not-at-top
       emulator = Emulator()
       stack.callback(emulator.stop)

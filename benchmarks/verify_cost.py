@@ -17,7 +17,9 @@ import statistics
 import time
 from unittest import mock
 
-from pipeline import demo, migrate, verification, worker
+from pipeline import demo, migrate
+from pipeline.compute import worker
+from pipeline.verify import verification
 
 
 def run_all(sources: list[str], out: str) -> float:
@@ -37,7 +39,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     demo.make_samples(tmp, count=args.count)
-    from pipeline import discovery  # pylint: disable=g-import-not-at-top
+    from pipeline.checkpoint import discovery
     sources = [s for s, _ in discovery.discover(tmp + '/in/*')]
     run_all(sources, tmp + '/warm')  # compile once, warm the page cache
     times = {'verified': [], 'unverified': []}

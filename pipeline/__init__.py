@@ -60,7 +60,7 @@ import importlib
 # Imported when first named (PEP 562): `ckpt-surgery plan` and `inspect` never
 # import Beam, and a worker imports only the modules its DoFn needs.
 _EXPORTS = {
-    'DiscoveryError': 'pipeline.discovery', 'discover': 'pipeline.discovery',
+    'DiscoveryError': 'pipeline.checkpoint.discovery', 'discover': 'pipeline.checkpoint.discovery',
     'MigrateFn': 'pipeline.migrate_fn', 'migrate_one': 'pipeline.migrate',
     'MigrateCheckpoints': 'pipeline.run', 'WriteReport': 'pipeline.run',
     'run_migration': 'pipeline.run',

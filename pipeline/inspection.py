@@ -17,7 +17,8 @@ import numpy as np
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, discovery
+from pipeline import checkpoint
+from pipeline.checkpoint import discovery
 
 
 def leaf_rows(state: Any, params_key: str = 'params',
@@ -63,7 +64,7 @@ def describe(path: str, params_key: str = 'params', opt_state_key: str = 'opt_st
   """The text `inspect` prints for the checkpoint at `path`."""
   path = discovery.absolute(path)  # Orbax refuses relative paths
   ckpt = epath.Path(path)
-  layout, state = checkpoint_io.read_metadata(ckpt)
+  layout, state = checkpoint.read_metadata(ckpt)
   rows = leaf_rows(state, params_key, opt_state_key)
   if layout.msgpack:
     kind = 'Flax msgpack file'
@@ -72,7 +73,7 @@ def describe(path: str, params_key: str = 'params', opt_state_key: str = 'opt_st
   else:
     kind = 'single tree'
   out = [f'{path}  ({kind}; {len(rows)} arrays, {sum(r[3] for r in rows):,} bytes)']
-  provenance = checkpoint_io.read_provenance(ckpt)
+  provenance = checkpoint.read_provenance(ckpt)
   if provenance:
     shown = {k: v for k, v in provenance.items() if k not in ('spec', 'checksums', 'carried')}
     shown['checksums'] = f"{len(provenance.get('checksums', {}))} leaves"

@@ -19,12 +19,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import (checkpoint_io, copy_patch, copy_through, discovery, files, finite, identity,
-                      lease, orbax_save, outputs, storage, stream, verification,
-                      writers)
-from pipeline.deadline import Deadline
+from pipeline import checkpoint, storage
+from pipeline.checkpoint import discovery, identity
+from pipeline.compute import finite, stream
+from pipeline.compute.deadline import Deadline
+from pipeline.compute.worker import WORKER, log, tool_version
 from pipeline.report import record
-from pipeline.worker import WORKER, log, tool_version
+from pipeline.storage import files
+from pipeline.verify import verification
+from pipeline.write import copy_patch, lease, orbax_save, outputs, writers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +90,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
   deadline's (see `deadline`).
   """
   if why := discovery.refused_names(src, dst):
-    raise checkpoint_io.CheckpointError(why)  # before anything is read or written
+    raise checkpoint.CheckpointError(why)  # before anything is read or written
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec, overwrite = surgery.spec, settings.overwrite
   input_now = identity.identity(src_path)
@@ -102,7 +105,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
     if recorded is not None and not overwrite:
       if status := _done(src, dst_path, spec, settings.run, input_now):
         return {'status': status}  # another attempt finished it meanwhile
-      raise checkpoint_io.CheckpointError(
+      raise checkpoint.CheckpointError(
           f'{dst} already holds the migration of {_another(recorded, src, spec)}; pass '
           '--overwrite to replace it')
     with deadline.writing():
@@ -110,7 +113,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
     try:
       done = _write(src_path, target, surgery, settings, deadline, input_now)
       if identity.identity(src_path) != input_now:
-        raise checkpoint_io.CheckpointError(
+        raise checkpoint.CheckpointError(
             f'{src} changed while it was migrated (its files were written meanwhile); its '
             'output is not kept: run again once it is written')
       with deadline.writing():
@@ -127,7 +130,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
       raise
 
 
-def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str, Any],
+def _copy_through(src: epath.Path, layout: checkpoint.Layout, meta: dict[str, Any],
                   surgery: transforms.Surgery, budget: int | None = None
                   ) -> tuple[dict[str, Any], Any, str, bool, str | None] | None:
   """(restored items, migrated state, signature, compiled, how the surgery
@@ -147,8 +150,8 @@ def _copy_through(src: epath.Path, layout: checkpoint_io.Layout, meta: dict[str,
   needed = set(route.needed)
   like = surgery.join(
       treedef.unflatten([m if i in needed else ocp.PLACEHOLDER for i, m in enumerate(leaves)]),
-      jax.tree_util.tree_map(lambda m: ocp.PLACEHOLDER if checkpoint_io.is_array(m) else m, rest_meta))
-  _, items = checkpoint_io.restore(src, like=layout.split(like, {}))
+      jax.tree_util.tree_map(lambda m: ocp.PLACEHOLDER if checkpoint.is_array(m) else m, rest_meta))
+  _, items = checkpoint.restore(src, like=layout.split(like, {}))
   tree, rest = surgery.split(layout.join(items))
   restored = treedef.flatten_up_to(tree)
   compute, compiled = surgery.route_function(abstract)
@@ -167,16 +170,16 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   budget = settings.memory_budget or stream.default_budget(settings.in_flight)
   why_not_streamed, zero_fills = None, False
   with deadline.hold(WORKER.reading):
-    layout = checkpoint_io.read_layout(src)
+    layout = checkpoint.read_layout(src)
     if layout.msgpack:  # one file, read once and whole: no metadata, no stored chunks to copy
-      _, items = checkpoint_io.restore(src)
-      trees_in = checkpoint_io.abstract(items)  # taken before the surgery donates the arrays
+      _, items = checkpoint.restore(src)
+      trees_in = checkpoint.abstract(items)  # taken before the surgery donates the arrays
       if transforms.tree_bytes(trees_in) > budget:
         why_not_streamed = 'a Flax msgpack file is read whole'
       migrated = (items, *surgery(layout.join(items)), None)
     else:
-      meta = checkpoint_io.item_metadata(src, layout)
-      trees_in = checkpoint_io.trees(meta)
+      meta = checkpoint.item_metadata(src, layout)
+      trees_in = checkpoint.trees(meta)
       # A zero fill is checked on the whole state, before the compiled surgery runs.
       zero_fills = bool(surgery.zero_fills(surgery.split(layout.join(trees_in))[0]))
       whole = settings.full_decode or zero_fills
@@ -192,14 +195,14 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
                                input_identity)
       migrated = None if whole else _copy_through(src, layout, meta, surgery, budget)
       if migrated is None:
-        _, items = checkpoint_io.restore(src, like=trees_in)
+        _, items = checkpoint.restore(src, like=trees_in)
         verification.check_recorded(src, layout, meta, layout.join(items))
         migrated = (items, *surgery(layout.join(items)), None)
   items, new_state, sig, compiled, removes = migrated
   prints = transforms.fingerprints(new_state)
   finite.refuse_nonfinite(prints, settings.allow_nonfinite)
   carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(new_state)[0]
-             if isinstance(x, copy_through.StoredArray)}
+             if isinstance(x, checkpoint.StoredArray)}
   provenance = _provenance(src, surgery.spec, prints, carried, settings, input_identity)
   done = _fields(trees_in, transforms.tree_bytes(new_state), carried, sig, compiled, provenance)
   done.update(memory_budget=budget, why_not_streamed=why_not_streamed)
@@ -219,7 +222,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
                'bytes_uploaded': done['bytes_out'] if files.is_gcs(dst) else 0}
   done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],
               bytes_uploaded=moved['bytes_uploaded'])
-  written = checkpoint_io.abstract(written)  # verify_saved reads the arrays back in batches
+  written = checkpoint.abstract(written)  # verify_saved reads the arrays back in batches
   verification.verify(src, dst, layout, written, prints, patches)  # if it fails, the attempt's recovery removes dst
   return done
 
@@ -242,7 +245,7 @@ def _provenance(src: epath.Path, spec: transforms.Spec, prints: dict[str, transf
 def _fields(trees_in: dict[str, Any], bytes_out: int, carried: dict[str, Any], sig: str,
             compiled: int, provenance: dict[str, Any]) -> dict[str, Any]:
   """The record's fields of a migration about to be written."""
-  arrays_in = [x for x in jax.tree_util.tree_leaves(trees_in) if checkpoint_io.is_array(x)]
+  arrays_in = [x for x in jax.tree_util.tree_leaves(trees_in) if checkpoint.is_array(x)]
   return {'status': 'ok', 'bytes_in': transforms.tree_bytes(arrays_in),
           'bytes_out': bytes_out,
           'bytes_carried': transforms.tree_bytes(list(carried.values())),
@@ -250,7 +253,7 @@ def _fields(trees_in: dict[str, Any], bytes_out: int, carried: dict[str, Any], s
           'digest': provenance['digest']}
 
 
-def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layout,
+def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
                     meta: dict[str, Any], streamed: stream.Streamed, surgery: transforms.Surgery,
                     settings: Settings, deadline: Deadline, input_identity: str) -> dict[str, Any]:
   """Write `streamed` at dst a pack at a time, verify. Called holding the
@@ -269,7 +272,7 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint_io.Layo
   with deadline.hold(WORKER.saving), deadline.writing():
     moved = copy_patch.finish(src, work, dst, layout, streamed.patches, provenance)
   copy_patch.verify(src, dst, layout, streamed.patches, run.prints)
-  done = _fields(checkpoint_io.trees(meta), streamed.bytes_out, streamed.carried,
+  done = _fields(checkpoint.trees(meta), streamed.bytes_out, streamed.carried,
                  streamed.signature, run.compilations, provenance)
   done.update(write_path='full' if streamed.fresh_tree else 'copy_and_patch',
               why_not_patched=streamed.fresh, packs=len(streamed.packs),

@@ -13,11 +13,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 import jax
 
 from pipeline import migrate, report, storage
-from pipeline.deadline import Deadline
+from pipeline.compute.deadline import Deadline
+from pipeline.compute.worker import (WORKER, exit_when_orphaned, in_daemon_thread, log, peak_rss,
+                                     show_progress, surgery_for)
 from pipeline.migrate import Settings, describe
 from pipeline.report import record
-from pipeline.worker import (WORKER, exit_when_orphaned, in_daemon_thread, log, peak_rss,
-                             show_progress, surgery_for)
 
 METRICS = 'ckpt_surgery'
 

@@ -15,7 +15,10 @@ import jax
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, discovery, report, stream, writers
+from pipeline import checkpoint, report
+from pipeline.checkpoint import discovery
+from pipeline.compute import stream
+from pipeline.write import writers
 
 
 def plan_checkpoints(sources: list[str], spec: transforms.Spec, budget: int = 0,
@@ -32,7 +35,7 @@ def plan_checkpoints(sources: list[str], spec: transforms.Spec, budget: int = 0,
       unreadable.append({'src': src, 'error': f'CheckpointError: {why}'})
       continue
     try:
-      layout, meta = checkpoint_io.read_metadata(epath.Path(src))
+      layout, meta = checkpoint.read_metadata(epath.Path(src))
       tree, _ = surgery.split(meta)
       sig = transforms.signature_id(transforms.signature(tree))
     except Exception as e:  # this checkpoint cannot be planned; the others can
@@ -71,7 +74,7 @@ def _plan_one(surgery: transforms.Surgery, meta: Any) -> dict[str, Any]:
   }
 
 
-def _writer(src: epath.Path, layout: checkpoint_io.Layout, tree: Any,
+def _writer(src: epath.Path, layout: checkpoint.Layout, tree: Any,
             surgery: transforms.Surgery, untouched: int) -> dict[str, Any]:
   """How `run` will write outputs of this signature (unless --full_decode),
   and why not by copy-and-patch."""

@@ -69,7 +69,7 @@ def _die_with_parent(parent: int) -> None:
 def command() -> None:
   """The `ckpt-surgery` program (and `python -m pipeline`)."""
   if not hasattr(os, 'fork'):
-    from pipeline import cli  # pylint: disable=g-import-not-at-top
+    from pipeline import cli
     _exit(cli.main())
   global _CHANNEL
   read, write = os.pipe()
@@ -79,7 +79,7 @@ def command() -> None:
     os.close(read)
     _die_with_parent(parent)
     _CHANNEL = write
-    from pipeline import cli  # pylint: disable=g-import-not-at-top
+    from pipeline import cli
     code = cli.main()
     tell(exit=code)
     _exit(code)
@@ -126,8 +126,8 @@ def _how_it_ended(status: int) -> str:
 def _report_unfinished(run: dict[str, Any], how: str) -> None:
   """The run's report from the records its checkpoints saved, the others
   failed as unfinished, printed as the command would have printed it."""
-  from pipeline import cli, storage  # pylint: disable=g-import-not-at-top
+  from pipeline import launch, storage
   storage.configure(run['gcs_endpoint'])
   pairs = [tuple(p) for p in run['pairs']]
-  cli.report_run(pairs, run['output'], run['run'], run['started_at'], run['spec_text'],
-                 trouble=f'the process ended, {how}')
+  launch.report_run(pairs, run['output'], run['run'], run['started_at'], run['spec_text'],
+                    trouble=f'the process ended, {how}')

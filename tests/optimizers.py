@@ -39,7 +39,7 @@ globals().update(FACTORIES)
 
 
 def frozen_backbone():
-  """The fine-tuning recipe with prefix labels (tests.doc_checkpoints.multi_transform_prefix),
+  """The fine-tuning recipe with prefix labels (tests.scenarios.doc_checkpoints.multi_transform_prefix),
   its labels a function of the params so it fits the migrated ones too."""
   return optax.multi_transform(
       {'frozen': optax.set_to_zero(), 'train': optax.adamw(1e-3)},

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from pipeline.batching import byte_batches
+from pipeline.compute.batching import byte_batches
 
 
 @given(st.lists(st.integers(0, 100)), st.one_of(st.none(), st.integers(1, 150)))

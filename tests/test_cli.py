@@ -10,7 +10,7 @@ import threading
 import pytest
 from flax import serialization
 
-from pipeline import cli as cli_module
+from pipeline import launch
 from pipeline import migrate, run as run_lib
 from pipeline.demo import SEED_SPEC
 from tests.conftest import mlp
@@ -85,11 +85,11 @@ def test_an_in_process_job_that_hangs_after_its_last_record_is_reported(
                       ('propagate', migrate.log.propagate)):
     monkeypatch.setattr(migrate.log, attr, value)  # setup's progress handler, undone after
   monkeypatch.setattr(run_lib, '_write_report', report_step_that_hangs)
-  monkeypatch.setattr(cli_module, 'JOB_GRACE_SECONDS', 0.5)
+  monkeypatch.setattr(launch, 'JOB_GRACE_SECONDS', 0.5)
   out = tmp_path / 'out'
   RELEASE_REPORT.clear()
   try:
-    code = cli_module.migrate(str(inputs / 'run_b'), str(out), str(spec), migrate.Settings(), [])
+    code = launch.migrate_all(str(inputs / 'run_b'), str(out), str(spec), migrate.Settings(), [])
   finally:
     RELEASE_REPORT.set()
   captured = capsys.readouterr()

@@ -20,7 +20,9 @@ import pytest
 import tensorstore as ts
 from etils import epath
 
-from pipeline import checkpoint_io, copy_patch, migrate, storage, worker
+from pipeline import checkpoint, migrate, storage
+from pipeline.compute import worker
+from pipeline.write import copy_patch
 from tests.conftest import mlp
 from tests.test_copy_through import SPEC, decoded, restored_bits, state, write  # pylint: disable=unused-import
 from tests.test_storage_copy import snapshot
@@ -59,7 +61,7 @@ def test_patched_outputs_restore_as_the_full_path_and_leave_the_input(tmp_path, 
   for manifest in (tmp_path / 'patched').glob('**/manifest.ocdbt'):
     manifest.write_bytes(b'overwritten')
   assert snapshot(src) == before
-  assert checkpoint_io.read_provenance(tmp_path / 'patched')['src'] == str(src)
+  assert checkpoint.read_provenance(tmp_path / 'patched')['src'] == str(src)
 
 
 @pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'no_ocdbt'])
@@ -115,10 +117,10 @@ def test_the_full_path_writes_every_leaf_afresh_as_orbax_save_would(tmp_path, de
   assert restored_bits(tmp_path / 'fresh', layout) == restored_bits(tmp_path / 'saved', layout)
   assert not inodes(tmp_path / 'fresh') & inodes(src)
   assert snapshot(src) == before
-  meta = lambda p: checkpoint_io.array_specs(checkpoint_io.read_metadata(p)[1])
+  meta = lambda p: checkpoint.array_specs(checkpoint.read_metadata(p)[1])
   assert meta(tmp_path / 'fresh') == meta(tmp_path / 'saved')
-  assert checkpoint_io.read_provenance(tmp_path / 'fresh')['spec_hash'] == (
-      checkpoint_io.read_provenance(tmp_path / 'saved')['spec_hash'])
+  assert checkpoint.read_provenance(tmp_path / 'fresh')['spec_hash'] == (
+      checkpoint.read_provenance(tmp_path / 'saved')['spec_hash'])
   # A fresh output migrated again is copied and patched: its data files linked.
   again = migrated(tmp_path / 'fresh', tmp_path / 'again', "ops: [{rename: {match: '^Linear_0/', to: 'In/'}}]")
   assert (again['status'], again['write_path']) == ('ok', 'copy_and_patch'), again['error']
@@ -267,7 +269,9 @@ def test_the_index_check_catches_a_swapped_rename(tmp_path, monkeypatch):
 
 KILLED = """
 import os, signal, sys
-from pipeline import copy_patch, migrate, worker
+from pipeline import migrate
+from pipeline.compute import worker
+from pipeline.write import copy_patch
 def die(*args):
   os.kill(os.getpid(), signal.SIGKILL)
 copy_patch.writing._write_metadata = die  # killed once the copy is patched, before its metadata
@@ -281,11 +285,11 @@ def test_kill_9_during_a_patch_leaves_nothing_a_rerun_takes_as_done(tmp_path):
   dst.parent.mkdir()
   killed = subprocess.run([sys.executable, '-c', KILLED, str(src), str(dst), SPEC])
   assert killed.returncode == -signal.SIGKILL
-  assert not checkpoint_io.is_checkpoint(dst)
+  assert not checkpoint.is_checkpoint(dst)
   rec = migrated(src, dst)
   assert (rec['status'], rec['write_path']) == ('ok', 'copy_and_patch'), rec['error']
   assert sorted(p.name for p in dst.parent.iterdir()) == ['x']  # the killed attempt's work is gone
-  assert checkpoint_io.is_checkpoint(dst)
+  assert checkpoint.is_checkpoint(dst)
 
 
 def test_on_gcs_a_rename_uploads_no_array_byte(gcs, bucket, tmp_path):

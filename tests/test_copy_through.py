@@ -11,7 +11,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import checkpoint_io, copy_through, migrate, worker
+from pipeline import checkpoint, migrate
+from pipeline.checkpoint import reading
+from pipeline.compute import worker
+
 from tests.conftest import mlp, trained
 from transforms import flatten
 
@@ -71,7 +74,7 @@ def without_patching(**settings) -> migrate.Settings:
 def decoded(monkeypatch):
   """The names of the arrays decoded (by Orbax's handler, or read directly), as they are."""
   names = []
-  real, real_read = ocp.type_handlers.ArrayHandler.deserialize, checkpoint_io.read_stored
+  real, real_read = ocp.type_handlers.ArrayHandler.deserialize, reading.read_stored
 
   async def spy(self, infos, args=None):
     names.extend(info.name for info in infos)
@@ -82,7 +85,7 @@ def decoded(monkeypatch):
     return await real_read(directory, param, *args)
 
   monkeypatch.setattr(ocp.type_handlers.ArrayHandler, 'deserialize', spy)
-  monkeypatch.setattr(checkpoint_io, 'read_stored', spy_read)
+  monkeypatch.setattr(reading, 'read_stored', spy_read)
   return names
 
 
@@ -105,7 +108,7 @@ def test_copy_through_restores_bit_identical_to_the_full_path(tmp_path, layout, 
   kernel_bytes = 4 * 2 * 4
   assert carried['bytes_carried'] == carried['bytes_out'] - kernel_bytes > 0
   assert restored_bits(tmp_path / 'carried', layout) == restored_bits(tmp_path / 'full', layout)
-  assert 'params/Linear_0/kernel' in checkpoint_io.read_provenance(tmp_path / 'carried')['carried']
+  assert 'params/Linear_0/kernel' in checkpoint.read_provenance(tmp_path / 'carried')['carried']
 
 
 def test_typed_restore_of_a_copied_through_output(tmp_path):
@@ -142,9 +145,9 @@ def test_a_surgery_that_touches_every_param_carries_only_the_rest(tmp_path, deco
 def test_a_carried_leaf_that_does_not_read_back_as_copied_fails_and_is_removed(tmp_path, monkeypatch):
   src, out = tmp_path / 'in', tmp_path / 'out'
   write(src, 'pytree', False)
-  real = copy_through.stored_checksums
-  monkeypatch.setattr(copy_through, 'stored_checksums',
-                      lambda d, names: ['stored:00000000'] + real(d, names)[1:])
+  real = checkpoint.stored_checksums
+  monkeypatch.setattr(checkpoint, 'stored_checksums',
+                     lambda d, names: ['stored:00000000'] + real(d, names)[1:])
   worker.WORKER.clear()
   rec = migrate.migrate_one(str(src), str(out / 'x'), worker.surgery_for(SPEC), without_patching(),
                             attempts=1)

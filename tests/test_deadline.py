@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pipeline.deadline import CheckpointTimeout, Deadline
+from pipeline.compute.deadline import CheckpointTimeout, Deadline
 
 
 class FakeLease:

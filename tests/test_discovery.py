@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from pipeline.discovery import DiscoveryError, destination, discover, fixed_prefix
+from pipeline.checkpoint.discovery import DiscoveryError, destination, discover, fixed_prefix
 
 
 @pytest.mark.parametrize('pattern, prefix', [

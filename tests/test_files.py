@@ -1,11 +1,11 @@
-"""pipeline/files.py: paths we derive are names, never patterns, locally and on gs://."""
+"""pipeline/storage/files.py: paths we derive are names, never patterns, locally and on gs://."""
 from __future__ import annotations
 
 import os
 
 from etils import epath
 
-from pipeline import files
+from pipeline.storage import files
 
 # Each name beside a decoy that a glob of it would also name.
 DECOYS = {'run[1]': 'run1', 'run*x': 'run_any_x', 'run?x': 'runZx'}

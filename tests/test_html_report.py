@@ -10,7 +10,8 @@ import time
 import pytest
 from etils import epath
 
-from pipeline import plan, report, report_page
+from pipeline import plan, report
+from pipeline.report import html_page
 from transforms import load_spec
 from pipeline.demo import SEED_SPEC
 from tests.test_cli import cli
@@ -74,7 +75,7 @@ class Page(html.parser.HTMLParser):
 def check_page(text: str, records: list[dict], summary: dict) -> Page:
   """Every figure against the summary, every row against the records."""
   page = Page(text)
-  for key, _, _ in report_page.TOTALS:
+  for key, _, _ in html_page.TOTALS:
     assert page.totals[key] == str(summary[key]), key
   assert len(page.rows) == len(records)
   shown = {row[6]['text']: row for row in page.rows}
@@ -116,7 +117,7 @@ def test_page_shows_every_figure_and_row_of_the_report(tmp_path):
   prefix = str(tmp_path / 'out')
   summary = report.write_report(prefix, made_up_records(started_at), started_at, run='r1')
   report.save_spec(prefix, 'r1', SEED_SPEC)
-  path = report_page.write(prefix, 'r1')
+  path = html_page.write(prefix, 'r1')
   assert path == report.run_dir(prefix, 'r1') / 'report.html'
   text = path.read_text()
   assert (report.report_dir(prefix) / 'report.html').read_text() == text  # the latest
@@ -138,7 +139,7 @@ def test_each_run_into_one_prefix_keeps_its_own_page(tmp_path):
   report.write_report(prefix, first, time.time(), run='r1')
   report.write_report(prefix, second, time.time(), run='r2')
   for run, records in (('r1', first), ('r2', second)):
-    check_page(report_page.write(prefix, run).read_text(), *report.read_report(prefix, run))
+    check_page(html_page.write(prefix, run).read_text(), *report.read_report(prefix, run))
   latest = (report.report_dir(prefix) / 'report.html').read_text()
   assert latest == (report.run_dir(prefix, 'r2') / 'report.html').read_text()
   assert 'this run did not keep its spec' in latest  # the plan is unavailable, and says why
@@ -149,7 +150,7 @@ def test_page_on_gcs(bucket):
   started_at = time.time()
   summary = report.write_report(prefix, made_up_records(started_at), started_at, run='r1')
   report.save_spec(prefix, 'r1', SEED_SPEC)
-  path = report_page.write(prefix, 'r1')
+  path = html_page.write(prefix, 'r1')
   assert str(path) == f'{prefix}/_surgery/runs/r1/report.html'
   check_page(epath.Path(f'{prefix}/_surgery/report.html').read_text(),
              report.read_report(prefix, 'r1')[0], summary)
@@ -165,11 +166,11 @@ def test_ten_thousand_checkpoints_stay_well_under_a_megabyte():
                            signature=f's{i % 4}', finished_at=started_at + i / 10)
              for i in range(10_000)]
   summary = report.summarize(records, started_at)
-  text = report_page.build(records, summary, SEED_SPEC, 'not planned in this test')
+  text = html_page.build(records, summary, SEED_SPEC, 'not planned in this test')
   print(f'page for 10,000 checkpoints: {len(text.encode()):,} bytes')
   assert len(text.encode()) < 600_000
   page = Page(text)
-  assert len(page.rows) == report_page.TABLE_ROWS
+  assert len(page.rows) == html_page.TABLE_ROWS
   failed = {r['src'] for r in records if r['status'] == 'failed'}
   assert failed <= {row[6]['text'] for row in page.rows}  # every failure is in the table
   assert 'Showing 2000 of 10000 checkpoints' in text
@@ -180,7 +181,7 @@ def test_a_huge_spec_is_shown_in_part():
   started_at = time.time()
   records = made_up_records(started_at)
   spec = SEED_SPEC + '# ' + 'x' * 50_000_000 + '\n'  # 50 MB, most of it one comment
-  text = report_page.build(records, report.summarize(records, started_at), spec, 'not planned')
+  text = html_page.build(records, report.summarize(records, started_at), spec, 'not planned')
   assert len(text) < 100_000 and 'The spec is 50.0 MB' in text
 
 
@@ -189,8 +190,8 @@ def test_plan_diff_per_signature(samples):
   spec_text = RENAME_SPEC
   (group,) = plan.plan_checkpoints([src], load_spec(spec_text))['groups']
   records = [report.record(src, '/out/b', 'ok', signature=group['signature'])]
-  plans = report_page.plan_signatures(records, spec_text)
-  text = report_page.build(records, report.summarize(records, time.time()), spec_text, plans)
+  plans = html_page.plan_signatures(records, spec_text)
+  text = html_page.build(records, report.summarize(records, time.time()), spec_text, plans)
   page = Page(text)
   assert page.signatures == [group['signature']]
   shown = ''.join(page.text)
@@ -235,7 +236,7 @@ def test_chromium_renders_the_page(tmp_path):
                 'the page was not rendered in a browser')
   started_at = time.time() - 4
   report.write_report(str(tmp_path), made_up_records(started_at), started_at, run='r1')
-  page = report_page.write(str(tmp_path), 'r1')
+  page = html_page.write(str(tmp_path), 'r1')
   shot = tmp_path / 'page.png'
   result = subprocess.run(
       [browser, '--headless', '--no-sandbox', '--disable-gpu', '--enable-logging=stderr',

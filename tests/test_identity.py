@@ -1,4 +1,4 @@
-"""pipeline/identity.py: an input re-saved at the same path is another input."""
+"""pipeline/checkpoint/identity.py: an input re-saved at the same path is another input."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from pipeline import files, identity
+from pipeline.checkpoint import identity
+from pipeline.storage import files
 
 
 def save(path, value: float) -> None:

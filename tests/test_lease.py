@@ -9,7 +9,7 @@ import time
 import pytest
 from etils import epath
 
-from pipeline import lease
+from pipeline.write import lease
 
 
 def lease_file(dst: epath.Path) -> epath.Path:

@@ -8,7 +8,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import checkpoint_io, migrate, migrate_fn, worker
+from pipeline import checkpoint, migrate, migrate_fn
+from pipeline.compute import worker
 from pipeline.demo import SEED_SPEC
 from transforms import flatten
 
@@ -48,7 +49,7 @@ def test_seed_surgery_through_orbax_is_bit_exact_and_restores_typed(inputs, tmp_
   typed_in = ocp.StandardCheckpointer().restore(src, typed_target(before))
   typed_out = ocp.StandardCheckpointer().restore(dst, typed_target(before))
   assert type(typed_out['opt_state'][0]) is type(typed_in['opt_state'][0]) is optax.ScaleByAdamState
-  provenance = checkpoint_io.read_provenance(dst)
+  provenance = checkpoint.read_provenance(dst)
   assert provenance['src'] == str(src) and provenance['spec_hash'] == surgery().spec.hash
 
 
@@ -56,7 +57,7 @@ def test_manager_step_stays_a_manager_step(inputs, tmp_path):
   out = tmp_path / 'out' / 'run_a'
   rec = migrate.migrate_one(str(inputs / 'run_a' / '3'), str(out / '3'), surgery())
   assert rec['status'] == 'ok'
-  layout = checkpoint_io.read_layout(out / '3')
+  layout = checkpoint.read_layout(out / '3')
   assert layout.items == (('default', 'StandardCheckpointHandler'),)
   with ocp.CheckpointManager(out) as manager:
     assert manager.all_steps() == [3]
@@ -71,9 +72,9 @@ def test_rerun_skips_then_refuses_another_spec_then_overwrites(inputs, tmp_path)
   assert migrate.migrate_one(src, dst, surgery())['status'] == 'skipped'
   rec = migrate.migrate_one(src, dst, surgery(SCALE_SPEC))
   assert rec['status'] == 'failed' and '--overwrite' in rec['error']
-  assert checkpoint_io.read_provenance(tmp_path / 'out' / 'run_c')['spec_hash'] == surgery().spec.hash
+  assert checkpoint.read_provenance(tmp_path / 'out' / 'run_c')['spec_hash'] == surgery().spec.hash
   assert migrate.migrate_one(src, dst, surgery(SCALE_SPEC), migrate.Settings(overwrite=True))['status'] == 'ok'
-  assert checkpoint_io.read_provenance(tmp_path / 'out' / 'run_c')['spec_hash'] == surgery(SCALE_SPEC).spec.hash
+  assert checkpoint.read_provenance(tmp_path / 'out' / 'run_c')['spec_hash'] == surgery(SCALE_SPEC).spec.hash
 
 
 def leftovers(out_dir):

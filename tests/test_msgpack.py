@@ -12,7 +12,9 @@ import pytest
 from flax import serialization
 from flax.training import checkpoints
 
-from pipeline import checkpoint_io, discovery, migrate, worker
+from pipeline import checkpoint, migrate
+from pipeline.checkpoint import discovery
+from pipeline.compute import worker
 from tests.conftest import mlp, trained
 from tests.test_cli import cli, read_report
 from transforms import flatten
@@ -118,7 +120,7 @@ def test_migrate_one_renames_params_and_adam_moments_bit_exact(legacy, tmp_path,
   target = {'params': params, 'opt_state': jax.eval_shape(optax.adam(1e-2).init, params), 'step': 0}
   typed = ocp.StandardCheckpointer().restore(dst, target)
   assert isinstance(typed['opt_state'][0], optax.ScaleByAdamState)
-  assert checkpoint_io.read_provenance(dst)['src'] == str(src)
+  assert checkpoint.read_provenance(dst)['src'] == str(src)
   # Inputs are never written, --overwrite included.
   assert migrate.migrate_one(str(src), str(dst), surgery(SCALE_SPEC),
                              migrate.Settings(overwrite=True))['status'] == 'ok'

@@ -16,13 +16,14 @@ SCRIPT = textwrap.dedent('''
     import json, sys
     import jax, jax.numpy as jnp, numpy as np, optax, orbax.checkpoint as ocp
     from etils import epath
-    from pipeline import checkpoint_io, migrate, worker
+    from pipeline import checkpoint, migrate
+    from pipeline.compute import worker
     work = epath.Path(sys.argv[1])
     rng = np.random.default_rng(0)
     params = {'big': jnp.asarray(rng.standard_normal((1024, 1030)), jnp.float32),  # 4.2 MB
               'small': jnp.arange(3.0)}
     ocp.PyTreeCheckpointer().save(work / 'in', {'params': params, 'opt_state': optax.adam(1e-3).init(params)})
-    _, items = checkpoint_io.restore(work / 'in')
+    _, items = checkpoint.restore(work / 'in')
     big, small = items['']['params']['big'], items['']['params']['small']
     surgery = worker.surgery_for("ops: [{normalize: {match: '^big$'}}]")
     names = ('full', 'carried', 'streamed')  # streamed: a pack of one leaf and its moments at a time
@@ -31,7 +32,7 @@ SCRIPT = textwrap.dedent('''
                for name in names]
     outs = [ocp.PyTreeCheckpointer().restore(work / name)['params'] for name in names]
     # Orbax's own save of the full path's output, restored as a worker places it.
-    ocp.PyTreeCheckpointer().save(work / 'orbax', checkpoint_io.restore(work / 'full')[1][''])
+    ocp.PyTreeCheckpointer().save(work / 'orbax', checkpoint.restore(work / 'full')[1][''])
     from pipeline import storage
     zarray = lambda n: json.loads(storage.ocdbt_index(work / n)[b'params.big/.zarray'])['chunks']
     tree = lambda n: json.loads((work / n / '_METADATA').read_text())['tree_metadata']

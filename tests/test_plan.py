@@ -8,7 +8,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import transforms
-from pipeline import checkpoint_io, migrate, worker
+from pipeline import checkpoint, migrate
+from pipeline.compute import worker
 from tests.conftest import mlp, trained
 from tests.test_cli import cli
 
@@ -61,9 +62,9 @@ def test_plan_predicts_what_run_writes(inputs, tmp_path):
   rec = migrate.migrate_one(str(src), str(dst), worker.surgery_for(SPEC))
   assert rec['status'] == 'ok'
   predicted = transforms.plan(transforms.Surgery(transforms.load_spec(SPEC)),
-                              checkpoint_io.read_metadata(epath.Path(src))[1])
-  before = transforms.flatten(checkpoint_io.read_metadata(epath.Path(src))[1]['params'])
-  after = transforms.flatten(checkpoint_io.read_metadata(epath.Path(dst))[1]['params'])
+                              checkpoint.read_metadata(epath.Path(src))[1])
+  before = transforms.flatten(checkpoint.read_metadata(epath.Path(src))[1]['params'])
+  after = transforms.flatten(checkpoint.read_metadata(epath.Path(dst))[1]['params'])
   for kind, path, detail in predicted.changes:
     if kind == 'renamed':
       assert detail in after and path not in after
@@ -77,7 +78,7 @@ def test_plan_predicts_what_run_writes(inputs, tmp_path):
       assert detail.endswith(str(after[path].dtype))
   untouched = set(before) - {c.path for c in predicted.changes}
   assert all(before[p].shape == after[p].shape for p in untouched)
-  assert predicted.bytes_after['total'] == transforms.tree_bytes(checkpoint_io.read_metadata(epath.Path(dst))[1])
+  assert predicted.bytes_after['total'] == transforms.tree_bytes(checkpoint.read_metadata(epath.Path(dst))[1])
   # What plan calls untouched is what run copied through (plan also counts the saved step number).
   assert predicted.bytes_untouched - rec['bytes_carried'] == 8 and rec['bytes_carried'] > 0
 
@@ -126,7 +127,7 @@ def test_plan_says_how_the_computed_leaves_split(inputs, tmp_path):
   result, plan = plan_json(tmp_path, inputs / 'run_b', spec_text)
   assert result.returncode == 0, result.stderr
   (group,) = plan['groups']
-  _, meta = checkpoint_io.read_metadata(inputs / 'run_b')
+  _, meta = checkpoint.read_metadata(inputs / 'run_b')
   kernels = [2 * transforms.tree_bytes(meta['params'][n]['kernel']) for n in ('Dense_0', 'Dense_1')]
   assert (group['dependency_groups'], group['largest_group_bytes']) == (2, max(kernels))
   assert '  computed: 2 dependency group(s), each reading inputs no other reads; the largest holds ' in cli(

@@ -16,7 +16,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pipeline import checkpoint_io, copy_patch, migrate, outputs, storage, stream, worker
+from pipeline import checkpoint, migrate, storage
+from pipeline.compute import stream, worker
+from pipeline.write import copy_patch, outputs
 from tests.conftest import mlp, trained
 from tests.test_copy_through import restored_bits
 
@@ -55,12 +57,12 @@ def restores(monkeypatch):
   """The array bytes each restore of an input reads, in order, and as each
   pack is written (negated) the bytes of every array alive in the process."""
   calls = []
-  real_restore, real_pack = checkpoint_io.restore, copy_patch.write_pack
+  real_restore, real_pack = checkpoint.restore, copy_patch.write_pack
 
   def restore(path, like=None, devices=None):
     if like is not None and 'in' in str(path).split('/')[-1]:
       arrays = [x for x in jax.tree_util.tree_leaves(like)
-                if checkpoint_io.is_array(x) and not checkpoint_io.skipped(x)]
+                if checkpoint.is_array(x) and not checkpoint.skipped(x)]
       calls.append(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in arrays))
     return real_restore(path, like, devices)
 
@@ -68,7 +70,7 @@ def restores(monkeypatch):
     calls.append(-sum(x.nbytes for x in jax.live_arrays()))
     return real_pack(work, patches, arrays)
 
-  monkeypatch.setattr(checkpoint_io, 'restore', restore)
+  monkeypatch.setattr(checkpoint, 'restore', restore)
   monkeypatch.setattr(copy_patch, 'write_pack', write_pack)
   return calls
 
@@ -187,7 +189,9 @@ def test_a_leaf_over_the_budget_that_cannot_stream_fails_by_name(tmp_path):
 
 KILLED = """
 import os, signal, sys
-from pipeline import copy_patch, migrate, worker
+from pipeline import migrate
+from pipeline.compute import worker
+from pipeline.write import copy_patch
 real, packs = copy_patch.write_pack, []
 def die_on_the_third(*args):
   packs.append(1)
@@ -207,7 +211,7 @@ def test_kill_9_mid_stream_leaves_nothing_a_rerun_takes_as_done(tmp_path, spec):
   dst.parent.mkdir()
   killed = subprocess.run([sys.executable, '-c', KILLED, str(src), str(dst), spec, str(BUDGET)])
   assert killed.returncode == -signal.SIGKILL
-  assert not checkpoint_io.is_checkpoint(dst) and not dst.exists()
+  assert not checkpoint.is_checkpoint(dst) and not dst.exists()
   rec = migrated(src, dst, spec, memory_budget=BUDGET)
   assert rec['status'] == 'ok' and rec['packs'] > 2, rec['error']
   assert sorted(p.name for p in dst.parent.iterdir()) == ['x']  # the killed attempt's work is gone

@@ -7,7 +7,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from pipeline import checkpoint_io, copy_patch, writers
+from pipeline import checkpoint
+from pipeline.write import copy_patch, writers
 from tests.conftest import mlp
 
 
@@ -19,7 +20,7 @@ def src(tmp_path) -> epath.Path:
 
 
 def choose(src, **facts):
-  return writers.choose(src, checkpoint_io.read_layout(src), facts.pop('removes', None), **facts)
+  return writers.choose(src, checkpoint.read_layout(src), facts.pop('removes', None), **facts)
 
 
 def test_each_fact_takes_the_cheapest_writer_that_applies(src, tmp_path):
@@ -63,7 +64,7 @@ def test_a_msgpack_input_is_saved_by_orbax(tmp_path):
 
 
 def test_patches_are_planned_where_the_written_tree_is_given(src, tmp_path):
-  layout, items = checkpoint_io.restore(src)
+  layout, items = checkpoint.restore(src)
   choice = writers.choose(src, layout, None, carried=False, dst=epath.Path(tmp_path / 'out'),
                           written=items)
   assert choice.writer == 'fresh' and [p.item for p in choice.patches] == ['']

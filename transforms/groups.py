@@ -3,7 +3,7 @@
 The traced surgery says which inputs each computed output reads. Its
 dataflow's connected components are groups: restored, computed and written
 on their own, they give what the whole surgery gives, so a checkpoint of any
-size can be migrated a few groups at a time (`packs`, `pipeline.stream`).
+size can be migrated a few groups at a time (`packs`, `pipeline.compute.stream`).
 A `Computation` is one signature's computed outputs so split, each group's
 part compiled once per distinct computation: a model's layers share one.
 """

@@ -1,0 +1,223 @@
+"""Launch one `run`: refuse what would fail before any checkpoint is touched,
+run the Beam job, and report it from its own records.
+
+The launcher checks Beam's options, reads the spec, discovers the checkpoints
+and their outputs, tries the report's place, carries roots' metadata, and
+only then starts the job, in a thread it watches: on the local runner a job
+still running JOB_GRACE_SECONDS after every checkpoint saved its record is
+reported as hung from those records. The table, the report and its page are
+built from what the run's checkpoints saved, whatever the job's end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from etils import epath
+
+import transforms
+from pipeline import report, supervisor
+from pipeline.checkpoint import discovery, roots
+from pipeline.report import html_page
+
+if TYPE_CHECKING:
+  from pipeline.migrate import Settings
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+  """Refused before any checkpoint is touched: exit 2."""
+
+
+def check_beam_args(beam_args: list[str]) -> None:
+  """Refuse an argument neither we nor Beam know (a typo would otherwise be
+  dropped by Beam with a warning nobody reads)."""
+  # pylint: disable=g-import-not-at-top
+  from apache_beam.options import pipeline_options
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  from apache_beam.runners.runner import create_runner
+  from pipeline.run import LOCAL_RUNNERS
+  options = PipelineOptions(beam_args)
+  runner = options.view_as(StandardOptions).runner or ''
+  if '.' in runner:  # a runner named by its module registers its own options
+    try:
+      importlib.import_module(runner.rsplit('.', 1)[0])
+    except ImportError as e:
+      raise UsageError(f'cannot import --runner={runner}: {e}') from None
+  if runner and runner not in LOCAL_RUNNERS:
+    try:
+      create_runner(runner)
+    except (ValueError, ImportError) as e:
+      raise UsageError(f'--runner={runner}: {e}') from None
+  workers = options.view_as(pipeline_options.DirectOptions).direct_num_workers
+  if workers is not None and workers < 0:
+    raise UsageError(f'--direct_num_workers={workers}: give a number of worker processes '
+                     '(0 for one per core)')
+  # As PipelineOptions.get_all_options parses: every options class's flags.
+  parser = pipeline_options._BeamArgumentParser(allow_abbrev=False)  # pylint: disable=protected-access
+  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  _, unknown = parser.parse_known_args(beam_args)
+  if unknown:
+    raise UsageError(f'unknown option {unknown[0].split("=")[0]} (not ours, not a Beam option)')
+
+
+def load_spec(path: str) -> tuple[transforms.Spec, str]:
+  try:
+    text = epath.Path(path).read_text()
+  except (OSError, ValueError) as e:
+    raise UsageError(f'cannot read spec {path}: {e}') from None
+  try:
+    return transforms.load_spec(text), text
+  except transforms.SpecError as e:
+    raise UsageError(f'{path}: {e}') from None
+
+
+# After every checkpoint has saved its record, how long the launcher waits for
+# the job itself to end (a runner can hang on a dead worker) before it reports.
+JOB_GRACE_SECONDS = 60.0
+
+
+def _run_job(pairs: list[tuple[str, str]], spec_text: str, output: str, settings: Settings,
+             beam_args: list[str], wait: bool, started_at: float, local: bool) -> tuple[str, str]:
+  """Run the job in a thread: (its state, what went wrong or ''). On the local
+  runner, returns early when every checkpoint's record is saved but the job
+  has not ended JOB_GRACE_SECONDS later (a runner can hang on a dead worker)."""
+  from pipeline.run import run_migration  # pylint: disable=g-import-not-at-top
+  outcome = [('FAILED', 'the job ended without a word')]
+
+  def job():
+    try:
+      outcome[0] = (run_migration(pairs, spec_text, output, settings, beam_args, wait,
+                                  started_at), '')
+    except Exception as e:  # a dead worker, a failed report step: report what finished
+      lines = str(e).strip().splitlines()
+      outcome[0] = ('FAILED', f'{type(e).__name__}: {lines[-1][:300]}' if lines else type(e).__name__)
+
+  thread = threading.Thread(target=job, daemon=True, name='job')
+  thread.start()
+  all_saved_since = None
+  while thread.is_alive():
+    thread.join(1.0)
+    if not (wait and local) or not thread.is_alive():
+      continue
+    if (_count_records(output, settings.run) or 0) < len(pairs):
+      all_saved_since = None
+    elif all_saved_since is None:
+      all_saved_since = time.monotonic()
+    elif time.monotonic() - all_saved_since > JOB_GRACE_SECONDS:
+      return 'HUNG', (f'the job had not ended {JOB_GRACE_SECONDS:g} s after its last checkpoint; '
+                      'reported from the records its workers saved')
+  return outcome[0]
+
+
+def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
+            beam_args: list[str], wait: bool = True) -> int:
+  """Discover, run, print the table; the exit code, from this run's own records."""
+  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  from pipeline.run import LOCAL_RUNNERS
+  check_beam_args(beam_args)
+  _, spec_text = load_spec(spec_path)
+  try:
+    pairs = discovery.discover(pattern, output)
+  except discovery.DiscoveryError as e:
+    raise UsageError(str(e)) from None
+  output = discovery.absolute(output)
+  started_at = time.time()
+  run = report.new_run_id(started_at)
+  settings = dataclasses.replace(settings, output=output, run=run, launcher=os.getpid())
+  try:  # the report's place, tried before any checkpoint is touched
+    report.check_writable(output, run)
+  except Exception as e:  # pylint: disable=broad-except  # 403 and friends: say so, exit 2
+    raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
+                     f'{_cause(e)}') from None
+  try:
+    roots.carry_root_metadata(pairs)
+  except Exception as e:  # pylint: disable=broad-except  # unreadable input, unwritable output
+    raise UsageError(f'cannot carry a checkpoint root\'s metadata: {_cause(e)}') from None
+  print(f'migrating {len(pairs)} checkpoint(s) to {output} (run {run})', flush=True)
+  supervisor.started(output, run, started_at, pairs, spec_text, settings.gcs_endpoint)
+  local = PipelineOptions(beam_args).view_as(StandardOptions).runner in LOCAL_RUNNERS
+  state, trouble = _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at, local)
+  return report_run(pairs, output, run, started_at, spec_text, trouble, state, wait, local)
+
+
+def _cause(error: BaseException) -> str:
+  """An OSError's reason, or a storage library's error in one line."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
+
+
+def report_run(pairs: list[tuple[str, str]], output: str, run: str, started_at: float,
+               spec_text: str, trouble: str = '', state: str = 'FAILED', wait: bool = True,
+               local: bool = True) -> int:
+  """Print the run's table from its report (completed from the records its
+  checkpoints saved where the job did not write it all: `trouble` says
+  why), write its page; the exit code. What storage cannot give (an outage)
+  is said, not raised: the terminal gets the table all the same."""
+  try:
+    records, summary = report.read_report(output, run)
+    if {r['src'] for r in records} != {src for src, _ in pairs}:
+      raise ValueError('the report does not list every checkpoint')
+  except Exception:  # pylint: disable=broad-except  # the job did not write it (all of it)
+    if not trouble and (not wait or not local and not _count_records(output, run)):
+      # Submitted and left running (--detach), or a job that ran nothing (Dataflow's --dry_run).
+      if not wait:
+        report.save_spec(output, run, spec_text)  # for its report page, built later
+      print(f'job {state}; its report will be at {report.run_dir(output, run)}/')
+      return 0
+    records, summary = report_from_records(pairs, output, run, started_at, trouble or state)
+  print(report.format_table(records, summary))
+  if trouble:
+    print(f'ckpt-surgery: error: {trouble}', file=sys.stderr)
+  if not summary.get('unwritten'):
+    print(f'report: {report.run_dir(output, run)}/report.jsonl')
+  try:
+    report.save_spec(output, run, spec_text)  # beside the report: the page, now or rebuilt later
+    print(f'report page: {html_page.write(output, run)}')
+  except Exception as e:  # pylint: disable=broad-except  # a view of the report, which is written
+    print(f'ckpt-surgery: error: cannot write the report page: {_cause(e)}', file=sys.stderr)
+  return 1 if summary['failed'] or trouble else 0
+
+
+def _count_records(output: str, run: str) -> int | None:
+  """How many records the run's checkpoints saved; None while storage does not say."""
+  try:
+    return report.count_records(output, run)
+  except Exception:  # pylint: disable=broad-except  # an outage: ask again later
+    return None
+
+
+def report_from_records(pairs: list[tuple[str, str]], output: str, run: str, started_at: float,
+                        why: str) -> tuple[list[dict], dict]:
+  """Every checkpoint that finished, from its saved record; the others failed
+  as unfinished. Written as the run's report when storage allows (where it
+  does not, the summary says `unwritten`)."""
+  try:
+    saved = report.saved_records(output, run)
+  except Exception as e:  # pylint: disable=broad-except  # an outage: the rest is unknown
+    print(f'ckpt-surgery: error: cannot read the records the run saved under '
+          f'{report.run_dir(output, run)}: {_cause(e)}', file=sys.stderr)
+    saved = []
+  records = {r['src']: r for r in saved}
+  for src, dst in pairs:
+    if src not in records:
+      records[src] = report.record(
+          src, dst, 'failed', error=f'unfinished: the job ended ({why}) before this checkpoint did',
+          finished_at=None)
+  records = list(records.values())
+  try:
+    return records, report.write_report(output, records, started_at, run)
+  except Exception as e:  # pylint: disable=broad-except  # a full disk, an outage: the table still
+    print(f'ckpt-surgery: error: cannot write the report under {report.run_dir(output, run)}: '
+          f'{_cause(e)}', file=sys.stderr)
+    return records, {**report.summarize(records, started_at), 'run': run, 'unwritten': True}
