@@ -25,9 +25,8 @@ from pipeline.compute import finite, stream
 from pipeline.compute.deadline import Deadline
 from pipeline.compute.worker import WORKER, log, tool_version
 from pipeline.report import record
-from pipeline.storage import files
 from pipeline.verify import verification
-from pipeline.write import copy_patch, lease, orbax_save, outputs, writers
+from pipeline.write import copy_patch, lease, outputs, protocol, writers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,19 +210,18 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   choice = writers.choose(src, layout, removes, carried=bool(carried), zero_fills=zero_fills,
                           full_decode=settings.full_decode, dst=dst, written=written,
                           writers=settings.writers)
-  patches, done['write_path'], done['why_not_patched'] = (choice.patches, choice.write_path,
-                                                          choice.why_not_patched)
+  done['write_path'], done['why_not_patched'] = choice.write_path, choice.why_not_patched
+  writer = protocol.open_writer(choice, src, dst, layout, done['bytes_out'])
+  pack = copy_patch.take_computed(choice.patches) if choice.patches else written
+  del written  # the pack, then the writer, hold the arrays: let go once written
   with deadline.hold(WORKER.saving), deadline.writing():
-    if patches:
-      moved = copy_patch.write(src, dst, layout, patches, provenance)
-    else:
-      orbax_save.save(dst, layout, written, provenance, src)
-      moved = {'bytes_copied_server_side': 0,
-               'bytes_uploaded': done['bytes_out'] if files.is_gcs(dst) else 0}
-  done.update(bytes_copied_server_side=moved['bytes_copied_server_side'],
-              bytes_uploaded=moved['bytes_uploaded'])
-  written = checkpoint.abstract(written)  # verify_saved reads the arrays back in batches
-  verification.verify(src, dst, layout, written, prints, patches)  # if it fails, the attempt's recovery removes dst
+    writer.begin()
+    writer.write_pack(pack)
+    del pack
+    writer.finish(provenance)
+    moved = writer.commit()
+  done.update(moved._asdict())
+  writer.verify(prints)  # if it fails, the attempt's recovery removes dst
   return done
 
 
@@ -263,22 +261,22 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
   writes no more; the commit takes the save lock, as other saves do."""
   verification.check_recorded(src, layout, meta, budget=stream.pack_limit(streamed.budget))
   run = stream.Run(src, layout, streamed, surgery, settings.allow_nonfinite, deadline.writing)
+  writer = protocol.PatchWriter(src, dst, layout, streamed.patches)  # the writer that takes packs
   with deadline.writing():
-    work = copy_patch.begin(src, dst, layout, streamed.patches)
-  run.write(work, on_pack=lambda i, n: log.info('  %s: pack %d of %d', src, i + 1, n)
+    writer.begin()
+  run.write(writer, on_pack=lambda i, n: log.info('  %s: pack %d of %d', src, i + 1, n)
             if (i + 1) % 10 == 0 else None)
   provenance = _provenance(src, surgery.spec, run.prints, streamed.carried, settings,
                            input_identity)
   with deadline.hold(WORKER.saving), deadline.writing():
-    moved = copy_patch.finish(src, work, dst, layout, streamed.patches, provenance)
-  copy_patch.verify(src, dst, layout, streamed.patches, run.prints)
+    writer.finish(provenance)
+    moved = writer.commit()
+  writer.verify(run.prints)
   done = _fields(checkpoint.trees(meta), streamed.bytes_out, streamed.carried,
                  streamed.signature, run.compilations, provenance)
   done.update(write_path='full' if streamed.fresh_tree else 'copy_and_patch',
               why_not_patched=streamed.fresh, packs=len(streamed.packs),
-              memory_budget=streamed.budget,
-              bytes_copied_server_side=moved['bytes_copied_server_side'],
-              bytes_uploaded=moved['bytes_uploaded'])
+              memory_budget=streamed.budget, **moved._asdict())
   return done
 
 

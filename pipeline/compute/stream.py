@@ -39,7 +39,7 @@ import transforms
 from pipeline import checkpoint, release_freed_memory
 from pipeline.checkpoint import StoredArray
 from pipeline.compute import finite
-from pipeline.write import copy_patch, writers
+from pipeline.write import copy_patch, protocol, writers
 
 MIN_BUDGET = 64 << 20
 FOOTPRINT = 1 << 30  # what a worker holds besides its checkpoints (JAX, Beam, TensorStore), about
@@ -228,26 +228,26 @@ class Run:
     # (item, param name) -> leaf path, of every leaf written as computed
     self.paths = {(p.item, n): path for p in streamed.patches for n, path in p.paths.items()}
 
-  def write(self, work: copy_patch.Work, on_pack: Callable[[int, int], None] = lambda i, n: None
-            ) -> None:
-    """Every pack into `work`: first the values known from the start (those
+  def write(self, writer: protocol.Writer,
+            on_pack: Callable[[int, int], None] = lambda i, n: None) -> None:
+    """Every pack to `writer` (begun): first the values known from the start (those
     beside the surgery's tree, in a fresh tree), then each pack's outputs.
     `on_pack(i, n)` is told as pack i of n begins."""
     streamed = self.streamed
     known = {p.item: {n: x for n, x in p.computed.items() if not isinstance(x, jax.ShapeDtypeStruct)}
              for p in streamed.patches}
-    self._write({item: arrays for item, arrays in known.items() if arrays}, work)
+    self._write({item: arrays for item, arrays in known.items() if arrays}, writer)
     for patch in streamed.patches:  # written: not held through the packs
       patch.computed.update(dict.fromkeys(known[patch.item]))
     for i, pack in enumerate(streamed.packs):
       on_pack(i, len(streamed.packs))
       if pack.over:
-        self._write_slabs(pack.groups[0], work)
+        self._write_slabs(pack.groups[0], writer)
       else:
-        self._write(self._compute(pack), work)
+        self._write(self._compute(pack), writer)
       release_freed_memory()
 
-  def _write(self, arrays: dict[str, dict[str, Any]], work: copy_patch.Work) -> None:
+  def _write(self, arrays: dict[str, dict[str, Any]], writer: protocol.Writer) -> None:
     """Bring `arrays` ({item: {name: array}}) to the host, fingerprint them,
     refuse non-finite ones unless allowed, and write them. The device arrays
     go as they are brought over: a host copy kept in a jax.Array's cache
@@ -258,7 +258,7 @@ class Run:
         if (item, name) in self.paths:
           self._check(self.paths[item, name], transforms.fingerprint(named[name]))
     with self.writing():
-      copy_patch.write_pack(work, self.streamed.patches, arrays)
+      writer.write_pack(arrays)
 
   def _check(self, path: str, fingerprint: transforms.Fingerprint) -> None:
     finite.refuse_nonfinite({path: fingerprint}, self.allow_nonfinite)
@@ -317,7 +317,7 @@ class Run:
       raise too_large(path, group, budget, str(e)) from None
     return min(out.shape[0], pack_limit(budget) // row_bytes // chunk_rows * chunk_rows)
 
-  def _write_slabs(self, group: transforms.Group, work: copy_patch.Work) -> None:
+  def _write_slabs(self, group: transforms.Group, writer: protocol.Writer) -> None:
     """One leaf over the budget, a slab of its leading rows at a time."""
     streamed = self.streamed
     item, name = streamed.where[group.outputs[0]]
@@ -336,5 +336,5 @@ class Run:
       slab = np.asarray(function(stored[start:stop].read().result()))
       running.update(slab)
       with self.writing():
-        copy_patch.write_pack(work, streamed.patches, {item: {name: copy_patch.Slab(slab, start)}})
+        writer.write_pack({item: {name: copy_patch.Slab(slab, start)}})
     self._check(path, running.result())

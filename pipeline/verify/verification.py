@@ -3,7 +3,8 @@ wrote still holds what we recorded.
 
 An output written by copy-and-patch is proven by its index and stored
 bytes (`copy_patch.verify`); one written by Orbax's save is read back, a
-batch of bytes at a time (`verify_saved`). A migration of a migration first
+batch of bytes at a time (`verify_saved`); each writer's `verify` step
+(`write.protocol`) calls its own. A migration of a migration first
 checks its input against the checksums our provenance recorded
 (`check_recorded`).
 """
@@ -19,7 +20,6 @@ import transforms
 from pipeline import checkpoint
 from pipeline.checkpoint import VerificationError
 from pipeline.compute.batching import byte_batches
-from pipeline.write import copy_patch
 
 
 def check_recorded(src: epath.Path, layout: checkpoint.Layout, meta: dict[str, Any],
@@ -63,18 +63,6 @@ def batches(tree: Any, paths: set[str], budget: int | None) -> list[set[str]]:
 
 
 VERIFY_BATCH_BYTES = 256 << 20  # read back at most this much at once: memory stays bounded
-
-
-def verify(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
-           written: dict[str, Any], prints: dict[str, transforms.Fingerprint],
-           patches: list[copy_patch.TreePatch] | None) -> None:
-  """Prove that what was committed at dst is what was computed, or raise:
-  by its stored bytes where `patches` wrote it (`copy_patch.verify`), else
-  by reading back what Orbax's save wrote (`verify_saved`)."""
-  if patches:
-    copy_patch.verify(src, dst, layout, patches, prints)
-  else:
-    verify_saved(dst, written, prints)
 
 
 def verify_saved(dst: epath.Path, written: dict[str, Any],

@@ -133,13 +133,13 @@ def test_transient_errors_are_retried_then_permanent_ones_fail(inputs, tmp_path,
   def forbidden(*args, **kwargs):
     raise PermissionError('HTTP 403: caller does not have storage.objects.create access')
 
-  for module, name in ((orbax_save, 'save'), (copy_patch, 'write')):
+  for module, name in ((orbax_save, 'save'), (copy_patch, 'begin')):
     monkeypatch.setattr(module, name, flaky(getattr(module, name)))
   worker.WORKER.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
                             worker.surgery_for(SEED_SPEC), backoff=0.01)
   assert (rec['status'], rec['attempts']) == ('ok', 2)
-  for module, name in ((orbax_save, 'save'), (copy_patch, 'write')):
+  for module, name in ((orbax_save, 'save'), (copy_patch, 'begin')):
     monkeypatch.setattr(module, name, forbidden)
   rec = migrate.migrate_one(str(inputs / 'run_c'), str(tmp_path / 'o' / 'run_c'),
                             worker.surgery_for(SEED_SPEC), backoff=0.01)

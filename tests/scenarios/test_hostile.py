@@ -83,7 +83,7 @@ def test_overwrite_keeps_the_old_output_when_the_new_one_cannot_be_written(input
     raise OSError(errno.ENOSPC, 'No space left on device')
 
   monkeypatch.setattr(orbax_save, 'save', lambda dst, *args: disk_full(dst))
-  monkeypatch.setattr(copy_patch, 'write', lambda src, dst, *args: disk_full(dst))
+  monkeypatch.setattr(copy_patch, 'begin', lambda src, dst, *args: disk_full(dst))
   other = SEED_SPEC + "  - scale: {match: 'bias$', by: 2.0}\n"
   rec = migrate_one(inputs / 'run_b', dst, other, overwrite=True)
   assert rec['status'] == 'failed' and 'No space left' in rec['error']
@@ -389,16 +389,18 @@ def test_a_given_up_attempt_writes_nothing_once_its_lease_is_free(inputs, tmp_pa
   from pipeline.compute import deadline as deadline_module
   dst = epath.Path(tmp_path / 'out' / 'run_b')
   verifying, fail_it = threading.Event(), threading.Event()
-  real_verify = verification.verify
 
-  def stuck_verify(*args, **kwargs):
-    if threading.current_thread().name == 'first':
-      verifying.set()
-      fail_it.wait()
-      raise checkpoint.VerificationError('read back differently')
-    return real_verify(*args, **kwargs)
+  def stuck(real_verify):
+    def stuck_verify(*args, **kwargs):
+      if threading.current_thread().name == 'first':
+        verifying.set()
+        fail_it.wait()
+        raise checkpoint.VerificationError('read back differently')
+      return real_verify(*args, **kwargs)
+    return stuck_verify
 
-  monkeypatch.setattr(verification, 'verify', stuck_verify)
+  for module, name in ((copy_patch, 'verify'), (verification, 'verify_saved')):  # every writer's
+    monkeypatch.setattr(module, name, stuck(getattr(module, name)))
   given_up = deadline_module.Deadline(3600)
   first = []
   thread = threading.Thread(target=lambda: first.append(migrate_one_with(inputs, dst, given_up)),

@@ -138,7 +138,7 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
   """A writer that commits something else than what was computed (a bug, a
   bad disk) is caught by reading the output back, and the output removed."""
   from pipeline.write import copy_patch, orbax_save
-  real_save, real_patch = orbax_save.save, copy_patch.write
+  real_save, real_pack = orbax_save.save, copy_patch.write_pack
   changed = lambda kernel: kernel.at[0, 0].add(1.0)  # the leaf the seed's surgery computes
 
   def corrupting_save(path, layout, items, provenance):
@@ -146,13 +146,13 @@ def test_an_output_that_does_not_read_back_as_computed_is_removed(inputs, tmp_pa
     state['params']['Dense_1']['kernel'] = changed(state['params']['Dense_1']['kernel'])
     real_save(path, layout, layout.split(state, items), provenance)
 
-  def corrupting_patch(src, dst, layout, patches, provenance):
-    (patch,) = patches
-    patch.computed['params.Dense_1.kernel'] = changed(patch.computed['params.Dense_1.kernel'])
-    return real_patch(src, dst, layout, patches, provenance)
+  def corrupting_pack(work, patches, arrays):
+    (named,) = arrays.values()
+    named['params.Dense_1.kernel'] = changed(named['params.Dense_1.kernel'])
+    return real_pack(work, patches, arrays)
 
   monkeypatch.setattr(orbax_save, 'save', corrupting_save)
-  monkeypatch.setattr(copy_patch, 'write', corrupting_patch)
+  monkeypatch.setattr(copy_patch, 'write_pack', corrupting_pack)
   worker.WORKER.clear()
   rec = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o' / 'run_b'),
                             worker.surgery_for(SEED_SPEC),

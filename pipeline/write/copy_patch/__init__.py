@@ -27,9 +27,9 @@ Computed leaves are encoded once, into memory, with Orbax's write spec (one
 chunk per shard, as Orbax writes them; where `chunk_bytes` is given, as a
 streamed checkpoint's are, chunks of whole rows at most that large, so a
 leaf may be written a Slab of rows at a time), and those bytes are what is
-written. `write` does it all at once; `begin`, `write_pack` (a pack of
-computed leaves, one transaction per tree item) and `finish` a pack at a
-time.
+written: `begin`, `write_pack` (a pack of computed leaves, one transaction
+per tree item; a state held whole is one pack), `finish` and `commit`, the
+steps of the writer protocol (`write.protocol`).
 Verification links each stored byte to the values computed without decoding
 anything a second time (a decode costs as much as the encode): the array
 handed to the encoder has the checksum the surgery's result had
@@ -51,15 +51,15 @@ databases without a merged root, metadata fields or value types Orbax 0.12
 does not write), typed PRNG keys computed, or leaves of other types.
 
 The package: `planning` (the patch, or NotPatchable), `encoding` (computed
-leaves to stored bytes), `writing` (begin, write a pack, finish, commit)
+leaves to stored bytes), `writing` (begin, write a pack, finish; `writing.commit`)
 and `verifying` (the committed output proven by its index).
 """
 from pipeline.write.copy_patch.encoding import Slab
 from pipeline.write.copy_patch.planning import (NOTHING_CARRIED, ZERO_FILLS, NotPatchable,
                                                 TreePatch, check_input, plan_patch)
 from pipeline.write.copy_patch.verifying import IndexMismatch, verify, verify_index
-from pipeline.write.copy_patch.writing import Work, begin, commit, finish, write, write_pack
+from pipeline.write.copy_patch.writing import Work, begin, finish, moved, take_computed, write_pack
 
 __all__ = ['NOTHING_CARRIED', 'ZERO_FILLS', 'IndexMismatch', 'NotPatchable', 'Slab', 'TreePatch',
-           'Work', 'begin', 'check_input', 'commit', 'finish', 'plan_patch', 'verify',
-           'verify_index', 'write', 'write_pack']
+           'Work', 'begin', 'check_input', 'finish', 'moved', 'plan_patch', 'take_computed',
+           'verify', 'verify_index', 'write_pack']

@@ -1,7 +1,7 @@
 """Copy-and-patch, writing: the copy made (`begin`: renames and deletes
-done), computed leaves stored a pack at a time (`write_pack`), Orbax's
-metadata written and the output committed as Orbax commits (`finish`,
-`commit`); `write` does it all for a state held whole."""
+done), computed leaves stored a pack at a time (`write_pack`; a state held
+whole is one pack, `take_computed`), Orbax's metadata written (`finish`),
+and the output committed as Orbax commits (`commit`)."""
 from __future__ import annotations
 
 import asyncio
@@ -93,19 +93,14 @@ def _checkpoint_metadata(src: epath.Path, layout: checkpoint.Layout,
           'custom_metadata': checkpoint.custom_metadata(src, provenance)}
 
 
-def write(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
-          patches: list[TreePatch], provenance: dict[str, Any]) -> dict[str, int]:
-  """Copy src (for fresh patches, its JSON items only), patch the copy,
-  commit it at dst (which must not exist); what was moved:
-  {'bytes_copied_server_side', 'bytes_uploaded', 'bytes_linked', 'bytes_copied'}.
-  The computed leaves are the patches' own; `begin`, `write_pack` and
-  `finish` do the same a pack of computed leaves at a time."""
-  work = begin(src, dst, layout, patches)
-  arrays = {p.item: p.computed for p in patches}
+def take_computed(patches: list[TreePatch]) -> dict[str, dict[str, Any]]:
+  """The computed arrays the patches were planned with, as one pack
+  ({item: {param name: array}}); from here the patches hold their names
+  only, so the pack is what keeps the arrays alive."""
+  pack = {p.item: p.computed for p in patches}
   for patch in patches:
-    patch.computed = dict.fromkeys(patch.computed)  # names only from here: `arrays` has them
-  write_pack(work, patches, arrays)
-  return finish(src, work, dst, layout, patches, provenance)
+    patch.computed = dict.fromkeys(patch.computed)
+  return pack
 
 
 @dataclasses.dataclass
@@ -146,15 +141,20 @@ def write_pack(work: Work, patches: list[TreePatch], arrays: dict[str, dict[str,
     asyncio.run(_store(work.path / patch.item if patch.item else work.path, patch, encoded))
 
 
-def finish(src: epath.Path, work: Work, dst: epath.Path, layout: checkpoint.Layout,
-           patches: list[TreePatch], provenance: dict[str, Any]) -> dict[str, int]:
-  """Orbax's metadata written and the output committed at dst; what was moved."""
+def finish(src: epath.Path, work: Work, layout: checkpoint.Layout, patches: list[TreePatch],
+           provenance: dict[str, Any]) -> None:
+  """Orbax's metadata of every tree item and of the checkpoint written into
+  `work`: complete, not yet committed."""
   for patch in patches:
     patch.computed = dict.fromkeys(patch.computed)  # verification needs only the names
     _write_metadata(work.path / patch.item if patch.item else work.path, patch)
   (work.path / '_CHECKPOINT_METADATA').write_text(
       json.dumps(_checkpoint_metadata(src, layout, provenance)))
-  commit(work.path, dst)
+
+
+def moved(work: Work) -> dict[str, int]:
+  """What writing `work` moved: {'bytes_copied_server_side', 'bytes_uploaded',
+  'bytes_linked', 'bytes_copied'}."""
   copied = work.copied
   return {'bytes_copied_server_side': copied.bytes_copied_server_side,
           'bytes_uploaded': copied.bytes_uploaded + (work.uploaded if work.remote else 0),
