@@ -39,8 +39,9 @@ def test_the_heartbeat_refreshes_the_lease(tmp_path):
 
 @pytest.mark.parametrize('body', [
     b'', b'not json', json.dumps({'host': socket.gethostname(), 'pid': 2 ** 22 + 7, 'time': time.time()}).encode(),
+    json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': '0', 'time': time.time()}).encode(),
     json.dumps({'host': 'elsewhere', 'pid': 1, 'time': time.time() - 3600}).encode()],
-    ids=['empty', 'garbage', 'dead_process_here', 'not_refreshed_elsewhere'])
+    ids=['empty', 'garbage', 'dead_process_here', 'its_pid_reused_here', 'not_refreshed_elsewhere'])
 def test_a_stale_lease_is_broken_and_a_live_one_is_not(tmp_path, body):
   dst = epath.Path(tmp_path / 'out')
   lease_file(dst).write_bytes(body)

@@ -7,7 +7,7 @@ write (create only if absent: an exclusive create on local disk, a
 generation-0 precondition on GCS), so exactly one attempt writes and the
 others wait for it. The holder refreshes the lease every `heartbeat` seconds;
 a lease is stale, and may be broken, when its holder is a dead process on
-this host, when it has not been refreshed for `stale_after` seconds (a
+this host (gone, a zombie, or its pid another process's since), when it has not been refreshed for `stale_after` seconds (a
 killed run on another machine), or when it is empty or garbage.
 """
 from __future__ import annotations
@@ -34,16 +34,44 @@ def _kvstore(directory: epath.Path) -> ts.KvStore:
   return storage.open_store(directory).result()
 
 
+def _process(pid: int) -> tuple[str, str] | None:
+  """(state, start time in clock ticks since boot) of process `pid` on this
+  host, from /proc; None where there is no such process."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()  # after the command name, which may hold spaces
+  except FileNotFoundError:
+    return None
+  return fields[0], fields[19]
+
+
+def _started(pid: int) -> str | None:
+  """When process `pid` started, where /proc says (a pid is reused once its
+  process is gone: a pid alone does not name a process for long)."""
+  try:
+    found = _process(pid)
+  except OSError:
+    return None
+  return found[1] if found else None
+
+
 def _alive_here(holder: dict) -> bool:
   if holder.get('host') != socket.gethostname():
     return True  # another machine: only the heartbeat can tell
   try:
-    os.kill(holder['pid'], 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass
-  return True
+    found = _process(holder['pid'])
+  except OSError:  # no /proc: ask the kernel whether the pid is in use
+    try:
+      os.kill(holder['pid'], 0)
+    except ProcessLookupError:
+      return False
+    except PermissionError:
+      pass
+    return True
+  # Gone; exited but not reaped (a container whose init does not reap); or
+  # its pid now another process's.
+  return (found is not None and found[0] != 'Z'
+          and holder.get('started') in (None, found[1]))
 
 
 @dataclasses.dataclass
@@ -81,7 +109,7 @@ class Lease:
 
 
 def _body() -> bytes:
-  return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+  return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': _started(os.getpid()),
                      'attempt': uuid.uuid4().hex, 'time': time.time()}).encode()
 
 
