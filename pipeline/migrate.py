@@ -212,8 +212,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
                           writers=settings.writers)
   done['write_path'], done['why_not_patched'] = choice.write_path, choice.why_not_patched
   writer = protocol.open_writer(choice, src, dst, layout, done['bytes_out'])
-  pack = copy_patch.take_computed(choice.patches) if choice.patches else written
-  del written  # the pack, then the writer, hold the arrays: let go once written
+  pack = choice.values if choice.patches else written
+  del written, choice  # the pack, then the writer, hold the arrays: let go once written
   with deadline.hold(WORKER.saving), deadline.writing():
     writer.begin()
     writer.write_pack(pack)

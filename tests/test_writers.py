@@ -24,12 +24,12 @@ def choose(src, **facts):
 
 
 def test_each_fact_takes_the_cheapest_writer_that_applies(src, tmp_path):
-  assert choose(src, carried=True) == ('patch', None, None)
-  assert choose(src, carried=True, removes='drops params/x') == (
+  assert choose(src, carried=True)[:3] == ('patch', None, None)
+  assert choose(src, carried=True, removes='drops params/x')[:3] == (
       'copy_through', 'the surgery drops params/x: the copied files would keep it readable', None)
-  assert choose(src, carried=False) == ('fresh', copy_patch.NOTHING_CARRIED, None)
-  assert choose(src, carried=True, full_decode=True) == ('fresh', '--full_decode', None)
-  assert choose(src, carried=True, zero_fills=True) == ('fresh', copy_patch.ZERO_FILLS, None)
+  assert choose(src, carried=False)[:3] == ('fresh', copy_patch.NOTHING_CARRIED, None)
+  assert choose(src, carried=True, full_decode=True)[:3] == ('fresh', '--full_decode', None)
+  assert choose(src, carried=True, zero_fills=True)[:3] == ('fresh', copy_patch.ZERO_FILLS, None)
   gcs = choose(src, carried=True, dst=epath.Path('gs://bucket/out'))
   assert gcs.writer == 'copy_through' and 'different storage' in gcs.why_not_patched
 
@@ -60,7 +60,7 @@ def test_a_msgpack_input_is_saved_by_orbax(tmp_path):
   from flax import serialization  # pylint: disable=g-import-not-at-top
   path = epath.Path(tmp_path / 'state.msgpack')
   path.write_bytes(serialization.to_bytes({'params': mlp()}))
-  assert choose(path, carried=True) == ('orbax_save', writers.MSGPACK, None)
+  assert choose(path, carried=True)[:3] == ('orbax_save', writers.MSGPACK, None)
 
 
 def test_patches_are_planned_where_the_written_tree_is_given(src, tmp_path):

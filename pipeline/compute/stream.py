@@ -137,6 +137,8 @@ class Streamed:
   outputs: list[Any]             # every output leaf's abstract form, placed
   where: dict[int, tuple[str, str]]  # output leaf index -> (item, param name)
   patches: list[copy_patch.TreePatch]
+  known: dict[str, dict[str, Any]]  # item -> {param name: value}, of the values known from the
+                                    # start (beside the surgery's tree, in a fresh tree)
   carried: dict[str, Any]        # leaf path -> StoredArray, of the leaves copied as stored
   rest_placeholders: Any         # the values beside the surgery's tree, none to restore
   signature: str
@@ -195,13 +197,16 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout, meta: dict
     state = surgery.join(route.out_treedef.unflatten(
         [stand_in(leaves[carried_in[o]]) if o in carried_in else outputs[o]
          for o in range(len(outputs))]), rest)
-    patches = copy_patch.plan_patch(src, dst, layout, layout.split(state, {}), route.removes,
-                                    fresh=bool(fresh), chunk_bytes=chunk_bytes(budget))
+    patches, values = copy_patch.plan_patch(src, dst, layout, layout.split(state, {}),
+                                            route.removes, fresh=bool(fresh),
+                                            chunk_bytes=chunk_bytes(budget))
+    known = {item: {n: x for n, x in named.items() if not isinstance(x, jax.ShapeDtypeStruct)}
+             for item, named in values.items()}
     carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(state)[0]
                if isinstance(x, StoredArray)}
     computation = surgery.computation(abstract, bool(fresh))
     return Streamed(leaves, abstract, computation, fresh, transforms.pack(computation.groups, limit),
-                    outputs, where, patches, carried,
+                    outputs, where, patches, known, carried,
                     jax.tree_util.tree_map(lambda _: ocp.PLACEHOLDER, rest_meta),
                     transforms.signature_id(sig), budget, transforms.tree_bytes(state))
 
@@ -234,11 +239,8 @@ class Run:
     beside the surgery's tree, in a fresh tree), then each pack's outputs.
     `on_pack(i, n)` is told as pack i of n begins."""
     streamed = self.streamed
-    known = {p.item: {n: x for n, x in p.computed.items() if not isinstance(x, jax.ShapeDtypeStruct)}
-             for p in streamed.patches}
-    self._write({item: arrays for item, arrays in known.items() if arrays}, writer)
-    for patch in streamed.patches:  # written: not held through the packs
-      patch.computed.update(dict.fromkeys(known[patch.item]))
+    self._write({item: dict(arrays) for item, arrays in streamed.known.items() if arrays}, writer)
+    streamed.known.clear()  # written: not held through the packs
     for i, pack in enumerate(streamed.packs):
       on_pack(i, len(streamed.packs))
       if pack.over:

@@ -74,7 +74,7 @@ class PatchWriter:
     return Moved(moved['bytes_copied_server_side'], moved['bytes_uploaded'])
 
   def verify(self, prints: dict[str, transforms.Fingerprint]) -> None:
-    copy_patch.verify(self.src, self.dst, self.layout, self.patches, prints)
+    copy_patch.verify(self.src, self.dst, self.layout, self.patches, self._work.progress, prints)
 
 
 @dataclasses.dataclass

@@ -33,11 +33,14 @@ _WRITE_PATHS = {'patch': 'copy_and_patch', 'copy_through': 'copy_through'}
 
 
 class Choice(NamedTuple):
-  """A writer, why copy-and-patch does not write (None where it does), and
-  the patches to write where `choose` was given the output's tree."""
+  """A writer, why copy-and-patch does not write (None where it does), and,
+  where `choose` was given the output's tree and the writer is one of
+  copy_patch's, its patches and the values they write ({item: {param
+  name: array}}: the one pack of a state held whole)."""
   writer: str
   why_not_patched: str | None
   patches: list[copy_patch.TreePatch] | None = None
+  values: dict[str, dict[str, Any]] | None = None
 
   @property
   def write_path(self) -> str:
@@ -61,29 +64,29 @@ def choose(src: epath.Path, layout: checkpoint.Layout, removes: str | None, *, c
   why = ('--full_decode' if full_decode else copy_patch.ZERO_FILLS if zero_fills
          else None if carried else copy_patch.NOTHING_CARRIED)
   if why is None:
-    patches, why = _patches(src, dst, layout, removes, written, 'patch', allowed)
+    planned, why = _patches(src, dst, layout, removes, written, 'patch', allowed)
     if why is None:
-      return Choice('patch', None, patches)
+      return Choice('patch', None, *planned)
     if 'copy_through' in allowed:
       return Choice('copy_through', why)
-  patches, declined = _patches(src, dst, layout, removes, written, 'fresh', allowed)
+  planned, declined = _patches(src, dst, layout, removes, written, 'fresh', allowed)
   if declined is None:
-    return Choice('fresh', why, patches)
+    return Choice('fresh', why, *planned)
   return Choice('orbax_save', f"{why}; by Orbax's save: {declined}")
 
 
 def _patches(src: epath.Path, dst: epath.Path | None, layout: checkpoint.Layout,
              removes: str | None, written: dict[str, Any] | None, writer: str,
-             allowed: tuple[str, ...] | list[str]) -> tuple[list[copy_patch.TreePatch] | None, str | None]:
-  """(the patches of `written`, or None where not given; why `writer`, one
-  of copy_patch's, declines, or None)."""
+             allowed: tuple[str, ...] | list[str]) -> tuple[tuple[Any, Any], str | None]:
+  """((the patches of `written` and their values, or Nones where it is not
+  given), why `writer`, one of copy_patch's, declines, or None)."""
   if writer not in allowed:
-    return None, f'{writer} is not among the writers asked for ({", ".join(allowed)})'
+    return (None, None), f'{writer} is not among the writers asked for ({", ".join(allowed)})'
   fresh = writer == 'fresh'
   try:
     if written is None:
       copy_patch.check_input(src, layout, removes, dst, fresh=fresh)
-      return None, None
+      return (None, None), None
     return copy_patch.plan_patch(src, dst, layout, written, removes, fresh=fresh), None
   except copy_patch.NotPatchable as e:
-    return None, str(e)
+    return (None, None), str(e)

@@ -56,10 +56,10 @@ and `verifying` (the committed output proven by its index).
 """
 from pipeline.write.copy_patch.encoding import Slab
 from pipeline.write.copy_patch.planning import (NOTHING_CARRIED, ZERO_FILLS, NotPatchable,
-                                                TreePatch, check_input, plan_patch)
+                                                PatchProgress, TreePatch, check_input, plan_patch)
 from pipeline.write.copy_patch.verifying import IndexMismatch, verify, verify_index
-from pipeline.write.copy_patch.writing import Work, begin, finish, moved, take_computed, write_pack
+from pipeline.write.copy_patch.writing import Work, begin, finish, moved, write_pack
 
-__all__ = ['NOTHING_CARRIED', 'ZERO_FILLS', 'IndexMismatch', 'NotPatchable', 'Slab', 'TreePatch',
-           'Work', 'begin', 'check_input', 'finish', 'moved', 'plan_patch', 'take_computed',
+__all__ = ['NOTHING_CARRIED', 'ZERO_FILLS', 'IndexMismatch', 'NotPatchable', 'PatchProgress',
+           'Slab', 'TreePatch', 'Work', 'begin', 'check_input', 'finish', 'moved', 'plan_patch',
            'verify', 'verify_index', 'write_pack']

@@ -25,7 +25,7 @@ from pipeline import checkpoint
 from pipeline.compute.batching import byte_batches
 
 if TYPE_CHECKING:
-  from pipeline.write.copy_patch.planning import TreePatch
+  from pipeline.write.copy_patch.planning import PatchProgress, TreePatch
 
 
 def _context(use_ocdbt: bool) -> ts.Context:
@@ -116,20 +116,20 @@ def chunk_keys(name: str, shape: tuple[int, ...], chunks: tuple[int, ...], use_z
   return {f'{name}/.zarray'.encode()} | {f'{name}/{".".join(map(str, i)) or "0"}'.encode() for i in grid}
 
 
-def _check_slab(patch: TreePatch, name: str, rows: tuple[int, int], x: np.ndarray,
+def _check_slab(progress: PatchProgress, name: str, rows: tuple[int, int], x: np.ndarray,
                 meta: array_metadata.ArrayMetadata, chunk_rows: int) -> None:
   """A slab must follow the last one of its leaf, in whole chunks of rows,
   with the leaf's trailing shape and dtype: anything else would leave a
   chunk partly written, unseen by the checks that follow."""
   start, stop = rows
-  if (start != patch.slabbed.get(name, 0) or start % chunk_rows or
+  if (start != progress.slabbed.get(name, 0) or start % chunk_rows or
       (stop % chunk_rows and stop != meta.shape[0]) or stop > meta.shape[0] or
       x.shape[1:] != tuple(meta.shape[1:]) or np.dtype(x.dtype) != np.dtype(meta.dtype)):
     raise checkpoint.VerificationError(
         f'{name}: rows [{start}, {stop}) of {x.dtype}{list(x.shape)} do not follow rows '
-        f'[0, {patch.slabbed.get(name, 0)}) of {np.dtype(meta.dtype)}{list(meta.shape)} in whole '
+        f'[0, {progress.slabbed.get(name, 0)}) of {np.dtype(meta.dtype)}{list(meta.shape)} in whole '
         f'chunks of {chunk_rows} rows')
-  patch.slabbed[name] = stop
+  progress.slabbed[name] = stop
 
 
 _ENCODE_BYTES = 64 << 20  # arrays encoded at once: each is let go once its bytes are out
@@ -139,12 +139,13 @@ def _nbytes(x: Any) -> int:
   return transforms.tree_bytes(x.value if isinstance(x, Slab) else x)
 
 
-def encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[bytes, bytes]:
+def encode(patch: TreePatch, progress: PatchProgress, arrays: dict[str, Any],
+           remote: bool) -> dict[bytes, bytes]:
   """Each of `arrays` (computed leaves of `patch`, or Slabs of them) encoded
   once, into memory, through the zarr driver with Orbax's own write spec
   (for GCS where `remote`), a batch at a time, emptying `arrays` as it
   goes: {its keys, relative to the tree: the bytes to store}. Records in
-  `patch.encoded` the checksum of each array as the encoder got it (a
+  `progress.encoded` the checksum of each array as the encoder got it (a
   slabbed one's once its last slab is in); VerificationError where the
   encoder did not make every key of an array's chunk grid (of a slab's
   rows), or an array is not the shape its metadata records."""
@@ -165,12 +166,12 @@ def encode(patch: TreePatch, arrays: dict[str, Any], remote: bool) -> dict[bytes
                        remote, patch.chunk_bytes)
     rows = (slab.start, slab.start + len(x)) if slab else None
     if slab:
-      _check_slab(patch, name, rows, x, meta[name], spec_chunks(spec)[0])
+      _check_slab(progress, name, rows, x, meta[name], spec_chunks(spec)[0])
     expected.update(chunk_keys(name, shape, spec_chunks(spec), patch.use_zarr3, rows))
     if name in patch.paths:
-      patch.encoding.setdefault(name, transforms.Fingerprinter()).update(x)
+      progress.encoding.setdefault(name, transforms.Fingerprinter()).update(x)
       if not slab or rows[1] == shape[0]:
-        patch.encoded[name] = patch.encoding.pop(name).result().checksum
+        progress.encoded[name] = progress.encoding.pop(name).result().checksum
     array = await ts.open({**spec, 'kvstore': {'driver': 'memory', 'path': f'{name}/'}},
                           create=True, open=False, context=context)
     await (array[rows[0]:rows[1]] if slab else array).write(x)

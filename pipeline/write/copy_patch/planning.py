@@ -39,17 +39,16 @@ class NotPatchable(Exception):
   """Why an output cannot be written by copy-and-patch (another writer is used)."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TreePatch:
   """What one tree item's output changes in the copy of its input (a fresh
-  patch: writes into an empty directory)."""
+  patch: writes into an empty directory). A plan: nothing writes into it;
+  what writing it has done is its `PatchProgress`."""
   item: str                        # the item's directory name ('' for a single tree)
   use_ocdbt: bool
   use_zarr3: bool                  # the input's zarr format, which the output keeps
   renamed: dict[str, str]          # new param name -> the old one whose keys it takes
-  computed: dict[str, Any]         # param name -> array to write (a fresh patch's scalar: 0-d;
-                                   # abstract where streamed in packs; None once written:
-                                   # verification needs only the names)
+  computed: tuple[str, ...]        # param names whose values are written (`plan_patch` gives them)
   kept: list[str]                  # names the output holds as the input did
   removed: list[str]               # old names the output does not keep (keys deleted)
   metadata: dict[str, Any]         # the output's _METADATA
@@ -58,19 +57,23 @@ class TreePatch:
   paths: dict[str, str]            # computed param name -> its leaf path in the migrated state
   fresh: bool = False              # nothing of the input copied: every stored value is computed
   chunk_bytes: int | None = None   # computed leaves' chunks at most this large (None: Orbax's default)
-  # Filled by `write_pack`: each computed array's checksum as handed to the encoder,
-  # and the CRC32 of each value encoded, by key (every key of every chunk grid).
-  encoded: dict[str, str] = dataclasses.field(default_factory=dict)
-  crcs: dict[bytes, int] = dataclasses.field(default_factory=dict)
-  # A leaf written a slab at a time: its checksum so far, and the rows written.
-  encoding: dict[str, transforms.Fingerprinter] = dataclasses.field(default_factory=dict)
-  slabbed: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def cleared(self) -> list[str]:
     """The names whose stored values go before the computed leaves are
     written: those removed or recomputed (none in a fresh tree)."""
     return [] if self.fresh else [*self.removed, *self.computed]
+
+
+@dataclasses.dataclass
+class PatchProgress:
+  """What writing one TreePatch has done, filled pack by pack (`write_pack`)
+  and read by `verify`."""
+  encoded: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> checksum as encoded
+  crcs: dict[bytes, int] = dataclasses.field(default_factory=dict)   # key -> CRC32 of its value
+  # A leaf written a slab at a time: its checksum so far, and the rows written.
+  encoding: dict[str, transforms.Fingerprinter] = dataclasses.field(default_factory=dict)
+  slabbed: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _read_json(file: epath.Path) -> Any:
@@ -103,8 +106,8 @@ def _serialized(sharding: jax.sharding.Sharding) -> str:
 
 
 def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix: str,
-                remote: bool, chunk_bytes: int | None) -> TreePatch:
-  """The patch that turns the copy of the tree at `directory` into `tree`
+                remote: bool, chunk_bytes: int | None) -> tuple[TreePatch, dict[str, Any]]:
+  """(the patch, the values it writes by param name) that turns the copy of the tree at `directory` into `tree`
   (the output as written: StoredArrays for carried leaves, jax.Arrays for
   computed ones, or their abstract form where they are written in packs
   later, the input's other values where they were); `fresh`: that
@@ -171,8 +174,9 @@ def _tree_patch(directory: epath.Path, item: str, tree: Any, fresh: bool, prefix
   if fresh and use_ocdbt and not computed:  # no value to write: no database to make
     raise NotPatchable(f'{directory}: a tree with no stored value')
   removed = set() if fresh else stored - kept - set(computed)
-  return TreePatch(item, use_ocdbt, use_zarr3, renamed, computed, sorted(kept), sorted(removed),
-                   metadata.to_json(), shardings, arrays, paths, fresh, chunk_bytes)
+  return TreePatch(item, use_ocdbt, use_zarr3, renamed, tuple(computed), sorted(kept),
+                   sorted(removed), metadata.to_json(), shardings, arrays, paths, fresh,
+                   chunk_bytes), computed
 
 
 def _check_surgery(src: epath.Path, layout: checkpoint.Layout, removes: str | None,
@@ -201,14 +205,17 @@ def check_input(src: epath.Path, layout: checkpoint.Layout, removes: str | None,
 
 def plan_patch(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
                written: dict[str, Any], removes: str | None, fresh: bool = False,
-               chunk_bytes: int | None = None) -> list[TreePatch]:
-  """The patches of each tree item of `src` that make `written` (the items
-  to save at `dst`), `fresh` ones if so asked, computed leaves in chunks of
-  at most `chunk_bytes` where given; NotPatchable where this writer does
-  not apply (each tree's format is checked as its patch is made)."""
+               chunk_bytes: int | None = None
+               ) -> tuple[list[TreePatch], dict[str, dict[str, Any]]]:
+  """(the patches of each tree item of `src` that make `written`, the items
+  to save at `dst`; the values they write, {item: {param name: array, or its
+  abstract form where it is written in packs later}}): `fresh` ones if so
+  asked, computed leaves in chunks of at most `chunk_bytes` where given;
+  NotPatchable where this writer does not apply (each tree's format is
+  checked as its patch is made)."""
   _check_surgery(src, layout, removes, dst, fresh)
   several = len(layout.trees) > 1  # the state is then {item: tree}
-  return [_tree_patch(src / name if name else src, name, written[name], fresh,
-                      transforms.key_path((jax.tree_util.DictKey(name),)) + '/' if several else '',
-                      is_gcs(dst), chunk_bytes) for name in layout.trees]
-
+  planned = [_tree_patch(src / name if name else src, name, written[name], fresh,
+                         transforms.key_path((jax.tree_util.DictKey(name),)) + '/' if several else '',
+                         is_gcs(dst), chunk_bytes) for name in layout.trees]
+  return [patch for patch, _ in planned], {patch.item: values for patch, values in planned}

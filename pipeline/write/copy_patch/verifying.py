@@ -18,7 +18,7 @@ import transforms
 from pipeline import checkpoint, storage
 from pipeline.storage.files import COMMIT_FILE, is_gcs
 from pipeline.write.copy_patch import encoding
-from pipeline.write.copy_patch.planning import TreePatch
+from pipeline.write.copy_patch.planning import PatchProgress, TreePatch
 
 
 class IndexMismatch(checkpoint.VerificationError):
@@ -85,12 +85,13 @@ def _files(directory: epath.Path) -> dict[bytes, Any]:
 _METADATA_FILES = {'_METADATA', '_sharding', '_CHECKPOINT_METADATA', COMMIT_FILE}
 
 
-def verify(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
-           patches: list[TreePatch], prints: dict[str, transforms.Fingerprint]) -> None:
+def verify(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout, patches: list[TreePatch],
+           progress: dict[str, PatchProgress], prints: dict[str, transforms.Fingerprint]) -> None:
   """The committed output at dst is what was computed (`prints`, by leaf
   path) and carried: Orbax reads its metadata as the tree written, every
   array of its shape and dtype; every array computed was written (by one
-  patch or another); and `verify_index`."""
+  patch or another); and `verify_index`. `progress`: what writing each
+  patch did, by item."""
   computed = {path for patch in patches for path in patch.paths.values()}
   if set(prints) != computed:
     raise checkpoint.VerificationError(
@@ -103,10 +104,11 @@ def verify(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
     if got != want:
       raise IndexMismatch(f'{dst / name}: Orbax reads its arrays as '
                           f'{sorted(set(got.items()) ^ set(want.items()))[:3]}')
-  verify_index(src, dst, patches, prints)
+  verify_index(src, dst, patches, progress, prints)
 
 
 def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch],
+                 progress: dict[str, PatchProgress],
                  prints: dict[str, transforms.Fingerprint]) -> None:
   """The committed output at dst holds each carried leaf as the input's very
   stored value (the same index entry, and data files identical to the
@@ -133,8 +135,8 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch],
     if differ:
       raise IndexMismatch(f"{after}: its stored keys differ from the input's at "
                           f"{[k.decode(errors='replace') for k in differ[:3]]}")
-    _check_computed(after, patch, {k: v for k, v in new.items() if new_owner[k] in patch.computed},
-                    prints)
+    _check_computed(after, patch, progress[patch.item],
+                    {k: v for k, v in new.items() if new_owner[k] in patch.computed}, prints)
     if patch.use_ocdbt:
       pairs = {(v[0], v[0]) for v in (new[k] for k in got) if isinstance(v, tuple)}
     else:
@@ -145,7 +147,8 @@ def verify_index(src: epath.Path, dst: epath.Path, patches: list[TreePatch],
       raise IndexMismatch(f"{after}: stored files differ from the input's: {bad[:3]}")
 
 
-def _check_computed(directory: epath.Path, patch: TreePatch, stored: dict[bytes, Any],
+def _check_computed(directory: epath.Path, patch: TreePatch, progress: PatchProgress,
+                    stored: dict[bytes, Any],
                     prints: dict[str, transforms.Fingerprint]) -> None:
   """What is stored for the computed leaves in the committed tree at
   `directory` (`stored`: their keys in its index) is what TensorStore
@@ -156,7 +159,7 @@ def _check_computed(directory: epath.Path, patch: TreePatch, stored: dict[bytes,
   leaf written in slabs: all of them); the stored keys are the keys encoded;
   and each value read back raw has the CRC32 of the bytes encoded."""
   differ = sorted(p for n, p in patch.paths.items()
-                  if p not in prints or patch.encoded.get(n) != prints[p].checksum)
+                  if p not in prints or progress.encoded.get(n) != prints[p].checksum)
   if differ:
     raise checkpoint.VerificationError(
         f'{directory}: the arrays encoded differ from those computed at {differ[:3]}')
@@ -164,15 +167,15 @@ def _check_computed(directory: epath.Path, patch: TreePatch, stored: dict[bytes,
   grids = set().union(*(encoding.chunk_keys(n, meta[n].shape, meta[n].chunk_shape, patch.use_zarr3)
                         if n in meta else encoding.chunk_keys(n, (), (), patch.use_zarr3)
                         for n in patch.computed))
-  if set(patch.crcs) != grids:  # what was encoded, slab by slab or whole, is every chunk recorded
+  if set(progress.crcs) != grids:  # what was encoded, slab by slab or whole, is every chunk recorded
     raise checkpoint.VerificationError(
         f"{directory}: the values encoded are not every chunk of the computed leaves' grids "
-        f"as their metadata records them: {[k.decode(errors='replace') for k in sorted(set(patch.crcs) ^ grids)[:3]]}")
-  if set(stored) != set(patch.crcs):
+        f"as their metadata records them: {[k.decode(errors='replace') for k in sorted(set(progress.crcs) ^ grids)[:3]]}")
+  if set(stored) != set(progress.crcs):
     raise IndexMismatch(f"{directory}: computed leaves' stored keys differ from those written at "
-                        f"{[k.decode(errors='replace') for k in sorted(set(stored) ^ set(patch.crcs))[:3]]}")
+                        f"{[k.decode(errors='replace') for k in sorted(set(stored) ^ set(progress.crcs))[:3]]}")
   got = _stored_crcs(directory, patch, stored)
-  bad = [k.decode(errors='replace') for k, crc in patch.crcs.items() if got.get(k) != crc]
+  bad = [k.decode(errors='replace') for k, crc in progress.crcs.items() if got.get(k) != crc]
   if bad:
     raise checkpoint.VerificationError(
         f'{directory}: computed values read back differ from those written (or are unreadable) '

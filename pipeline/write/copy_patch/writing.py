@@ -1,6 +1,6 @@
 """Copy-and-patch, writing: the copy made (`begin`: renames and deletes
 done), computed leaves stored a pack at a time (`write_pack`; a state held
-whole is one pack, `take_computed`), Orbax's metadata written (`finish`),
+whole is one pack), Orbax's metadata written (`finish`),
 and the output committed as Orbax commits (`commit`)."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pipeline import checkpoint, storage
 from pipeline.storage import files
 from pipeline.storage.files import COMMIT_FILE, is_gcs
 from pipeline.write.copy_patch import encoding
-from pipeline.write.copy_patch.planning import TreePatch
+from pipeline.write.copy_patch.planning import PatchProgress, TreePatch
 
 
 async def _clear_ocdbt(directory: epath.Path, patch: TreePatch) -> None:
@@ -93,22 +93,14 @@ def _checkpoint_metadata(src: epath.Path, layout: checkpoint.Layout,
           'custom_metadata': checkpoint.custom_metadata(src, provenance)}
 
 
-def take_computed(patches: list[TreePatch]) -> dict[str, dict[str, Any]]:
-  """The computed arrays the patches were planned with, as one pack
-  ({item: {param name: array}}); from here the patches hold their names
-  only, so the pack is what keeps the arrays alive."""
-  pack = {p.item: p.computed for p in patches}
-  for patch in patches:
-    patch.computed = dict.fromkeys(patch.computed)
-  return pack
-
-
 @dataclasses.dataclass
 class Work:
-  """An output being written: where, and what has moved so far."""
+  """An output being written: where, what has moved so far, and what
+  writing each tree item's patch has done (by item)."""
   path: epath.Path
   remote: bool
   copied: storage.CopyStats
+  progress: dict[str, PatchProgress]
   uploaded: int = 0
 
 
@@ -118,7 +110,8 @@ def begin(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
   dst (a temporary directory locally; on GCS, dst without its commit file)."""
   remote = is_gcs(dst)
   path = dst if remote else dst.parent / f'{dst.name}.orbax-checkpoint-tmp-{time.time_ns()}'
-  work = Work(path, remote, _copy_input(src, path, layout, patches))
+  work = Work(path, remote, _copy_input(src, path, layout, patches),
+              {patch.item: PatchProgress() for patch in patches})
   for patch in patches:
     directory = work.path / patch.item if patch.item else work.path
     if patch.use_ocdbt:
@@ -135,8 +128,9 @@ def write_pack(work: Work, patches: list[TreePatch], arrays: dict[str, dict[str,
   for patch in patches:
     if not arrays.get(patch.item):
       continue
-    encoded = encoding.encode(patch, arrays[patch.item], work.remote)  # empties it: the arrays may go
-    patch.crcs.update((k, zlib.crc32(v)) for k, v in encoded.items())
+    progress = work.progress[patch.item]
+    encoded = encoding.encode(patch, progress, arrays[patch.item], work.remote)  # empties it: the arrays may go
+    progress.crcs.update((k, zlib.crc32(v)) for k, v in encoded.items())
     work.uploaded += sum(len(v) for v in encoded.values())
     asyncio.run(_store(work.path / patch.item if patch.item else work.path, patch, encoded))
 
@@ -146,7 +140,6 @@ def finish(src: epath.Path, work: Work, layout: checkpoint.Layout, patches: list
   """Orbax's metadata of every tree item and of the checkpoint written into
   `work`: complete, not yet committed."""
   for patch in patches:
-    patch.computed = dict.fromkeys(patch.computed)  # verification needs only the names
     _write_metadata(work.path / patch.item if patch.item else work.path, patch)
   (work.path / '_CHECKPOINT_METADATA').write_text(
       json.dumps(_checkpoint_metadata(src, layout, provenance)))
