@@ -185,7 +185,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
       try:
         if whole and not settings.full_decode:
           raise stream.NotStreamed(copy_patch.ZERO_FILLS)
-        streamed = stream.plan(src, dst, layout, meta, surgery, budget, settings.full_decode,
+        streamed = stream.prepare(src, dst, layout, meta, surgery, budget, settings.full_decode,
                                settings.writers)
       except (stream.NotStreamed, copy_patch.NotPatchable) as e:
         streamed, why_not_streamed = None, str(e)

@@ -127,7 +127,7 @@ class _Slot:
 
 @dataclasses.dataclass
 class Streamed:
-  """One checkpoint's streamed migration, planned from its metadata."""
+  """One checkpoint's streamed migration, laid out from its metadata."""
   leaves: list[Any]              # the surgery's input leaves' metadata, by index
   abstract: Any                  # the surgery's input tree, abstract, placed
   computation: transforms.Computation  # what is computed, by dependency group
@@ -150,7 +150,7 @@ class Streamed:
     return self.fresh is not None
 
 
-def plan(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout, meta: dict[str, Any],
+def prepare(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout, meta: dict[str, Any],
          surgery: transforms.Surgery, budget: int, full_decode: bool,
          allowed: tuple[str, ...] = writers.WRITERS) -> Streamed | None:
   """The streamed migration of `src` to `dst`, or None where what the
@@ -176,7 +176,7 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout, meta: dict
   stand_in = placed.stand_in()
 
   def lay_out(fresh: str | None) -> Streamed:
-    """The plan writing a fresh tree (`fresh` says why) or patching a copy."""
+    """The streamed migration writing a fresh tree (`fresh` says why) or patching a copy."""
     if fresh and transforms.tree_bytes(rest_arrays) > limit:
       raise NotStreamed(f'the arrays beside the params and optimizer state hold '
                         f'{transforms.tree_bytes(rest_arrays)} bytes, over the budget')
@@ -197,7 +197,7 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout, meta: dict
     state = surgery.join(route.out_treedef.unflatten(
         [stand_in(leaves[carried_in[o]]) if o in carried_in else outputs[o]
          for o in range(len(outputs))]), rest)
-    patches, values = copy_patch.plan_patch(src, dst, layout, layout.split(state, {}),
+    patches, values = copy_patch.make_patches(src, dst, layout, layout.split(state, {}),
                                             route.removes, fresh=bool(fresh),
                                             chunk_bytes=chunk_bytes(budget))
     known = {item: {n: x for n, x in named.items() if not isinstance(x, jax.ShapeDtypeStruct)}
@@ -218,7 +218,7 @@ def plan(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout, meta: dict
 
 
 class Run:
-  """Runs a Streamed plan: restores, computes and writes each pack, keeping
+  """Runs a Streamed migration: restores, computes and writes each pack, keeping
   each written leaf's fingerprint (`prints`, by leaf path) and counting the
   compilations it made. Each write at the output happens inside a
   `writing()` section (the attempt's deadline: one given up writes no more)."""

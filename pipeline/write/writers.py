@@ -87,6 +87,6 @@ def _patches(src: epath.Path, dst: epath.Path | None, layout: checkpoint.Layout,
     if written is None:
       copy_patch.check_input(src, layout, removes, dst, fresh=fresh)
       return (None, None), None
-    return copy_patch.plan_patch(src, dst, layout, written, removes, fresh=fresh), None
+    return copy_patch.make_patches(src, dst, layout, written, removes, fresh=fresh), None
   except copy_patch.NotPatchable as e:
     return (None, None), str(e)

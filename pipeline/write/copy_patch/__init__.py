@@ -37,29 +37,29 @@ handed to the encoder has the checksum the surgery's result had
 array's chunk grid; the output stores exactly those keys; and every value
 read back raw has the CRC32 of the bytes encoded.
 
-A fresh patch (`plan_patch(fresh=True)`: `--full_decode`, or no leaf
+A fresh patch (`make_patches(fresh=True)`: `--full_decode`, or no leaf
 carried) copies no array data at all: every leaf is computed and written
 into an empty tree (a new OCDBT database configured as Orbax configures
 its own, or a directory per array, as the input had), so it is the full
 path's writer too, and a surgery that removes data may take it.
 
-Limits, where `plan_patch` says why and another writer is used: old OCDBT
+Limits, where `make_patches` says why and another writer is used: old OCDBT
 versions and copied data files keep overwritten values readable, so a
 surgery that removes data takes only fresh patches; and neither kind takes
 inputs whose format this module does not know (per-process
 databases without a merged root, metadata fields or value types Orbax 0.12
 does not write), typed PRNG keys computed, or leaves of other types.
 
-The package: `planning` (the patch, or NotPatchable), `encoding` (computed
+The package: `patches` (the patch, or NotPatchable), `encoding` (computed
 leaves to stored bytes), `writing` (begin, write a pack, finish; `writing.commit`)
 and `verifying` (the committed output proven by its index).
 """
 from pipeline.write.copy_patch.encoding import Slab
-from pipeline.write.copy_patch.planning import (NOTHING_CARRIED, ZERO_FILLS, NotPatchable,
-                                                PatchProgress, TreePatch, check_input, plan_patch)
+from pipeline.write.copy_patch.patches import (NOTHING_CARRIED, ZERO_FILLS, NotPatchable,
+                                                PatchProgress, TreePatch, check_input, make_patches)
 from pipeline.write.copy_patch.verifying import IndexMismatch, verify, verify_index
 from pipeline.write.copy_patch.writing import Work, begin, finish, moved, write_pack
 
 __all__ = ['NOTHING_CARRIED', 'ZERO_FILLS', 'IndexMismatch', 'NotPatchable', 'PatchProgress',
-           'Slab', 'TreePatch', 'Work', 'begin', 'check_input', 'finish', 'moved', 'plan_patch',
+           'Slab', 'TreePatch', 'Work', 'begin', 'check_input', 'finish', 'moved', 'make_patches',
            'verify', 'verify_index', 'write_pack']

@@ -25,7 +25,7 @@ from pipeline import checkpoint
 from pipeline.compute.batching import byte_batches
 
 if TYPE_CHECKING:
-  from pipeline.write.copy_patch.planning import PatchProgress, TreePatch
+  from pipeline.write.copy_patch.patches import PatchProgress, TreePatch
 
 
 def _context(use_ocdbt: bool) -> ts.Context:

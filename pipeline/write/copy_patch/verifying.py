@@ -18,7 +18,7 @@ import transforms
 from pipeline import checkpoint, storage
 from pipeline.storage.files import COMMIT_FILE, is_gcs
 from pipeline.write.copy_patch import encoding
-from pipeline.write.copy_patch.planning import PatchProgress, TreePatch
+from pipeline.write.copy_patch.patches import PatchProgress, TreePatch
 
 
 class IndexMismatch(checkpoint.VerificationError):

@@ -20,7 +20,7 @@ from pipeline import checkpoint, storage
 from pipeline.storage import files
 from pipeline.storage.files import COMMIT_FILE, is_gcs
 from pipeline.write.copy_patch import encoding
-from pipeline.write.copy_patch.planning import PatchProgress, TreePatch
+from pipeline.write.copy_patch.patches import PatchProgress, TreePatch
 
 
 async def _clear_ocdbt(directory: epath.Path, patch: TreePatch) -> None:

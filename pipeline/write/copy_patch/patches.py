@@ -1,4 +1,4 @@
-"""Copy-and-patch, planning: the patch that turns a copy of each tree item of
+"""Copy-and-patch, patches: the patch that turns a copy of each tree item of
 the input into the output (`TreePatch`), or why this writer does not apply
 (`NotPatchable`). From the input's metadata and the output's tree alone:
 no array is read or written here."""
@@ -42,13 +42,13 @@ class NotPatchable(Exception):
 @dataclasses.dataclass(frozen=True)
 class TreePatch:
   """What one tree item's output changes in the copy of its input (a fresh
-  patch: writes into an empty directory). A plan: nothing writes into it;
+  patch: writes into an empty directory). Fixed once made: nothing writes into it;
   what writing it has done is its `PatchProgress`."""
   item: str                        # the item's directory name ('' for a single tree)
   use_ocdbt: bool
   use_zarr3: bool                  # the input's zarr format, which the output keeps
   renamed: dict[str, str]          # new param name -> the old one whose keys it takes
-  computed: tuple[str, ...]        # param names whose values are written (`plan_patch` gives them)
+  computed: tuple[str, ...]        # param names whose values are written (`make_patches` gives them)
   kept: list[str]                  # names the output holds as the input did
   removed: list[str]               # old names the output does not keep (keys deleted)
   metadata: dict[str, Any]         # the output's _METADATA
@@ -203,7 +203,7 @@ def check_input(src: epath.Path, layout: checkpoint.Layout, removes: str | None,
     _input_entries(src / name if name else src)
 
 
-def plan_patch(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
+def make_patches(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
                written: dict[str, Any], removes: str | None, fresh: bool = False,
                chunk_bytes: int | None = None
                ) -> tuple[list[TreePatch], dict[str, dict[str, Any]]]:
