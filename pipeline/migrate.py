@@ -108,7 +108,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
           f'{dst} already holds the migration of {_another(recorded, src, spec)}; pass '
           '--overwrite to replace it')
     with deadline.writing():
-      target = outputs.begin(dst_path, beside=recorded is not None)
+      target = outputs.mark(dst_path, beside=recorded is not None)
     try:
       done = _write(src_path, target, surgery, settings, deadline, input_now)
       if identity.identity(src_path) != input_now:
@@ -116,7 +116,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
             f'{src} changed while it was migrated (its files were written meanwhile); its '
             'output is not kept: run again once it is written')
       with deadline.writing():
-        outputs.finish(dst_path, target)
+        outputs.publish(dst_path, target)
       return done
     except Exception as e:
       if deadline.cancelled.is_set():

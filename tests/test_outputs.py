@@ -39,19 +39,19 @@ def test_provenance_is_ours_none_or_refused_by_what_is_there(tmp_path):
 
 def test_a_direct_write_is_marked_until_it_is_verified(tmp_path):
   dst = epath.Path(tmp_path / 'out')
-  assert outputs.begin(dst, beside=False) == dst
+  assert outputs.mark(dst, beside=False) == dst
   assert outputs.sibling(dst, outputs.ATTEMPT).read_text() == outputs.DIRECT
   save(dst, 1.0)
-  outputs.finish(dst, dst)
+  outputs.publish(dst, dst)
   assert not outputs.sibling(dst, outputs.ATTEMPT).exists() and value(dst) == 1.0
 
 
 def test_an_overwrite_is_written_beside_then_swapped_in(tmp_path):
   dst = save(epath.Path(tmp_path / 'out'), 1.0)
-  new = outputs.begin(dst, beside=True)
+  new = outputs.mark(dst, beside=True)
   assert new == outputs.sibling(dst, outputs.NEW) and value(dst) == 1.0
   save(new, 2.0)
-  outputs.finish(dst, new)
+  outputs.publish(dst, new)
   assert value(dst) == 2.0
   assert sorted(p.name for p in epath.Path(tmp_path).iterdir()) == ['out']
 

@@ -84,25 +84,25 @@ def recover(dst: epath.Path) -> None:
   new, marker = sibling(dst, NEW), sibling(dst, ATTEMPT)
   for leftover in _dead_saves(dst, new):
     files.remove_tree(leftover)
-  mark = marker.read_text().strip() if marker.exists() else None
-  if mark == SWAPPING and new.exists() and checkpoint.is_checkpoint(new):
+  said = marker.read_text().strip() if marker.exists() else None
+  if said == SWAPPING and new.exists() and checkpoint.is_checkpoint(new):
     files.replace_tree(new, dst)  # the new output was verified: roll the swap forward
   else:
     files.remove_tree(new)  # unverified, or what a finished swap left of it
-  if mark == DIRECT:
+  if said == DIRECT:
     files.remove_tree(dst)  # ours, uncommitted or not yet verified
   files.remove_file(marker)
   if dst.exists() and not checkpoint.is_checkpoint(dst) and _says_ours(dst):
     files.remove_tree(dst)  # uncommitted (on GCS, no commit file yet), but its metadata is ours
 
 
-def begin(dst: epath.Path, beside: bool) -> epath.Path:
+def mark(dst: epath.Path, beside: bool) -> epath.Path:
   """Mark dst as being written by this attempt; where to save."""
   sibling(dst, ATTEMPT).write_text(BESIDE if beside else DIRECT)
   return sibling(dst, NEW) if beside else dst
 
 
-def finish(dst: epath.Path, written: epath.Path) -> None:
+def publish(dst: epath.Path, written: epath.Path) -> None:
   """The verified output at `written` becomes dst; the mark goes."""
   if written != dst:
     sibling(dst, ATTEMPT).write_text(SWAPPING)
