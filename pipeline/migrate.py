@@ -138,7 +138,7 @@ def _copy_through(src: epath.Path, layout: checkpoint.Layout, meta: dict[str, An
   computed leaves read; None where copy-through does not apply: nothing
   untouched, or a scalar among params and opt_state."""
   placed = stream.placed_input(layout, meta, surgery)
-  leaves, treedef, rest_meta, rest_arrays, _, abstract = placed
+  leaves, treedef, rest_meta, rest_arrays, _, abstract, _ = placed
   if abstract is None:
     return None
   route, sig = surgery.route(abstract)

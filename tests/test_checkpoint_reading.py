@@ -74,3 +74,15 @@ def test_metadata_of_a_msgpack_file_is_its_arrays_abstract_form(tmp_path):
   assert layout.msgpack
   assert checkpoint.array_specs(tree) == {'params/Dense_0/kernel': ((3, 4), 'float32'),
                                           'params/Dense_0/bias': ((4,), 'float32')}
+
+
+@pytest.mark.parametrize('use_ocdbt, use_zarr3', [(True, False), (False, False), (True, True)])
+def test_formats_from_metadata_are_what_the_files_say(tmp_path, use_ocdbt, use_zarr3):
+  """Stand-ins take each tree's format from the metadata already read, not
+  from two more reads of its files (on GCS, two requests per tree)."""
+  ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)).save(
+      tmp_path / 'c', {'params': mlp()})
+  path = epath.Path(tmp_path / 'c')
+  formats = checkpoint.stored_formats(checkpoint.item_metadata(path, checkpoint.read_layout(path)))
+  assert formats == {str(path): checkpoint.stored_format(path)}
+  assert tuple(formats[str(path)]) == (use_ocdbt, use_zarr3)

@@ -16,6 +16,6 @@ from pipeline.checkpoint.layout import (HANDLER_CLASSES, TREE_HANDLERS, Layout,
                                         is_checkpoint, is_msgpack, read_layout)
 from pipeline.checkpoint.metadata import (PROVENANCE_KEY, abstract, array_specs,
                                           custom_metadata, is_array, item_metadata, read_provenance,
-                                          skipped, trees)
+                                          skipped, stored_formats, trees)
 from pipeline.checkpoint.reading import open_stored, param_name, read_metadata, restore
 from pipeline.checkpoint.stored import StoredArray, stand_ins, stored_checksums, stored_format

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -22,7 +23,7 @@ import transforms
 from pipeline import storage
 from pipeline.checkpoint.errors import CheckpointError
 from pipeline.checkpoint.layout import Layout, _check_json
-from pipeline.checkpoint.stored import StoredArray
+from pipeline.checkpoint.stored import StoredArray, StoredFormat
 from pipeline.storage import files
 
 PROVENANCE_KEY = 'ckpt_surgery'
@@ -32,6 +33,7 @@ class TreeMetadata(NamedTuple):
   """Orbax's metadata of one tree: its tree of leaf metadata, and its format."""
   tree: Any
   use_zarr3: bool
+  use_ocdbt: bool
 
 
 _TREES: dict[str, TreeMetadata] = {}  # by _stored_metadata digest: a run's trees share a few
@@ -67,7 +69,10 @@ def _tree_metadata(path: epath.Path) -> TreeMetadata:
     metadata = ocp.PyTreeCheckpointer().metadata(reachable).item_metadata
   if metadata is None:
     raise CheckpointError(f'{path}: {_why_no_metadata(path)}')
-  found = _at(TreeMetadata(metadata.tree, metadata.use_zarr3), path)
+  use_ocdbt = json.loads(text).get('use_ocdbt')
+  if use_ocdbt is None:  # an older Orbax's tree: the files say
+    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(path)
+  found = _at(TreeMetadata(metadata.tree, metadata.use_zarr3, bool(use_ocdbt)), path)
   if key is not None and len(_TREES) < _TREES_KEPT:
     _TREES[key] = found
   return found
@@ -105,6 +110,14 @@ def _at(metadata: TreeMetadata, path: epath.Path) -> TreeMetadata:
 def item_metadata(path: epath.Path, layout: Layout) -> dict[str, Any]:
   """{tree item name: Orbax's metadata of that tree} (Orbax opens every array for it)."""
   return {name: _tree_metadata(path / name if name else path) for name in layout.trees}
+
+
+def stored_formats(meta: dict[str, TreeMetadata]) -> dict[str, StoredFormat]:
+  """{a tree's directory: how it stores its arrays}, from `item_metadata`:
+  what `stand_ins` would otherwise read from each tree's files."""
+  return {str(leaf.directory): StoredFormat(m.use_ocdbt, m.use_zarr3)
+          for m in meta.values() for leaf in jax.tree_util.tree_leaves(m.tree)
+          if hasattr(leaf, 'directory')}
 
 
 def trees(meta: dict[str, Any]) -> dict[str, Any]:

@@ -54,10 +54,12 @@ def stored_format(tree: epath.Path) -> StoredFormat:
   return StoredFormat(ocp.type_handlers.is_ocdbt_checkpoint(tree), zarr3)
 
 
-def stand_ins(place: Callable[[Any], jax.sharding.Sharding]) -> Callable[[Any], StoredArray]:
+def stand_ins(place: Callable[[Any], jax.sharding.Sharding],
+              known: dict[str, StoredFormat] | None = None) -> Callable[[Any], StoredArray]:
   """A function from a leaf's Orbax ArrayMetadata to its StoredArray, placed
-  as `place` says; each tree's format read once."""
-  formats: dict[str, StoredFormat] = {}
+  as `place` says; each tree's format as `known` says (by its directory:
+  `metadata.stored_formats`), else read from its files once."""
+  formats = dict(known or {})
 
   def stand_in(meta: Any) -> StoredArray:
     directory = str(meta.directory)

@@ -98,10 +98,11 @@ class PlacedInput(NamedTuple):
   rest_arrays: list[Any]
   place: Callable[[Any], jax.sharding.Sharding]
   abstract: Any
+  formats: dict[str, Any]  # a tree's directory -> how it stores its arrays
 
   def stand_in(self) -> Callable[[Any], StoredArray]:
     """A leaf's StoredArray, from its metadata, placed."""
-    return checkpoint.stand_ins(self.place)
+    return checkpoint.stand_ins(self.place, self.formats)
 
 
 def placed_input(layout: checkpoint.Layout, meta: dict[str, Any],
@@ -115,7 +116,8 @@ def placed_input(layout: checkpoint.Layout, meta: dict[str, Any],
   abstract = (treedef.unflatten([jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m))
                                  for m in leaves])
               if all(checkpoint.is_array(x) for x in leaves) else None)
-  return PlacedInput(leaves, treedef, rest_meta, rest_arrays, place, abstract)
+  return PlacedInput(leaves, treedef, rest_meta, rest_arrays, place, abstract,
+                     checkpoint.stored_formats(meta))
 
 
 class _Slot:
@@ -159,7 +161,7 @@ def prepare(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout, meta: d
   `budget`; NotStreamed where it does not fit and cannot stream (by the
   `allowed` writers)."""
   placed = placed_input(layout, meta, surgery)
-  leaves, treedef, rest_meta, rest_arrays, place, abstract = placed
+  leaves, treedef, rest_meta, rest_arrays, place, abstract, _ = placed
   limit = pack_limit(budget)
   if abstract is None:
     if transforms.tree_bytes(leaves) + transforms.tree_bytes(rest_arrays) <= limit:
