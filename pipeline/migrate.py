@@ -45,11 +45,22 @@ class Settings:
   writers: tuple[str, ...] = writers.WRITERS  # those outputs may be written by (tests narrow it)
 
 
-def _done(src: str, dst: epath.Path, spec: transforms.Spec, run: str, input_now: str) -> str | None:
-  """'skipped' where dst holds our verified migration of this very source,
-  as it is now (`input_now`, its identity), under this spec ('ok' where this
-  run wrote it: a retried bundle); else None. The mark first: an attempt
-  under way may remove dst."""
+# What a migration's record holds of its output, recorded in the output's
+# provenance too: an attempt that finds this run's own output (a retried
+# bundle, after a worker died having committed it) records the same, so a
+# run's totals do not depend on which worker lived. What moved (bytes
+# uploaded or copied server-side) is known only after the commit: not kept.
+RECORDED = ('bytes_in', 'bytes_out', 'bytes_carried', 'signature', 'compiled', 'compilations',
+            'digest', 'write_path', 'why_not_patched', 'memory_budget', 'why_not_streamed', 'packs')
+
+
+def _done(src: str, dst: epath.Path, spec: transforms.Spec, run: str,
+          input_now: str) -> dict[str, Any] | None:
+  """The record's fields where dst holds our verified migration of this very
+  source, as it is now (`input_now`, its identity), under this spec:
+  'skipped'; or 'ok' where this run wrote it (a retried bundle), with what
+  the attempt that wrote it recorded. Else None. The mark first: an
+  attempt under way may remove dst."""
   if outputs.sibling(dst, outputs.ATTEMPT).exists():
     return None
   try:
@@ -59,7 +70,9 @@ def _done(src: str, dst: epath.Path, spec: transforms.Spec, run: str, input_now:
   if recorded is None or (recorded.get('spec_hash'), recorded.get('src'),
                           recorded.get('input_identity')) != (spec.hash, src, input_now):
     return None
-  return 'ok' if run and recorded.get('run') == run else 'skipped'
+  if run and recorded.get('run') == run:
+    return {**recorded.get('record', {}), 'status': 'ok'}
+  return {'status': 'skipped'}
 
 
 def _another(recorded: dict[str, Any], src: str, spec: transforms.Spec) -> str:
@@ -93,17 +106,17 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec, overwrite = surgery.spec, settings.overwrite
   input_now = identity.identity(src_path)
-  if not overwrite and (status := _done(src, dst_path, spec, settings.run, input_now)):
+  if not overwrite and (done := _done(src, dst_path, spec, settings.run, input_now)):
     lease.clear_stale(dst_path)  # a killed attempt's, left beside the output it committed
-    return {'status': status}  # without taking the lease: nightly reruns stay cheap
+    return done  # without taking the lease: nightly reruns stay cheap
   with lease.claim(dst_path, wait=min(3600.0, deadline.left())) as held:
     deadline.lease = held
     with deadline.writing():
       outputs.recover(dst_path)
     recorded = outputs.provenance(dst_path)
     if recorded is not None and not overwrite:
-      if status := _done(src, dst_path, spec, settings.run, input_now):
-        return {'status': status}  # another attempt finished it meanwhile
+      if done := _done(src, dst_path, spec, settings.run, input_now):
+        return done  # another attempt finished it meanwhile
       raise checkpoint.CheckpointError(
           f'{dst} already holds the migration of {_another(recorded, src, spec)}; pass '
           '--overwrite to replace it')
@@ -211,6 +224,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
                           full_decode=settings.full_decode, dst=dst, written=written,
                           writers=settings.writers)
   done['write_path'], done['why_not_patched'] = choice.write_path, choice.why_not_patched
+  provenance['record'] = {k: done[k] for k in RECORDED if k in done}
   writer = protocol.open_writer(choice, src, dst, layout, done['bytes_out'])
   pack = choice.values if choice.patches else written
   del written, choice  # the pack, then the writer, hold the arrays: let go once written
@@ -268,15 +282,17 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
             if (i + 1) % 10 == 0 else None)
   provenance = _provenance(src, surgery.spec, run.prints, streamed.carried, settings,
                            input_identity)
-  with deadline.hold(WORKER.saving), deadline.writing():
-    writer.finish(provenance)
-    moved = writer.commit()
-  writer.verify(run.prints)
   done = _fields(checkpoint.trees(meta), streamed.bytes_out, streamed.carried,
                  streamed.signature, run.compilations, provenance)
   done.update(write_path='full' if streamed.fresh_tree else 'copy_and_patch',
               why_not_patched=streamed.fresh, packs=len(streamed.packs),
-              memory_budget=streamed.budget, **moved._asdict())
+              memory_budget=streamed.budget)
+  provenance['record'] = {k: done[k] for k in RECORDED if k in done}
+  with deadline.hold(WORKER.saving), deadline.writing():
+    writer.finish(provenance)
+    moved = writer.commit()
+  writer.verify(run.prints)
+  done.update(moved._asdict())
   return done
 
 

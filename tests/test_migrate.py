@@ -124,3 +124,18 @@ def test_a_worker_reads_the_next_checkpoint_while_it_writes_the_last(monkeypatch
   assert all(r['peak_rss_over_idle'] >= 0 for r in out)
   spans = {src: (start, end) for src, start, end, _ in spans}
   assert spans['in/1'][0] < spans['in/0'][1]  # the second began before the first ended
+
+
+def test_a_retried_checkpoint_that_finds_its_run_s_output_records_what_it_holds(inputs, tmp_path):
+  """A worker dies after committing; the bundle's retry finds the output
+  this run wrote and records its true bytes and write path, not zeros."""
+  worker.WORKER.clear()
+  surgery, settings = worker.surgery_for(SEED_SPEC), migrate.Settings(run='R1')
+  first = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o'), surgery, settings)
+  again = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o'), surgery, settings)
+  assert first['status'] == again['status'] == 'ok' and first['write_path'] == 'copy_and_patch'
+  for field in migrate.RECORDED:
+    assert again[field] == first[field], field
+  later = migrate.migrate_one(str(inputs / 'run_b'), str(tmp_path / 'o'), surgery,
+                              migrate.Settings(run='R2'))
+  assert (later['status'], later['bytes_out'], later['write_path']) == ('skipped', 0, None)
