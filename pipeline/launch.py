@@ -24,16 +24,10 @@ import transforms
 from pipeline import report, supervisor
 from pipeline.checkpoint import discovery, roots
 from pipeline.report import html_page
+from pipeline.usage import UsageError
 
 if TYPE_CHECKING:
   from pipeline.migrate import Settings
-
-USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-  """Refused before any checkpoint is touched: exit 2."""
-
 
 def check_beam_args(beam_args: list[str]) -> None:
   """Refuse an argument neither we nor Beam know (a typo would otherwise be

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-_PRELOAD = ['pipeline.supervisor', 'pipeline.cli', 'pipeline.run', 'pipeline.migrate']
+_PRELOAD = ['pipeline.supervisor', 'pipeline.cli', 'pipeline.launch', 'pipeline.run', 'pipeline.migrate']
 _READ_AT_IMPORT = ('JAX_', 'PYTHON', 'TF_')
 _CONTEXT = multiprocessing.get_context('forkserver')
 _CONTEXT.set_forkserver_preload(_PRELOAD)

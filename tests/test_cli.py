@@ -10,8 +10,7 @@ import threading
 import pytest
 from flax import serialization
 
-from pipeline import launch
-from pipeline import migrate, run as run_lib
+from pipeline import launch, migrate, run as run_lib
 from pipeline.demo import SEED_SPEC
 from tests.conftest import mlp
 from tests.forked_cli import cli
@@ -188,3 +187,14 @@ def test_console_script_is_installed():
   bin_dir = os.path.dirname(sys.executable)
   result = subprocess.run([os.path.join(bin_dir, 'ckpt-surgery'), '--help'], capture_output=True, text=True)
   assert result.returncode == 0 and 'run' in result.stdout and 'inspect' in result.stdout
+
+
+def test_help_and_a_usage_error_import_no_jax():
+  """`--help` answers at once: the pipeline (JAX, Orbax, Beam) is imported by
+  the command that needs it, once its arguments are parsed."""
+  script = ('import sys; from pipeline import cli; codes = [cli.main(["--help"]), '
+            'cli.main(["run", "--input", "x"])]; '
+            'print(codes, [m for m in ("jax", "orbax", "apache_beam", "tensorstore", "transforms") '
+            'if m in sys.modules])')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True)
+  assert result.stdout.splitlines()[-1] == '[0, 2] []', result.stdout + result.stderr
