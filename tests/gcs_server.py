@@ -1,7 +1,7 @@
 """A real GCS-protocol server for tests, and a proxy that makes it flaky.
 
 `Emulator` runs `gcp-storage-emulator` (PyPI) in memory on a free loopback
-port. `FlakyProxy` forwards every request to it, answering some with HTTP 503
+port (without its per-write dump of all metadata, and without soft deletes). `FlakyProxy` forwards every request to it, answering some with HTTP 503
 instead, as a real bucket under load does; the stack must retry them.
 
 The proxy also gives the emulator two things GCS has and it lacks:
@@ -53,11 +53,26 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# The emulator, started in memory with two of its costs taken away. It writes
+# every object's metadata of every bucket out as one JSON file on each write
+# (to persist it, which in memory is for nothing): a write's cost grew with all
+# a session had stored, and GCS tests late in the suite took minutes. And it
+# keeps a deleted object's bytes for a week of soft delete, which no test reads.
+_EMULATOR = '''
+from gcp_storage_emulator import storage
+if hasattr(storage.Storage, "_write_config_to_file"):
+    storage.Storage._write_config_to_file = lambda self: None
+storage.DEFAULT_SOFT_DELETE_RETENTION_SECONDS = 0
+from gcp_storage_emulator.__main__ import main
+main()
+'''
+
+
 class Emulator:
   def __init__(self):
     self.port = free_port()
     self.url = f'http://127.0.0.1:{self.port}'
-    exe = [sys.executable, '-c', 'from gcp_storage_emulator.__main__ import main; main()']
+    exe = [sys.executable, '-c', _EMULATOR]
     self.process = subprocess.Popen(
         exe + ['start', '--host=127.0.0.1', f'--port={self.port}', '--in-memory'],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
