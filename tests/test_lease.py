@@ -69,3 +69,18 @@ def test_clearing_removes_the_lock_file_a_killed_write_left(tmp_path):
   assert not lock.exists()
   with lease.try_claim(dst) as held:
     assert held is not None
+
+
+def test_without_proc_a_pid_in_use_is_taken_as_alive(tmp_path, monkeypatch):
+  """Where there is no /proc (macOS), only the kernel's word on the pid
+  counts: a lease whose pid is in use stays, one whose pid is free goes."""
+  monkeypatch.setattr(lease, '_PROC', False)
+  dst = epath.Path(tmp_path / 'out')
+  lease_file(dst).write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                                         'started': '0', 'time': time.time()}))
+  lease.clear_stale(dst)
+  assert lease_file(dst).exists()
+  lease_file(dst).write_text(json.dumps({'host': socket.gethostname(), 'pid': 2 ** 22 + 7,
+                                         'time': time.time()}))
+  lease.clear_stale(dst)
+  assert not lease_file(dst).exists()

@@ -34,9 +34,12 @@ def _kvstore(directory: epath.Path) -> ts.KvStore:
   return storage.open_store(directory).result()
 
 
+_PROC = os.path.exists('/proc/self/stat')  # Linux: each process's state and start time
+
+
 def _process(pid: int) -> tuple[str, str] | None:
   """(state, start time in clock ticks since boot) of process `pid` on this
-  host, from /proc; None where there is no such process."""
+  host, from /proc (where `_PROC`); None where there is no such process."""
   try:
     with open(f'/proc/{pid}/stat') as f:
       fields = f.read().rsplit(')', 1)[1].split()  # after the command name, which may hold spaces
@@ -45,33 +48,22 @@ def _process(pid: int) -> tuple[str, str] | None:
   return fields[0], fields[19]
 
 
-def _started(pid: int) -> str | None:
-  """When process `pid` started, where /proc says (a pid is reused once its
-  process is gone: a pid alone does not name a process for long)."""
-  try:
-    found = _process(pid)
-  except OSError:
-    return None
-  return found[1] if found else None
-
-
 def _alive_here(holder: dict) -> bool:
   if holder.get('host') != socket.gethostname():
     return True  # another machine: only the heartbeat can tell
-  try:
+  if _PROC:
+    # Gone; exited but not reaped (a container whose init does not reap); or
+    # its pid now another process's (a pid is soon reused: pid_max may be 32768).
     found = _process(holder['pid'])
-  except OSError:  # no /proc: ask the kernel whether the pid is in use
-    try:
-      os.kill(holder['pid'], 0)
-    except ProcessLookupError:
-      return False
-    except PermissionError:
-      pass
-    return True
-  # Gone; exited but not reaped (a container whose init does not reap); or
-  # its pid now another process's.
-  return (found is not None and found[0] != 'Z'
-          and holder.get('started') in (None, found[1]))
+    return (found is not None and found[0] not in ('Z', 'X')
+            and holder.get('started') in (None, found[1]))
+  try:  # no /proc: whether the pid is in use is all the kernel says
+    os.kill(holder['pid'], 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  return True
 
 
 @dataclasses.dataclass
@@ -109,7 +101,8 @@ class Lease:
 
 
 def _body() -> bytes:
-  return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': _started(os.getpid()),
+  started = _process(os.getpid())[1] if _PROC else None
+  return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': started,
                      'attempt': uuid.uuid4().hex, 'time': time.time()}).encode()
 
 
