@@ -26,7 +26,7 @@ from pipeline import checkpoint
 from pipeline.storage import files
 from pipeline.verify import verification
 from pipeline.write import copy_patch, orbax_save
-from pipeline.write.writers import Choice
+from pipeline.write.writers import STREAMING, Choice
 
 
 class Moved(NamedTuple):
@@ -114,7 +114,10 @@ class OrbaxSaveWriter:
 def open_writer(choice: Choice, src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
                 bytes_out: int = 0) -> Writer:
   """The writer `choice` names, writing src's output at dst (its patches,
-  where it is one of copy_patch's)."""
-  if choice.patches:
-    return PatchWriter(src, dst, layout, choice.patches)
-  return OrbaxSaveWriter(src, dst, layout, bytes_out)
+  planned by `choose` from the items to write, where it is one of
+  copy_patch's)."""
+  if choice.writer not in STREAMING:  # Orbax's save, copy-through's stand-ins or not
+    return OrbaxSaveWriter(src, dst, layout, bytes_out)
+  if choice.patches is None:
+    raise ValueError(f'writer {choice.writer!r} chosen without its patches: give choose the items')
+  return PatchWriter(src, dst, layout, choice.patches)
