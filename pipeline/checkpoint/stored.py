@@ -22,6 +22,7 @@ from etils import epath
 
 from pipeline.storage import kvstores
 
+
 @dataclasses.dataclass(eq=False)
 class StoredArray:
   """An array to be written by copying its stored chunks from `directory`

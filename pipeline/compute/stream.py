@@ -19,9 +19,10 @@ not apply (the surgery removes data, the output is on other storage, or
 `--full_decode`), the output is a fresh tree and those leaves are read and
 written again, a pack at a time like the rest.
 
-The writer is copy-and-patch's (`begin`, `write_pack`, `finish`): nothing is
-visible at dst until every pack is in, and `copy_patch.verify` proves the
-output per stored key, without decoding it.
+The writer is copy-and-patch's (`protocol.PatchWriter`), which `Run` hands
+each pack: nothing is visible at dst until every pack is in and the writer
+commits, and its `verify` proves the output per stored key, without
+decoding it.
 """
 from __future__ import annotations
 

@@ -70,8 +70,7 @@ class PatchWriter:
 
   def commit(self) -> Moved:
     copy_patch.writing.commit(self._work.path, self.dst)
-    moved = copy_patch.moved(self._work)
-    return Moved(moved['bytes_copied_server_side'], moved['bytes_uploaded'])
+    return Moved(*copy_patch.moved(self._work))
 
   def verify(self, prints: dict[str, transforms.Fingerprint]) -> None:
     copy_patch.verify(self.src, self.dst, self.layout, self.patches, self._work.progress, prints)

@@ -145,13 +145,10 @@ def finish(src: epath.Path, work: Work, layout: checkpoint.Layout, patches: list
       json.dumps(_checkpoint_metadata(src, layout, provenance)))
 
 
-def moved(work: Work) -> dict[str, int]:
-  """What writing `work` moved: {'bytes_copied_server_side', 'bytes_uploaded',
-  'bytes_linked', 'bytes_copied'}."""
-  copied = work.copied
-  return {'bytes_copied_server_side': copied.bytes_copied_server_side,
-          'bytes_uploaded': copied.bytes_uploaded + (work.uploaded if work.remote else 0),
-          'bytes_linked': copied.bytes_linked, 'bytes_copied': copied.bytes_copied}
+def moved(work: Work) -> tuple[int, int]:
+  """What writing `work` moved: (bytes copied server-side, bytes uploaded)."""
+  return (work.copied.bytes_copied_server_side,
+          work.copied.bytes_uploaded + (work.uploaded if work.remote else 0))
 
 
 def _copy_input(src: epath.Path, work: epath.Path, layout: checkpoint.Layout,
