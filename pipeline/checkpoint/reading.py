@@ -26,7 +26,7 @@ import transforms
 from pipeline.checkpoint.errors import CheckpointError
 from pipeline.checkpoint.layout import Layout, read_layout
 from pipeline.checkpoint.metadata import is_array, item_metadata, skipped, trees
-from pipeline.storage import files
+from pipeline.storage import files, kvstores
 
 def _restore_args(like: Any, devices: list[jax.Device]) -> Any:
   """Arrays placed as transforms.placement says; scalars saved as Python
@@ -111,8 +111,12 @@ def _is_plain(x: Any) -> bool:
 
 def _read_spec(directory: epath.Path, param: str, ocdbt: bool, zarr3: bool,
                context: ts.Context | None) -> tuple[dict[str, Any], ts.Context]:
-  spec = ts_utils.ArrayReadSpec(str(directory), param, use_zarr3=zarr3, use_ocdbt=ocdbt).json
+  spec = kvstores.orbax_spec(_orbax_read_spec, str(directory), param, zarr3, ocdbt)
   return spec, context or ts_utils.get_ts_context(use_ocdbt=ocdbt)
+
+
+def _orbax_read_spec(directory: str, param: str, zarr3: bool, ocdbt: bool) -> dict[str, Any]:
+  return ts_utils.ArrayReadSpec(directory, param, use_zarr3=zarr3, use_ocdbt=ocdbt).json
 
 
 async def read_stored(directory: epath.Path, param: str, ocdbt: bool, zarr3: bool,

@@ -3,11 +3,13 @@ directory's files or of an OCDBT database, local or gs://, and a read of an
 OCDBT index without its values."""
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable, Hashable
 
 from etils import epath
 
 from pipeline.storage import files
+from pipeline.storage.json_results import released
 
 
 def kvstore_spec(path: epath.Path) -> dict[str, Any]:
@@ -38,13 +40,49 @@ def open_store(directory: epath.Path, use_ocdbt: bool = False, *, fresh: bool = 
   TensorStore future: await it, or take its `result()`."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pylint: disable=g-import-not-at-top
-  if use_ocdbt:
-    options = ts_utils.OcdbtKvStoreWriteOptions(ts_utils.OcdbtWriteMode.WRITE) if fresh else None
-    spec = ts_utils.build_kvstore_tspec(str(directory), use_ocdbt=True, ocdbt_write_options=options)
-  else:
-    spec = kvstore_spec(directory)
+  spec = orbax_spec(_ocdbt_spec, str(directory), fresh) if use_ocdbt else kvstore_spec(directory)
   return ts.KvStore.open(spec if synced else _unsynced(spec),
                          context=ts_utils.get_ts_context(use_ocdbt=use_ocdbt))
+
+
+def _ocdbt_spec(directory: str, fresh: bool) -> dict[str, Any]:
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pylint: disable=g-import-not-at-top
+  options = ts_utils.OcdbtKvStoreWriteOptions(ts_utils.OcdbtWriteMode.WRITE) if fresh else None
+  return ts_utils.build_kvstore_tspec(directory, use_ocdbt=True, ocdbt_write_options=options)
+
+
+_PLACEHOLDER = 'ckpt-surgery-placeholder'
+
+
+def orbax_spec(build: Callable[..., Any], directory: str, *args: Hashable) -> Any:
+  """`build(directory, *args)`: a TensorStore spec as Orbax builds it. Orbax
+  builds one through a TensorStore JSON result, which leaks
+  (`json_results`): so it is built once per kind of place (a bucket, or
+  local) and `args`, for a placeholder directory, and each directory is put
+  in the placeholder's place."""
+  if files.is_gcs(directory):
+    bucket, _, rest = directory.removeprefix('gs://').partition('/')
+    head = f'gs://{bucket}/'
+  else:
+    rest = directory.lstrip('/')
+    head = directory[:len(directory) - len(rest)]
+  return _put(_template(build, head, args), rest)
+
+
+@functools.lru_cache(maxsize=4096)  # a run's trees share their leaves' names
+def _template(build: Callable[..., Any], head: str, args: tuple[Hashable, ...]) -> Any:
+  return build(head + _PLACEHOLDER, *args)
+
+
+def _put(template: Any, rest: str) -> Any:
+  """`template` with the placeholder directory replaced by `rest`."""
+  if isinstance(template, dict):
+    return {k: _put(v, rest) for k, v in template.items()}
+  if isinstance(template, list):
+    return [_put(v, rest) for v in template]
+  if isinstance(template, str):
+    return template.replace(_PLACEHOLDER, rest)
+  return template
 
 
 def listing(path: epath.Path) -> dict[str, dict[str, Any]]:
@@ -62,11 +100,11 @@ def ocdbt_index(directory: epath.Path) -> dict[bytes, Any]:
   of the nodes above it): no value outside the index is read."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   base = open_store(directory).result()
-  manifest = ts.ocdbt.dump(base).result()
+  manifest = released(ts.ocdbt.dump(base).result())
   entries, pending = {}, [(b'', manifest['versions'][-1]['root']['location'])]
   while pending:
     prefix, location = pending.pop()
-    for entry in ts.ocdbt.dump(base, location).result()['entries']:
+    for entry in released(ts.ocdbt.dump(base, location).result())['entries']:
       if 'location' in entry:
         pending.append((prefix + entry['subtree_common_prefix'], entry['location']))
       elif 'inline_value' in entry:
