@@ -71,17 +71,35 @@ def _each(fn: Any, *arguments: list[str]) -> None:
     list(pool.map(fn, *arguments))
 
 
-def children(directory: epath.Path) -> list[epath.Path]:
-  """What is directly inside `directory` ([] where it is not a directory)."""
-  directory = epath.Path(directory)
+def names(directory: epath.Path) -> list[str]:
+  """The names of what is directly inside `directory` ([] where it is not a
+  directory): no path made of each (a directory of 10,000 outputs would
+  cost 10,000 of them)."""
   try:
     if is_gcs(directory):  # gcsfs's ls is literal; listed now, not from a cache
       bare = str(directory).removeprefix('gs://').rstrip('/')
-      return [directory / p.rstrip('/').rsplit('/', 1)[-1]
+      return [p.rstrip('/').rsplit('/', 1)[-1]
               for p in gcs().ls(bare, detail=False) if p.rstrip('/') != bare]
-    return [directory / name for name in os.listdir(directory)]
+    return os.listdir(directory)
   except (FileNotFoundError, NotADirectoryError):
     return []
+
+
+def tree(directory: epath.Path) -> list[str]:
+  """The path, relative to `directory`, of every file beneath it (on gs://,
+  from one listing)."""
+  if is_gcs(directory):
+    bare = str(directory).removeprefix('gs://').rstrip('/')
+    return [p[len(bare) + 1:] for p in (o.removeprefix('gs://') for o in _objects(str(directory)))
+            if p != bare]
+  return [os.path.relpath(os.path.join(d, name), directory)
+          for d, _, found in os.walk(directory) for name in found]
+
+
+def children(directory: epath.Path) -> list[epath.Path]:
+  """What is directly inside `directory` ([] where it is not a directory)."""
+  directory = epath.Path(directory)
+  return [directory / name for name in names(directory)]
 
 
 def remove_file(path: epath.Path) -> None:

@@ -75,8 +75,8 @@ def _dead_saves(dst: epath.Path, new: epath.Path) -> list[epath.Path]:
     return []
   stages = {orbax_save.staged_at(p).name for p in (dst, new)}
   temporaries = tuple(f'{name}.orbax-checkpoint-tmp' for name in (dst.name, new.name, *stages))
-  return [p for p in files.children(dst.parent)
-          if p.name in stages or p.name.startswith(temporaries)]
+  return [dst.parent / name for name in files.names(dst.parent)
+          if name in stages or name.startswith(temporaries)]
 
 
 def recover(dst: epath.Path) -> None:
