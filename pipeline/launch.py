@@ -23,7 +23,7 @@ from etils import epath
 import transforms
 from pipeline import report, supervisor
 from pipeline.checkpoint import discovery, roots
-from pipeline.report import html_page
+from pipeline.report import done, html_page, tidy
 from pipeline.usage import UsageError
 
 if TYPE_CHECKING:
@@ -76,31 +76,39 @@ def load_spec(path: str) -> tuple[transforms.Spec, str]:
 # After every checkpoint has saved its record, how long the launcher waits for
 # the job itself to end (a runner can hang on a dead worker) before it reports.
 JOB_GRACE_SECONDS = 60.0
+LOOK_EVERY_MAX = 30.0  # seconds between two counts of the records saved, at most
 
 
-def _run_job(pairs: list[tuple[str, str]], spec_text: str, output: str, settings: Settings,
-             beam_args: list[str], wait: bool, started_at: float, local: bool) -> tuple[str, str]:
-  """Run the job in a thread: (its state, what went wrong or ''). On the local
-  runner, returns early when every checkpoint's record is saved but the job
-  has not ended JOB_GRACE_SECONDS later (a runner can hang on a dead worker)."""
+def _run_job(pairs: list[tuple[str, str]], known: list[dict], spec_text: str, output: str,
+             settings: Settings, beam_args: list[str], wait: bool, started_at: float,
+             local: bool) -> tuple[str, str]:
+  """Run the job on `pairs` (`known`: the records of those skipped without
+  it) in a thread: (its state, what went wrong or ''). On the local runner,
+  returns early when every checkpoint's record is saved but the job has not
+  ended JOB_GRACE_SECONDS later (a runner can hang on a dead worker)."""
   from pipeline.run import run_migration  # pylint: disable=g-import-not-at-top
   outcome = [('FAILED', 'the job ended without a word')]
 
   def job():
     try:
       outcome[0] = (run_migration(pairs, spec_text, output, settings, beam_args, wait,
-                                  started_at), '')
+                                  started_at, known), '')
     except Exception as e:  # a dead worker, a failed report step: report what finished
       lines = str(e).strip().splitlines()
       outcome[0] = ('FAILED', f'{type(e).__name__}: {lines[-1][:300]}' if lines else type(e).__name__)
 
   thread = threading.Thread(target=job, daemon=True, name='job')
   thread.start()
-  all_saved_since = None
+  all_saved_since, begun, next_look = None, time.monotonic(), 1.0
   while thread.is_alive():
     thread.join(1.0)
-    if not (wait and local) or not thread.is_alive():
+    elapsed = time.monotonic() - begun
+    if not (wait and local) or not thread.is_alive() or elapsed < next_look:
       continue
+    # Each look lists the run's records: looks grow apart as the job runs (a
+    # twentieth of its time so far, up to LOOK_EVERY_MAX), so a long job of
+    # many checkpoints does not pay a listing of them all every second.
+    next_look = elapsed + min(LOOK_EVERY_MAX, max(1.0, elapsed / 20))
     if (_count_records(output, settings.run) or 0) < len(pairs):
       all_saved_since = None
     elif all_saved_since is None:
@@ -118,7 +126,7 @@ def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
   from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
   from pipeline.run import LOCAL_RUNNERS
   check_beam_args(beam_args)
-  _, spec_text = load_spec(spec_path)
+  spec, spec_text = load_spec(spec_path)
   try:
     pairs = discovery.discover(pattern, output)
   except discovery.DiscoveryError as e:
@@ -132,15 +140,30 @@ def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
   except Exception as e:  # pylint: disable=broad-except  # 403 and friends: say so, exit 2
     raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
                      f'{_cause(e)}') from None
+  tidy.started(output, run, started_at)
   try:
     roots.carry_root_metadata(pairs)
   except Exception as e:  # pylint: disable=broad-except  # unreadable input, unwritable output
     raise UsageError(f'cannot carry a checkpoint root\'s metadata: {_cause(e)}') from None
-  print(f'migrating {len(pairs)} checkpoint(s) to {output} (run {run})', flush=True)
-  supervisor.started(output, run, started_at, pairs, spec_text, settings.gcs_endpoint)
+  known = [] if settings.overwrite else done.known(pairs, output, spec.hash)
+  if known:
+    report.save_known(output, run, known)  # the report's, whatever becomes of the job
+    print(f'{len(known)} of {len(pairs)} checkpoint(s) done already and unchanged since '
+          f'({report.report_dir(output)}/{done.DONE_FILE}): skipped', flush=True)
+  skipped = {r['src'] for r in known}
+  todo = [pair for pair in pairs if pair[0] not in skipped]
+  print(f'migrating {len(todo)} checkpoint(s) to {output} (run {run})', flush=True)
+  supervisor.started(output, run, started_at, pairs, spec_text, settings.gcs_endpoint,
+                     settings.keep_runs)
   local = PipelineOptions(beam_args).view_as(StandardOptions).runner in LOCAL_RUNNERS
-  state, trouble = _run_job(pairs, spec_text, output, settings, beam_args, wait, started_at, local)
-  return report_run(pairs, output, run, started_at, spec_text, trouble, state, wait, local)
+  if todo:
+    state, trouble = _run_job(todo, known, spec_text, output, settings, beam_args, wait,
+                              started_at, local)
+  else:  # nothing for a worker to do: no job
+    report.write_report(output, known, started_at, run)
+    state, trouble, wait = 'DONE', '', True
+  return report_run(pairs, output, run, started_at, spec_text, trouble, state, wait, local,
+                    settings.keep_runs)
 
 
 def _cause(error: BaseException) -> str:
@@ -153,11 +176,12 @@ def _cause(error: BaseException) -> str:
 
 def report_run(pairs: list[tuple[str, str]], output: str, run: str, started_at: float,
                spec_text: str, trouble: str = '', state: str = 'FAILED', wait: bool = True,
-               local: bool = True) -> int:
+               local: bool = True, keep_runs: int = tidy.KEEP_RUNS) -> int:
   """Print the run's table from its report (completed from the records its
   checkpoints saved where the job did not write it all: `trouble` says
-  why), write its page; the exit code. What storage cannot give (an outage)
-  is said, not raised: the terminal gets the table all the same."""
+  why), write its page, keep what it found done and tidy `_surgery/`
+  (`keep_runs`); the exit code. What storage cannot give (an outage) is
+  said, not raised: the terminal gets the table all the same."""
   try:
     records, summary = report.read_report(output, run)
     if {r['src'] for r in records} != {src for src, _ in pairs}:
@@ -180,7 +204,25 @@ def report_run(pairs: list[tuple[str, str]], output: str, run: str, started_at: 
     print(f'report page: {html_page.write(output, run)}')
   except Exception as e:  # pylint: disable=broad-except  # a view of the report, which is written
     print(f'ckpt-surgery: error: cannot write the report page: {_cause(e)}', file=sys.stderr)
+  if not summary.get('unwritten'):
+    _keep(output, run, records, spec_text, keep_runs)
   return 1 if summary['failed'] or trouble else 0
+
+
+def _keep(output: str, run: str, records: list[dict], spec_text: str, keep_runs: int) -> None:
+  """Once the run's report is written: what it found done, for the next
+  run's skips (`done`), and `_surgery/` tidied (`tidy`). Either only saves
+  later work: a failure is said, and changes no outcome."""
+  try:
+    done.update(output, records, transforms.load_spec(spec_text).hash)
+    removed = tidy.tidy(output, run, keep_runs)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'ckpt-surgery: error: cannot tidy {report.report_dir(output)}: {_cause(e)}',
+          file=sys.stderr)
+    return
+  if removed:
+    print(f'removed {len(removed)} old run(s) from {report.report_dir(output)}/runs '
+          f'(--keep_runs={keep_runs})')
 
 
 def _count_records(output: str, run: str) -> int | None:

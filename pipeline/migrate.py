@@ -24,7 +24,7 @@ from pipeline.checkpoint import discovery, identity
 from pipeline.compute import finite, stream
 from pipeline.compute.deadline import Deadline
 from pipeline.compute.worker import WORKER, log, tool_version
-from pipeline.report import record
+from pipeline.report import record, tidy
 from pipeline.verify import verification
 from pipeline.write import copy_patch, lease, outputs, protocol, writers
 
@@ -43,6 +43,7 @@ class Settings:
   run: str = ''
   launcher: int = 0              # the launching process's pid
   writers: tuple[str, ...] = writers.WRITERS  # those outputs may be written by (tests narrow it)
+  keep_runs: int = tidy.KEEP_RUNS  # runs whose reports are kept under PREFIX/_surgery (0: all)
 
 
 # What a migration's record holds of its output, recorded in the output's
@@ -88,6 +89,13 @@ def _another(recorded: dict[str, Any], src: str, spec: transforms.Spec) -> str:
           're-saved at the same path?)')
 
 
+def _identified(fields: dict[str, Any], input_identity: str,
+                output_identity: str | None) -> dict[str, Any]:
+  """A record's fields with what its input and output were (the run's done
+  file keeps them: `report.done`)."""
+  return {**fields, 'input_identity': input_identity, 'output_identity': output_identity}
+
+
 def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings,
              deadline: Deadline) -> dict[str, Any]:
   """One try at migrating `src` to `dst`: the record's fields, or an exception.
@@ -106,9 +114,15 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
   src_path, dst_path = epath.Path(src), epath.Path(dst)
   spec, overwrite = surgery.spec, settings.overwrite
   input_now = identity.identity(src_path)
-  if not overwrite and (done := _done(src, dst_path, spec, settings.run, input_now)):
-    lease.clear_stale(dst_path)  # a killed attempt's, left beside the output it committed
-    return done  # without taking the lease: nightly reruns stay cheap
+  if not overwrite:
+    output_before = identity.identity(dst_path)
+    if done := _done(src, dst_path, spec, settings.run, input_now):
+      lease.clear_stale(dst_path)  # a killed attempt's, left beside the output it committed
+      # The output's identity, for the run's done file, only where it did not
+      # change while its provenance was read: without the lease, another
+      # attempt may be replacing it.
+      unchanged = identity.identity(dst_path) == output_before
+      return _identified(done, input_now, output_before if unchanged else None)  # no lease: cheap
   with lease.claim(dst_path, wait=min(3600.0, deadline.left())) as held:
     deadline.lease = held
     with deadline.writing():
@@ -116,7 +130,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
     recorded = outputs.provenance(dst_path)
     if recorded is not None and not overwrite:
       if done := _done(src, dst_path, spec, settings.run, input_now):
-        return done  # another attempt finished it meanwhile
+        return _identified(done, input_now, identity.identity(dst_path))  # finished meanwhile
       raise checkpoint.CheckpointError(
           f'{dst} already holds the migration of {_another(recorded, src, spec)}; pass '
           '--overwrite to replace it')
@@ -130,7 +144,7 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
             'output is not kept: run again once it is written')
       with deadline.writing():
         outputs.publish(dst_path, target)
-      return done
+      return _identified(done, input_now, identity.identity(dst_path))
     except Exception as e:
       if deadline.cancelled.is_set():
         raise  # given up: its lease may be another attempt's now; a rerun recovers

@@ -146,10 +146,11 @@ def make_pipeline(beam_args: list[str], checkpoints: int | None = None,
 
 def run_migration(pairs: list[tuple[str, str]], spec_text: str, output: str,
                   settings: Settings, beam_args: list[str], wait: bool = True,
-                  started_at: float | None = None) -> str:
+                  started_at: float | None = None, known: list[dict] = ()) -> str:
   """Run the job (or only submit it, without `wait`); its state. The report
   lands under `output`/_surgery (as run `settings.run`) when the job's last
-  step runs, with `started_at` in its summary."""
+  step runs, with `started_at` in its summary, and the `known` records
+  (checkpoints skipped before the job) beside the job's own."""
   started_at = started_at or time.time()
   p = make_pipeline(beam_args, len(pairs), in_process_max(spec_text, settings))
   if isinstance(p.runner, fn_runner.FnApiRunner) and in_process(p.options):
@@ -159,10 +160,13 @@ def run_migration(pairs: list[tuple[str, str]], spec_text: str, output: str,
     # It drops what a DoFn emits from finish_bundle, where the last records of
     # a bundle come out when checkpoints overlap.
     settings = dataclasses.replace(settings, in_flight=1)
-  _ = (p
-       | 'Checkpoints' >> beam.Create(pairs)
-       | 'Migrate checkpoints' >> MigrateCheckpoints(spec_text, settings)
-       | 'Report' >> WriteReport(output, started_at, settings.gcs_endpoint, settings.run or None))
+  migrated = (p
+              | 'Checkpoints' >> beam.Create(pairs)
+              | 'Migrate checkpoints' >> MigrateCheckpoints(spec_text, settings))
+  if known:
+    migrated = (migrated, p | 'Known' >> beam.Create(list(known))) | 'With known' >> beam.Flatten()
+  _ = migrated | 'Report' >> WriteReport(output, started_at, settings.gcs_endpoint,
+                                         settings.run or None)
   result = p.run()
   if wait:
     result.wait_until_finish()

@@ -22,8 +22,9 @@ HTTP 403, as a bucket the job's service account may only read.
 The proxy also counts, as the server sees them, bytes written into buckets:
 `bytes_uploaded`, the request bodies of object uploads (JSON API
 /upload/..., resumable parts, XML PUTs), and `bytes_rewritten`, the sizes of
-objects copied server-side (rewrite, copyTo), which cost no upload. Read both
-with `counters()`, zero them with `reset_counters()`.
+objects copied server-side (rewrite, copyTo), which cost no upload; and
+`requests`, every request a client sent (what GCS bills and rate-limits).
+Read them with `counters()`, zero them with `reset_counters()`.
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ class FlakyProxy:
     self._objects_lock = threading.Lock()
     self.bytes_uploaded = 0
     self.bytes_rewritten = 0
+    self.requests = 0  # every request a client sent, answered or failed
     proxy = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -149,6 +151,8 @@ class FlakyProxy:
         conn.close()
 
       def _handle(self):
+        with proxy._lock:
+          proxy.requests += 1
         try:
           self._forward()
         except (BrokenPipeError, ConnectionResetError):
@@ -227,13 +231,15 @@ class FlakyProxy:
 
   def counters(self) -> dict[str, int]:
     with self._lock:
-      return {'bytes_uploaded': self.bytes_uploaded, 'bytes_rewritten': self.bytes_rewritten}
+      return {'bytes_uploaded': self.bytes_uploaded, 'bytes_rewritten': self.bytes_rewritten,
+              'requests': self.requests}
 
   def reset_counters(self) -> dict[str, int]:
-    """Zero the byte counters; what they held."""
+    """Zero the counters; what they held."""
     with self._lock:
-      held = {'bytes_uploaded': self.bytes_uploaded, 'bytes_rewritten': self.bytes_rewritten}
-      self.bytes_uploaded = self.bytes_rewritten = 0
+      held = {'bytes_uploaded': self.bytes_uploaded, 'bytes_rewritten': self.bytes_rewritten,
+              'requests': self.requests}
+      self.bytes_uploaded = self.bytes_rewritten = self.requests = 0
       return held
 
   def _should_fail(self) -> bool:

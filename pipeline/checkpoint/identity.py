@@ -38,16 +38,49 @@ def _local_files(path: str) -> list[tuple[str, int, int]]:
   return found
 
 
-def _gcs_objects(path: str) -> list[tuple[str, int, str]]:
-  bare = path.removeprefix('gs://').rstrip('/')
-  return [(p[len(bare):].lstrip('/'), int(info['size']), str(info.get('crc32c')))
-          for p, info in files.gcs().find(bare, detail=True).items()
-          if info.get('type') == 'file' and (p == bare or p.startswith(bare + '/'))]
+def _gcs_listing(bare: str) -> dict[str, dict]:
+  """{object name: its listing entry} of every object at or under `bare`
+  (a bucket path without gs://): one listing, paged."""
+  return {p: info for p, info in files.gcs().find(bare, detail=True).items()
+          if info.get('type') == 'file'}
+
+
+def _digest(listed: list[tuple]) -> str:
+  return hashlib.sha256(json.dumps(sorted(listed)).encode()).hexdigest()[:32]
+
+
+NOTHING = _digest([])  # the identity of a path where nothing is
 
 
 def identity(path: epath.Path) -> str:
   """The identity of the checkpoint (directory or file) at `path` (of an
   empty listing where nothing is there: reading it says what is wrong)."""
-  path = str(path)
-  listed = _gcs_objects(path) if files.is_gcs(path) else _local_files(path)
-  return hashlib.sha256(json.dumps(sorted(listed)).encode()).hexdigest()[:32]
+  return identities([str(path)])[str(path)]
+
+
+def identities(paths: list[str]) -> dict[str, str]:
+  """{path: its identity} of many checkpoints, each as `identity` gives it.
+  On gs://, from one listing of what they share (not one per checkpoint):
+  the way a run learns, before any worker starts, which outputs are done."""
+  local = [p for p in paths if not files.is_gcs(p)]
+  found = {p: _local_files(p) for p in local}
+  remote = [p.removeprefix('gs://').rstrip('/') for p in paths if files.is_gcs(p)]
+  if remote:
+    found.update(_group(remote, _gcs_listing(os.path.commonpath(remote))))
+  return {p: _digest(found[p if not files.is_gcs(p) else p.removeprefix('gs://').rstrip('/')])
+          for p in paths}
+
+
+def _group(bare: list[str], listing: dict[str, dict]) -> dict[str, list[tuple[str, int, str]]]:
+  """Each of `bare`'s files in `listing`: (name relative to it, size, CRC32C)."""
+  grouped: dict[str, list[tuple[str, int, str]]] = {p: [] for p in bare}
+  for name, info in listing.items():
+    entry = (int(info['size']), str(info.get('crc32c')))
+    if name in grouped:  # a checkpoint that is one file
+      grouped[name].append(('', *entry))
+    parent = name
+    while '/' in parent:
+      parent = parent.rsplit('/', 1)[0]
+      if parent in grouped:
+        grouped[parent].append((name[len(parent) + 1:], *entry))
+  return grouped

@@ -41,6 +41,7 @@ def record(src: str, dst: str, status: str, **fields: Any) -> dict[str, Any]:
           'digest': None, 'bytes_carried': 0, 'write_path': None, 'why_not_patched': None,
           'bytes_copied_server_side': 0, 'bytes_uploaded': 0,
           'memory_budget': 0, 'packs': 0, 'why_not_streamed': None,
+          'input_identity': None, 'output_identity': None,  # for the run's done file (`done`)
           'worker': f'{socket.gethostname()}:{os.getpid()}',
           'finished_at': time.time()}  # records are made as their checkpoint ends
   rec = {**base, **fields}
@@ -111,6 +112,14 @@ def save_record(prefix: str, run: str, record: dict[str, Any]) -> None:
   write_whole(records / f'{name}.json', json.dumps(record))
 
 
+KNOWN_FILE = 'known.jsonl'  # the records of checkpoints the launcher skipped (`done`)
+
+
+def save_known(prefix: str, run: str, records: list[dict[str, Any]]) -> None:
+  """The records of the checkpoints skipped before the job, in one file."""
+  write_whole(run_dir(prefix, run) / KNOWN_FILE, ''.join(json.dumps(r) + '\n' for r in records))
+
+
 def _records(prefix: str, run: str) -> list[epath.Path]:
   return [p for p in files.children(run_dir(prefix, run) / 'records') if p.name.endswith('.json')]
 
@@ -121,7 +130,10 @@ def count_records(prefix: str, run: str) -> int:
 
 
 def saved_records(prefix: str, run: str) -> list[dict[str, Any]]:
-  return [json.loads(p.read_text()) for p in _records(prefix, run)]
+  """Every record the run saved: its workers' one by one, and its known ones."""
+  known = run_dir(prefix, run) / KNOWN_FILE
+  lines = known.read_text().splitlines() if known.exists() else []
+  return [json.loads(p.read_text()) for p in _records(prefix, run)] + [json.loads(l) for l in lines]
 
 
 def summarize(records: Iterable[dict[str, Any]], started_at: float) -> dict[str, Any]:
@@ -160,14 +172,14 @@ def _worker_peaks(records: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def write_report(prefix: str, records: list[dict[str, Any]], started_at: float,
-                 run: str | None = None) -> dict[str, Any]:
-  """Write report.jsonl and summary.json for `run`, and as the latest under
-  PREFIX/_surgery; the summary."""
+                 run: str | None = None, latest: bool = True) -> dict[str, Any]:
+  """Write report.jsonl and summary.json for `run`, and (`latest`) as the
+  latest under PREFIX/_surgery; the summary."""
   records = sorted(records, key=lambda r: r['src'])
   summary = {**summarize(records, started_at), 'run': run}
   texts = {'report.jsonl': ''.join(json.dumps(r) + '\n' for r in records),
            'summary.json': json.dumps(summary, indent=2) + '\n'}
-  for out in ([run_dir(prefix, run)] if run else []) + [report_dir(prefix)]:
+  for out in ([run_dir(prefix, run)] if run else []) + ([report_dir(prefix)] if latest else []):
     out.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
       write_whole(out / name, text)
@@ -194,13 +206,22 @@ def size(n: float) -> str:
   raise AssertionError
 
 
+SKIPPED_ROWS = 100  # more skipped checkpoints than this are one line of the table
+
+
 def format_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-  """A short table: one row per checkpoint, errors in full, then the totals."""
+  """A short table: one row per checkpoint (the skipped ones as one line,
+  where there are many: a nightly rerun skips thousands), errors in full,
+  then the totals."""
+  skipped = sum(r['status'] == 'skipped' for r in records)
+  shown = [r for r in records if r['status'] != 'skipped' or skipped <= SKIPPED_ROWS]
   rows = [('status', 'seconds', 'bytes in', 'bytes out', 'checkpoint')]
   rows += [(r['status'], f"{r['seconds']:.2f}", size(r['bytes_in']), size(r['bytes_out']),
-            r['src']) for r in records]
+            r['src']) for r in shown]
   widths = [max(len(row[i]) for row in rows) for i in range(4)]
   lines = ['  '.join(c.ljust(w) for c, w in zip(row[:4], widths)) + '  ' + row[4] for row in rows]
+  if len(shown) < len(records):
+    lines.append(f'skipped  {skipped} checkpoint(s) done already (each in report.jsonl)')
   lines += [f"  error: {r['src']}: {r['error']}" for r in records if r['error']]
   lines.append(
       f"{summary['ok']} ok, {summary['skipped']} skipped, {summary['failed']} failed; "
