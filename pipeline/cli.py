@@ -22,6 +22,7 @@ import sys
 import webbrowser
 
 from pipeline import ARENAS, storage
+from pipeline.report.tidy import KEEP_RUNS
 from pipeline.usage import USAGE_ERROR, UsageError
 
 
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument('--checkpoint_timeout', type=_seconds, default=7200.0, metavar='SECONDS',
                    help='a checkpoint not done after this long fails and its lease is freed, so '
                         'a rerun can take it (default 7200; set it above your slowest checkpoint)')
+  run.add_argument('--keep_runs', type=_whole_number, default=KEEP_RUNS, metavar='N',
+                   help=f'keep the reports of the newest N runs under PREFIX/_surgery/runs and '
+                        f'remove older ones (default {KEEP_RUNS}; 0 keeps every run)')
   run.add_argument('--detach', action='store_true',
                    help='submit the job and exit without waiting (Dataflow, flex templates)')
   plan = commands.add_parser(
@@ -91,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
 def _at_least_one(text: str) -> int:
   if not text.isdigit() or int(text) < 1:
     raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of at least 1')
+  return int(text)
+
+
+def _whole_number(text: str) -> int:
+  if not text.isdigit():
+    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number')
   return int(text)
 
 
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == 'run':
       settings = Settings(args.overwrite, args.allow_nonfinite, args.gcs_endpoint, args.full_decode,
                           in_flight=args.checkpoints_in_flight, memory_budget=args.memory_budget,
-                          checkpoint_timeout=args.checkpoint_timeout)
+                          checkpoint_timeout=args.checkpoint_timeout, keep_runs=args.keep_runs)
       return launch.migrate_all(args.input, args.output, args.spec, settings, rest, not args.detach)
     if rest:
       raise UsageError(f'unrecognized arguments: {" ".join(rest)}')

@@ -20,6 +20,7 @@ from pipeline.migrate import Settings, describe
 from pipeline.report import record
 
 METRICS = 'ckpt_surgery'
+SKIPS_PER_LINE = 100
 
 
 class MigrateFn(beam.DoFn):
@@ -48,6 +49,7 @@ class MigrateFn(beam.DoFn):
     show_progress()
     jax.local_devices()  # start the backend: part of the worker's footprint, not a checkpoint's
     self.idle_rss = peak_rss()  # the worker's own footprint before any checkpoint
+    self.skipped = 0
 
   def start_bundle(self):
     self.pending = collections.deque()
@@ -107,6 +109,17 @@ class MigrateFn(beam.DoFn):
     if rec['write_path']:
       beam.metrics.Metrics.counter(METRICS, rec['write_path']).inc()
     beam.metrics.Metrics.counter(METRICS, 'compilations').inc(rec['compilations'])
-    log.info('%-7s %s -> %s (%.1fs)%s', rec['status'], src, dst, rec['seconds'],
-             f": {rec['error']}" if rec['error'] else '')
+    self._say(rec)
     return rec
+
+  def _say(self, rec: dict[str, Any]) -> None:
+    """A line per checkpoint migrated or failed; one per SKIPS_PER_LINE skipped
+    (a nightly rerun skips thousands)."""
+    if rec['status'] == 'skipped':
+      self.skipped += 1
+      if self.skipped % SKIPS_PER_LINE == 0:
+        log.info('skipped %d checkpoint(s) done already (%d on this worker)', SKIPS_PER_LINE,
+                 self.skipped)
+      return
+    log.info('%-7s %s -> %s (%.1fs)%s', rec['status'], rec['src'], rec['dst'], rec['seconds'],
+             f": {rec['error']}" if rec['error'] else '')

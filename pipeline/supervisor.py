@@ -41,10 +41,10 @@ def tell(**message: Any) -> None:
 
 
 def started(output: str, run: str, started_at: float, pairs: list[tuple[str, str]],
-            spec_text: str, gcs_endpoint: str | None) -> None:
+            spec_text: str, gcs_endpoint: str | None, keep_runs: int) -> None:
   """A run has begun: what the parent needs to report it if its process dies."""
   tell(output=output, run=run, started_at=started_at, pairs=pairs, spec_text=spec_text,
-       gcs_endpoint=gcs_endpoint)
+       gcs_endpoint=gcs_endpoint, keep_runs=keep_runs)
 
 
 def _exit(code: int) -> None:
@@ -130,4 +130,4 @@ def _report_unfinished(run: dict[str, Any], how: str) -> None:
   storage.configure(run['gcs_endpoint'])
   pairs = [tuple(p) for p in run['pairs']]
   launch.report_run(pairs, run['output'], run['run'], run['started_at'], run['spec_text'],
-                    trouble=f'the process ended, {how}')
+                    trouble=f'the process ended, {how}', keep_runs=run['keep_runs'])

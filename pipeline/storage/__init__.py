@@ -11,4 +11,4 @@ The names below are the package's surface, used as `storage.copy_tree`, ...
 from pipeline.storage.buckets import (ENDPOINT_ENV, StorageError, check_bucket, configure,
                                       emulator_environment, is_transient, use_gcs_emulator)
 from pipeline.storage.copying import CopyError, CopyStats, copy_entry, copy_tree, sync, sync_directory
-from pipeline.storage.kvstores import kvstore_spec, listing, ocdbt_index, open_store
+from pipeline.storage.kvstores import kvstore_spec, listing, ocdbt_index, open_store, orbax_spec

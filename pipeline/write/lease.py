@@ -48,7 +48,9 @@ def _process(pid: int) -> tuple[str, str] | None:
   return fields[0], fields[19]
 
 
-def _alive_here(holder: dict) -> bool:
+def alive_here(holder: dict) -> bool:
+  """Whether the process `holder` names (see `holder`) may be alive: on
+  another host, always (only time can tell)."""
   if holder.get('host') != socket.gethostname():
     return True  # another machine: only the heartbeat can tell
   if _PROC:
@@ -100,10 +102,14 @@ class Lease:
     self.release()
 
 
-def _body() -> bytes:
+def holder() -> dict:
+  """This process, as `alive_here` can later tell whether it still lives."""
   started = _process(os.getpid())[1] if _PROC else None
-  return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': started,
-                     'attempt': uuid.uuid4().hex, 'time': time.time()}).encode()
+  return {'host': socket.gethostname(), 'pid': os.getpid(), 'started': started}
+
+
+def _body() -> bytes:
+  return json.dumps({**holder(), 'attempt': uuid.uuid4().hex, 'time': time.time()}).encode()
 
 
 def _break_if_stale(store: ts.KvStore, key: str, stale_after: float, local: bool) -> None:
@@ -117,7 +123,7 @@ def _break_if_stale(store: ts.KvStore, key: str, stale_after: float, local: bool
     return  # released just now
   try:
     holder = json.loads(held.value)
-    fresh = _alive_here(holder) and time.time() - float(holder['time']) < stale_after
+    fresh = alive_here(holder) and time.time() - float(holder['time']) < stale_after
   except (ValueError, TypeError, KeyError, AttributeError):  # empty or garbage: not an attempt of ours
     fresh = False
   if not fresh:
