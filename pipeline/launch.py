@@ -140,7 +140,6 @@ def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
   except Exception as e:  # pylint: disable=broad-except  # 403 and friends: say so, exit 2
     raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
                      f'{_cause(e)}') from None
-  tidy.started(output, run, started_at)
   try:
     roots.carry_root_metadata(pairs)
   except Exception as e:  # pylint: disable=broad-except  # unreadable input, unwritable output
@@ -156,6 +155,8 @@ def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
   supervisor.started(output, run, started_at, pairs, spec_text, settings.gcs_endpoint,
                      settings.keep_runs)
   local = PipelineOptions(beam_args).view_as(StandardOptions).runner in LOCAL_RUNNERS
+  if todo and local:  # its workers die with this process: a later run can tell it is over
+    tidy.started(output, run, started_at)
   if todo:
     state, trouble = _run_job(todo, known, spec_text, output, settings, beam_args, wait,
                               started_at, local)

@@ -8,7 +8,9 @@ launcher file, whatever its size. A run that died before its launcher could
 (the machine lost, `kill -9` of the whole process group) is compacted by the
 next run into the prefix, its report.jsonl built from the records it left,
 once it is surely over: reported by its job (a detached run), its launcher
-a dead process on this host, or started more than `STALE_AFTER` ago.
+a dead process on this host (a local run, whose workers die with their
+launcher, says which in `launcher.json`), or started more than
+`STALE_AFTER` ago.
 
 `prune` keeps the newest `keep_runs` runs (`--keep_runs`, default
 `KEEP_RUNS`; 0 keeps every run) and removes older ones whole, except a run
