@@ -22,6 +22,7 @@ import os
 
 from etils import epath
 
+from pipeline import storage
 from pipeline.storage import files
 
 
@@ -36,13 +37,6 @@ def _local_files(path: str) -> list[tuple[str, int, int]]:
       stat = os.stat(full)
       found.append((os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns))
   return found
-
-
-def _gcs_listing(bare: str) -> dict[str, dict]:
-  """{object name: its listing entry} of every object at or under `bare`
-  (a bucket path without gs://): one listing, paged."""
-  return {p: info for p, info in files.gcs().find(bare, detail=True).items()
-          if info.get('type') == 'file'}
 
 
 def _digest(listed: list[tuple]) -> str:
@@ -66,7 +60,8 @@ def identities(paths: list[str]) -> dict[str, str]:
   found = {p: _local_files(p) for p in local}
   remote = [p.removeprefix('gs://').rstrip('/') for p in paths if files.is_gcs(p)]
   if remote:
-    found.update(_group(remote, _gcs_listing(os.path.commonpath(remote))))
+    listed = storage.listing(epath.Path('gs://' + os.path.commonpath(remote)))
+    found.update(_group(remote, {p.removeprefix('gs://'): info for p, info in listed.items()}))
   return {p: _digest(found[p if not files.is_gcs(p) else p.removeprefix('gs://').rstrip('/')])
           for p in paths}
 
