@@ -112,13 +112,8 @@ def main(argv=None):
   with contextlib.ExitStack() as stack:
     proxy = None
     if args.gcs:
-      from pipeline import storage  # pylint: disable=g-import-not-at-top
-      from tests.gcs_server import Emulator, FlakyProxy  # pylint: disable=g-import-not-at-top
-      emulator = Emulator()
-      stack.callback(emulator.stop)
-      proxy = FlakyProxy(emulator.port)
-      stack.callback(proxy.stop)
-      storage.use_gcs_emulator(proxy.url)
+      from tests.gcs_server import serving  # pylint: disable=g-import-not-at-top
+      proxy = stack.enter_context(serving())
     work = stack.enter_context(tempfile.TemporaryDirectory())
     spec = os.path.join(work, 'spec.yaml')
     with open(spec, 'w') as f:

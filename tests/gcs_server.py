@@ -252,3 +252,19 @@ class FlakyProxy:
 
   def stop(self):
     self.server.shutdown()
+
+
+@contextlib.contextmanager
+def serving():
+  """The server behind its proxy for as long as the block runs, this process
+  pointed at the proxy (`storage.use_gcs_emulator`); the proxy. For the
+  benchmarks: the tests' own fixture is `conftest.gcs`."""
+  from pipeline import storage  # pylint: disable=g-import-not-at-top
+  emulator = Emulator()
+  proxy = FlakyProxy(emulator.port)
+  try:
+    storage.use_gcs_emulator(proxy.url)
+    yield proxy
+  finally:
+    proxy.stop()
+    emulator.stop()
