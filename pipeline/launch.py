@@ -23,7 +23,7 @@ from etils import epath
 import transforms
 from pipeline import report, supervisor
 from pipeline.checkpoint import discovery, roots
-from pipeline.report import done, html_page, tidy
+from pipeline.report import done, html_page, progress, tidy
 from pipeline.usage import UsageError
 
 if TYPE_CHECKING:
@@ -99,24 +99,31 @@ def _run_job(pairs: list[tuple[str, str]], known: list[dict], spec_text: str, ou
 
   thread = threading.Thread(target=job, daemon=True, name='job')
   thread.start()
-  all_saved_since, begun, next_look = None, time.monotonic(), 1.0
-  while thread.is_alive():
-    thread.join(1.0)
-    elapsed = time.monotonic() - begun
-    if not (wait and local) or not thread.is_alive() or elapsed < next_look:
-      continue
-    # Each look lists the run's records: looks grow apart as the job runs (a
-    # twentieth of its time so far, up to LOOK_EVERY_MAX), so a long job of
-    # many checkpoints does not pay a listing of them all every second.
-    next_look = elapsed + min(LOOK_EVERY_MAX, max(1.0, elapsed / 20))
-    if (_count_records(output, settings.run) or 0) < len(pairs):
-      all_saved_since = None
-    elif all_saved_since is None:
-      all_saved_since = time.monotonic()
-    elif time.monotonic() - all_saved_since > JOB_GRACE_SECONDS:
-      return 'HUNG', (f'the job had not ended {JOB_GRACE_SECONDS:g} s after its last checkpoint; '
-                      'reported from the records its workers saved')
-  return outcome[0]
+  bar = progress.Progress(len(pairs))
+  try:
+    all_saved_since, begun, next_look = None, time.monotonic(), 1.0
+    while thread.is_alive():
+      thread.join(1.0)
+      elapsed = time.monotonic() - begun
+      if not (wait and (local or bar.drawn)) or not thread.is_alive() or elapsed < next_look:
+        continue
+      # Each look lists the run's records: looks grow apart as the job runs (a
+      # twentieth of its time so far, up to LOOK_EVERY_MAX), so a long job of
+      # many checkpoints does not pay a listing of them all every second.
+      next_look = elapsed + min(LOOK_EVERY_MAX, max(1.0, elapsed / 20))
+      saved = _count_records(output, settings.run)
+      if saved is not None:
+        bar.show(saved, elapsed)
+      if not local or (saved or 0) < len(pairs):
+        all_saved_since = None
+      elif all_saved_since is None:
+        all_saved_since = time.monotonic()
+      elif time.monotonic() - all_saved_since > JOB_GRACE_SECONDS:
+        return 'HUNG', (f'the job had not ended {JOB_GRACE_SECONDS:g} s after its last checkpoint; '
+                        'reported from the records its workers saved')
+    return outcome[0]
+  finally:
+    bar.close()
 
 
 def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,

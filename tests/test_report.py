@@ -1,9 +1,11 @@
 """The report's totals and its terminal table."""
 from __future__ import annotations
 
+import io
 import time
 
 from pipeline import report
+from pipeline.report import progress
 from pipeline.migrate import record
 
 
@@ -25,3 +27,21 @@ def test_summary_and_table_round_trip(tmp_path):
   table = report.format_table(back, back_summary)
   assert 'error: /in/d: ValueError: broken' in table
   assert table.splitlines()[-1].startswith('2 ok, 1 skipped, 1 failed; 1 compilation(s) for 1 signature(s)')
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_is_one_line_redrawn_on_a_terminal_and_nothing_in_a_log():
+  terminal, log = _Terminal(), io.StringIO()
+  for stream in (terminal, log):
+    bar = progress.Progress(1000, stream)
+    bar.show(0, 1.2)
+    bar.show(412, 125.0)
+    bar.close()
+  assert log.getvalue() == ''
+  first, second = terminal.getvalue().split('\r')[1:]
+  assert first.startswith('[' + '.' * progress.WIDTH + ']    0/1000 checkpoints  0 min 01 s')
+  assert second == '[' + '#' * 12 + '.' * 18 + ']  412/1000 checkpoints  2 min 05 s\n'
