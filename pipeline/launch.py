@@ -134,6 +134,8 @@ def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
   from pipeline.run import LOCAL_RUNNERS
   check_beam_args(beam_args)
   spec, spec_text = load_spec(spec_path)
+  if spec.merge:
+    raise UsageError(f'{spec_path}: {transforms.surgery.NOT_RUN_YET}')
   try:
     pairs = discovery.discover(pattern, output)
   except discovery.DiscoveryError as e:

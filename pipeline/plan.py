@@ -8,6 +8,7 @@ are planned once and grouped. The result is plain data (`--json` prints it);
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -16,7 +17,7 @@ from etils import epath
 
 import transforms
 from pipeline import checkpoint, report
-from pipeline.checkpoint import discovery
+from pipeline.checkpoint import discovery, merge_groups
 from pipeline.compute import stream
 from pipeline.write import writers
 
@@ -53,6 +54,76 @@ def plan_checkpoints(sources: list[str], spec: transforms.Spec, budget: int = 0,
   would_fail = sum(len(g['checkpoints']) for g in planned if g['error']) + len(unreadable)
   return {'spec_hash': spec.hash, 'groups': planned, 'unreadable': unreadable,
           'would_migrate': len(sources) - would_fail, 'would_fail': would_fail}
+
+
+def plan_merges(sources: list[str], spec: transforms.Spec) -> dict[str, Any]:
+  """{'merges': [...], 'unformed': [...], 'would_merge': n, 'would_fail': n}
+  for the groups `spec.merge` makes of `sources`: each group's inputs, steps
+  and coefficients, the bytes read of each (what is merged; all of the
+  newest), and whether their trees agree. Reads metadata only."""
+  groups, unformed = merge_groups.merge_groups(sources, spec.merge)
+  surgery = transforms.Surgery(dataclasses.replace(spec, merge=None))
+  merges = [_plan_merge(group, surgery, spec.merge) for group in groups]
+  failed = [{'group': u.name, 'error': u.error} for u in unformed]
+  would_fail = sum(1 for m in merges if m['error']) + len(failed)
+  return {'spec_hash': spec.hash, 'merge': spec.merge.canonical, 'merges': merges,
+          'unformed': failed, 'would_merge': len(merges) + len(failed) - would_fail,
+          'would_fail': would_fail}
+
+
+def merged_part(surgery: transforms.Surgery, merge: transforms.merge.Merge,
+                state: Any) -> dict[str, Any]:
+  """The part of a state a merge combines: what the surgery changes (params,
+  their collections), the optimizer state only where it is merged too."""
+  tree, _ = surgery.split(state)
+  return {k: v for k, v in tree.items() if k != surgery.spec.opt_state or merge.opt_state == 'mean'}
+
+
+def _plan_merge(group: merge_groups.MergeGroup, surgery: transforms.Surgery,
+                merge: transforms.merge.Merge) -> dict[str, Any]:
+  planned = {'group': group.name, 'inputs': [
+      {'src': src, 'step': step, 'weight': weight}
+      for src, step, weight in zip(group.inputs, group.steps, group.weights)], 'error': None}
+  trees = []
+  for item in planned['inputs']:
+    try:
+      _, meta = checkpoint.read_metadata(epath.Path(item['src']))
+      part = merged_part(surgery, merge, meta)
+    except Exception as e:  # pylint: disable=broad-except  # this group fails; the others go on
+      planned['error'] = f"{item['src']}: {type(e).__name__}: {e}"
+      return planned
+    arrays = {p: x for p, x in transforms.leaf_paths(part).items() if checkpoint.is_array(x)}
+    trees.append((item['src'], {p: transforms.merge.Leaf(tuple(x.shape), x.dtype)
+                                for p, x in arrays.items()}))
+    item['bytes_read'] = transforms.tree_bytes(list(arrays.values()))
+  try:
+    transforms.merge.check_same_tree(trees)
+  except transforms.merge.MergeError as e:
+    planned['error'] = f'MergeError: {e}'
+  newest = trees[-1][1]
+  planned['leaves'] = len(newest)
+  planned['averaged'] = sum(transforms.merge.is_averaged(l.dtype) for l in newest.values())
+  planned['bytes_merged'] = planned['inputs'][-1]['bytes_read']
+  return planned
+
+
+def format_merges(result: dict[str, Any]) -> str:
+  merge = result['merge']
+  lines = [f"merge: group {merge['group']}, take {merge['take']}, method {merge['method']}, "
+           f"optimizer state {merge['opt_state']}"]
+  for planned in result['merges']:
+    verdict = f"would FAIL: {planned['error']}" if planned['error'] else 'would merge'
+    lines.append(f"{planned['group']}: {len(planned['inputs'])} checkpoint(s) {verdict}")
+    lines += [f"  step {i['step']:>8}  weight {i['weight']:.6g}  {i['src']}"
+              + (f"  (reads {report.size(i['bytes_read'])})" if 'bytes_read' in i else '')
+              for i in planned['inputs']]
+    if 'leaves' in planned and not planned['error']:
+      lines.append(f"  {planned['averaged']} of {planned['leaves']} leaves averaged (the others, "
+                   f"integers, from the newest); {report.size(planned['bytes_merged'])} merged")
+  lines += [f"would FAIL: {u['error']}" for u in result['unformed']]
+  lines.append(f"{result['would_merge']} merge(s) would be written, {result['would_fail']} would "
+               f"fail (spec {result['spec_hash']}); `run` does not merge yet")
+  return '\n'.join(lines)
 
 
 def _plan_one(surgery: transforms.Surgery, meta: Any) -> dict[str, Any]:

@@ -41,6 +41,25 @@ from transforms import SpecError, load_spec
     ("ops: [{drop: {match: a}}]\nops: [{drop: {match: b}}]", "line 2: key 'ops' is given twice (first at line 1)"),
     ("ops:\n  - scale: {match: a, by: 2, by: 3}", "line 2: key 'by' is given twice"),
     ("a: &a [*a]\nops: [{drop: {match: a}}]", 'line 1: an alias refers to the anchor that holds it'),
+    # A merge's fields.
+    ('merge: {take: {last: 3}}', "merge: missing field 'group'"),
+    ('merge: {group: runs, take: {last: 3}}', "merge: field 'group' must be one of run, step, all, got 'runs'"),
+    ('merge: {group: run, take: {last: 0}}', 'merge: take: last must be a positive integer, got 0'),
+    ('merge: {group: run, take: {last: 2, every: 5}}', "merge: field 'take' must be one of"),
+    ('merge: {group: run, take: {steps: []}}', 'merge: take: steps must be a non-empty list'),
+    ('merge: {group: run, take: {last: 3}, method: median}', "field 'method' must be one of mean, weighted, ema"),
+    ('merge: {group: run, take: {last: 3}, method: weighted}', "'weights' go with method: weighted"),
+    ('merge: {group: run, take: {last: 3}, weights: [1, 2, 3]}', "'weights' go with method: weighted"),
+    ('merge: {group: run, take: {last: 3}, method: weighted, weights: [1, 2]}',
+     'merge: 2 weight(s) for the 3 checkpoint(s) it takes'),
+    ('merge: {group: run, take: {last: 1}, method: weighted, weights: [1], allow_fewer: true}',
+     'weighted takes exactly one weight per input: not with allow_fewer'),
+    ('merge: {group: run, take: {last: 2}, method: weighted, weights: [1, -1]}', 'not negative'),
+    ('merge: {group: run, take: {last: 3}, method: ema}', "'decay' goes with method: ema"),
+    ('merge: {group: run, take: {last: 3}, method: ema, decay: 1.5}', 'merge: ema: decay must be in [0, 1)'),
+    ('merge: {group: run, take: {last: 3}, opt_state: sum}', "field 'opt_state' must be one of latest, drop, mean"),
+    ('merge: {group: run, take: {last: 3}, allow_fewer: 1}', "'allow_fewer' must be true or false"),
+    ('merge: {group: run, take: {last: 3}, window: 2}', "merge: unknown field(s) ['window']"),
 ])
 def test_bad_spec_names_op_and_field(text, message):
   with pytest.raises(SpecError) as e:
@@ -86,3 +105,16 @@ def test_an_error_names_a_large_value_without_printing_it():
   with pytest.raises(SpecError) as e:
     load_spec('ops: [{drop: {match: [' + ', '.join(['x'] * 10000) + ']}}]')
   assert len(str(e.value)) < 300
+
+
+
+def test_a_merge_needs_no_ops_and_is_part_of_the_hash():
+  mean = load_spec('merge: {group: run, take: {last: 5}}')
+  assert mean.ops == () and mean.merge.coefficients(5).tolist() == [0.2] * 5
+  assert mean.canonical['merge'] == {'group': 'run', 'take': {'last': 5}, 'method': 'mean',
+                                     'opt_state': 'latest', 'allow_fewer': False}
+  weighted = load_spec('merge: {group: step, take: {steps: [20, 10]}, method: weighted, weights: [1, 3]}\n'
+                       'ops: [{drop: {match: head}}]')
+  assert weighted.merge.take.steps == (10, 20) and len(weighted.ops) == 1
+  assert len({mean.hash, weighted.hash, load_spec('merge: {group: run, take: {last: 4}}').hash,
+              load_spec('ops: [{drop: {match: head}}]').hash}) == 4

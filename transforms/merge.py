@@ -29,12 +29,15 @@ and hands the pieces here.
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+import dataclasses
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 METHODS = ('mean', 'weighted', 'ema')
+GROUPS = ('run', 'step', 'all')  # the steps of each run; each step across runs (a soup); all
+OPT_STATES = ('latest', 'drop', 'mean')  # the newest input's; none; merged as params are
 
 
 class MergeError(ValueError):
@@ -126,6 +129,30 @@ class Take(NamedTuple):
   last: int | None = None
   steps: tuple[int, ...] | None = None
   every: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Merge:
+  """A spec's `merge:`: how checkpoints group, which of each group's steps
+  it takes, how it combines them, and what becomes of the optimizer state."""
+  group: str
+  take: Take
+  method: str = 'mean'
+  weights: tuple[float, ...] | None = None
+  decay: float | None = None
+  opt_state: str = 'latest'
+  allow_fewer: bool = False
+
+  @property
+  def canonical(self) -> dict[str, Any]:
+    return {'group': self.group, 'take': {k: v if not isinstance(v, tuple) else list(v)
+                                         for k, v in self.take._asdict().items() if v is not None},
+            'method': self.method, **({'weights': list(self.weights)} if self.weights else {}),
+            **({'decay': self.decay} if self.decay is not None else {}),
+            'opt_state': self.opt_state, 'allow_fewer': self.allow_fewer}
+
+  def coefficients(self, count: int) -> np.ndarray:
+    return coefficients(self.method, count, self.weights, self.decay)
 
 
 def take_steps(available: Sequence[int], take: Take, allow_fewer: bool = False,

@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
+from transforms import merge as merging
 from transforms.ops import OPS, Op, resolve
 
-TOP_LEVEL = ('params', 'opt_state', 'optimizer', 'ops')
+TOP_LEVEL = ('params', 'opt_state', 'optimizer', 'merge', 'ops')
 
 
 class SpecError(ValueError):
@@ -41,6 +42,7 @@ class Spec:
   params: str = 'params'
   opt_state: str = 'opt_state'
   optimizer: Optimizer | None = None
+  merge: merging.Merge | None = None  # many checkpoints into one, before the ops
 
   @property
   def canonical(self) -> dict[str, Any]:
@@ -52,6 +54,8 @@ class Spec:
     }
     if self.optimizer:
       canonical['optimizer'] = dataclasses.asdict(self.optimizer)
+    if self.merge:
+      canonical['merge'] = self.merge.canonical
     return canonical
 
   @property
@@ -107,6 +111,81 @@ def _parse_optimizer(data: Any) -> Optimizer:
   return optimizer
 
 
+_MERGE_FIELDS = ('group', 'take', 'method', 'weights', 'decay', 'opt_state', 'allow_fewer')
+
+
+def _one_of(where: str, value: Any, choices: tuple[str, ...]) -> str:
+  if value not in choices:
+    raise SpecError(f"{where} must be one of {', '.join(choices)}, got {_short(value)}")
+  return value
+
+
+def _count(where: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise SpecError(f'{where} must be a positive integer, got {_short(value)}')
+  return value
+
+
+def _parse_take(data: Any) -> merging.Take:
+  if not isinstance(data, dict) or len(data) != 1 or set(data) - set(merging.Take._fields):
+    raise SpecError("merge: field 'take' must be one of {last: K}, {steps: [...]}, "
+                    f'{{every: N}}, got {_short(data)}')
+  (key, value), = data.items()
+  if key != 'steps':
+    return merging.Take(**{key: _count(f'merge: take: {key}', value)})
+  if not isinstance(value, list) or not value or not all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+    raise SpecError(f'merge: take: steps must be a non-empty list of steps, got {_short(value)}')
+  return merging.Take(steps=tuple(sorted(set(value))))
+
+
+def _parse_merge(data: Any) -> merging.Merge:
+  """The `merge:` block; SpecError names the field."""
+  if not isinstance(data, dict):
+    raise SpecError(f'merge: expected a mapping with {", ".join(_MERGE_FIELDS)}, got {_short(data)}')
+  unknown = sorted(map(str, set(data) - set(_MERGE_FIELDS)))
+  if unknown:
+    raise SpecError(f'merge: unknown field(s) {_short(unknown)} (fields: {", ".join(_MERGE_FIELDS)})')
+  for key in ('group', 'take'):
+    if key not in data:
+      raise SpecError(f'merge: missing field {key!r}')
+  take = _parse_take(data['take'])
+  method = _one_of("merge: field 'method'", data.get('method', 'mean'), merging.METHODS)
+  allow_fewer = data.get('allow_fewer', False)
+  if not isinstance(allow_fewer, bool):
+    raise SpecError(f"merge: field 'allow_fewer' must be true or false, got {_short(allow_fewer)}")
+  weights, decay = data.get('weights'), data.get('decay')
+  if (weights is not None) != (method == 'weighted'):
+    raise SpecError("merge: 'weights' go with method: weighted, and it needs them")
+  if (decay is not None) != (method == 'ema'):
+    raise SpecError("merge: 'decay' goes with method: ema, and it needs one")
+  if weights is not None:
+    if not isinstance(weights, list) or not weights or not all(_check_type(w, float) for w in weights):
+      raise SpecError(f'merge: weights must be a list of numbers, got {_short(weights)}')
+    weights = tuple(float(w) for w in weights)
+    if allow_fewer:
+      raise SpecError('merge: weighted takes exactly one weight per input: not with allow_fewer')
+    # A run's group takes one checkpoint per step it takes: countable here.
+    # A soup's or `all`'s count is known once the checkpoints are found.
+    inputs = take.last or len(take.steps or ())
+    if data.get('group') == 'run' and inputs and len(weights) != inputs:
+      raise SpecError(f'merge: {len(weights)} weight(s) for the {inputs} checkpoint(s) it takes')
+  if decay is not None:
+    if not _check_type(decay, float):
+      raise SpecError(f'merge: decay must be a number, got {_short(decay)}')
+    decay = float(decay)
+  result = merging.Merge(group=_one_of("merge: field 'group'", data['group'], merging.GROUPS),
+                         take=take, method=method, weights=weights, decay=decay,
+                         opt_state=_one_of("merge: field 'opt_state'",
+                                           data.get('opt_state', 'latest'), merging.OPT_STATES),
+                         allow_fewer=allow_fewer)
+  try:
+    result.coefficients(len(weights) if weights else 2)  # the method's own checks
+  except merging.MergeError as e:
+    raise SpecError(f'merge: {e}') from None
+  return result
+
+
 def _parse_op(index: int, entry: Any) -> Op:
   where = f'ops[{index}]'
   if not isinstance(entry, dict) or len(entry) != 1:
@@ -149,14 +228,15 @@ def parse_spec(data: Any) -> Spec:
   for key in ('params', 'opt_state'):
     if key in data and not isinstance(data[key], str):
       raise SpecError(f'spec: field {key!r} must be a string, got {_short(data[key])}')
-  ops = data.get('ops')
-  if not isinstance(ops, list) or not ops:
+  merge = _parse_merge(data['merge']) if 'merge' in data else None
+  ops = data.get('ops', [] if merge else None)
+  if not isinstance(ops, list) or not ops and not merge:
     raise SpecError("spec: field 'ops' must be a non-empty list of ops")
   optimizer = _parse_optimizer(data['optimizer']) if data.get('optimizer') else None
   return Spec(ops=tuple(_parse_op(i, entry) for i, entry in enumerate(ops)),
               params=data.get('params', 'params'),
               opt_state=data.get('opt_state', 'opt_state'),
-              optimizer=optimizer)
+              optimizer=optimizer, merge=merge)
 
 
 # What a spec's YAML may expand to, in nodes (a mapping, a sequence or a
