@@ -15,12 +15,13 @@ import jax
 from pipeline import migrate, report, storage
 from pipeline.compute.deadline import Deadline
 from pipeline.compute.worker import (WORKER, exit_when_orphaned, in_daemon_thread, log, peak_rss,
-                                     show_progress, surgery_for)
+                                     release_free_memory, show_progress, surgery_for)
 from pipeline.migrate import Settings, describe
 from pipeline.report import record
 
 METRICS = 'ckpt_surgery'
 SKIPS_PER_LINE = 100
+TRIM_EVERY = 50  # checkpoints between two returns of free memory (`release_free_memory`)
 
 
 class MigrateFn(beam.DoFn):
@@ -50,6 +51,7 @@ class MigrateFn(beam.DoFn):
     jax.local_devices()  # start the backend: part of the worker's footprint, not a checkpoint's
     self.idle_rss = peak_rss()  # the worker's own footprint before any checkpoint
     self.skipped = 0
+    self.finished = 0
 
   def start_bundle(self):
     self.pending = collections.deque()
@@ -94,6 +96,9 @@ class MigrateFn(beam.DoFn):
       rec = self._give_up(pair, done, deadline)
     except Exception as e:  # a bug past migrate_one's own handling
       rec = record(src, dst, 'failed', error=f'{type(e).__name__}: {e}')
+    self.finished += 1
+    if self.finished % TRIM_EVERY == 0:
+      release_free_memory()
     rec['peak_rss_over_idle'] = peak_rss() - self.idle_rss
     if self.settings.run:
       try:
