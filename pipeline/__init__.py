@@ -48,7 +48,13 @@ def release_freed_memory() -> None:
   this one's heap: measured on 0.9 GB under a 512 MB budget, the process's
   RSS after the last pack was 0.07 to 0.10 GB over idle with it, 0.5 to 0.8
   GB without. Its cost, the next pack's buffers faulting in anew, is per
-  pack, not per leaf."""
+  pack, not per leaf.
+
+  MigrateFn calls it every TRIM_EVERY checkpoints too. Over many small
+  checkpoints on gs:// the heap in use is flat, but what TensorStore's and
+  gcsfs's requests free between live blocks stayed resident, 14 KB a
+  checkpoint (17 KB of RSS; 2 KB with a trim). A trim takes about 6 ms:
+  every 50 checkpoints it is 0.1 ms each."""
   gc.collect(1)
   try:
     ctypes.CDLL('libc.so.6').malloc_trim(0)

@@ -12,16 +12,16 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 import jax
 
-from pipeline import migrate, report, storage
+from pipeline import migrate, release_freed_memory, report, storage
 from pipeline.compute.deadline import Deadline
 from pipeline.compute.worker import (WORKER, exit_when_orphaned, in_daemon_thread, log, peak_rss,
-                                     release_free_memory, show_progress, surgery_for)
+                                     show_progress, surgery_for)
 from pipeline.migrate import Settings, describe
 from pipeline.report import record
 
 METRICS = 'ckpt_surgery'
 SKIPS_PER_LINE = 100
-TRIM_EVERY = 50  # checkpoints between two returns of free memory (`release_free_memory`)
+TRIM_EVERY = 50  # checkpoints between two returns of freed memory (`release_freed_memory`)
 
 
 class MigrateFn(beam.DoFn):
@@ -98,7 +98,7 @@ class MigrateFn(beam.DoFn):
       rec = record(src, dst, 'failed', error=f'{type(e).__name__}: {e}')
     self.finished += 1
     if self.finished % TRIM_EVERY == 0:
-      release_free_memory()
+      release_freed_memory()
     rec['peak_rss_over_idle'] = peak_rss() - self.idle_rss
     if self.settings.run:
       try:

@@ -23,6 +23,7 @@ import pytest
 import tensorstore as ts
 from etils import epath
 
+import pipeline
 from pipeline import demo, migrate, storage
 from pipeline.compute import worker
 from pipeline.storage import json_results
@@ -105,10 +106,11 @@ def test_migrations_keep_no_memory_per_checkpoint(tmp_path):
   assert kept < 500_000, f'{kept} bytes kept over 75 migrations'
 
 
-@pytest.mark.skipif(worker._MALLOC_TRIM is None, reason='not glibc')  # pylint: disable=protected-access
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="glibc's malloc_trim")
 def test_freed_memory_between_live_blocks_goes_back_to_the_system():
   """What a worker frees stays resident under glibc until trimmed: on gs://
-  14 KB a checkpoint, with the heap in use flat (`release_free_memory`)."""
+  14 KB a checkpoint, with the heap in use flat (`release_freed_memory`,
+  which MigrateFn calls every TRIM_EVERY checkpoints)."""
   def resident():
     return int(pathlib.Path('/proc/self/statm').read_text().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
@@ -116,5 +118,5 @@ def test_freed_memory_between_live_blocks_goes_back_to_the_system():
   above = bytes(3000)  # allocated after them: the heap's top stays in use, so free() cannot trim it
   del blocks
   before = resident()
-  worker.release_free_memory()
+  pipeline.release_freed_memory()
   assert before - resident() > 75_000_000 and above

@@ -8,7 +8,6 @@ ends a worker whose launcher died are here too. No Beam.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import importlib.metadata
 import logging
 import os
@@ -82,32 +81,6 @@ def tool_version() -> str:
 def peak_rss() -> int:
   """This process's peak resident set so far, in bytes."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
-
-
-def _glibc_trim() -> Any:
-  """glibc's malloc_trim, or None where the C library is another (macOS, musl)."""
-  try:
-    return ctypes.CDLL('libc.so.6').malloc_trim
-  except (OSError, AttributeError):
-    return None
-
-
-_MALLOC_TRIM = _glibc_trim()
-
-
-def release_free_memory() -> None:
-  """Hand the memory malloc holds free back to the system (glibc's
-  malloc_trim(0), which releases free pages inside its heaps as well as at
-  their top).
-
-  A worker's allocations are freed (its heap in use is flat over thousands
-  of checkpoints), but glibc keeps what was freed between live blocks: on
-  gs://, where TensorStore's and gcsfs's requests allocate and free in
-  many threads, that free space grew 14 KB per checkpoint, and resident
-  memory with it. A trim takes about 6 ms: MigrateFn calls it every
-  TRIM_EVERY checkpoints."""
-  if _MALLOC_TRIM is not None:
-    _MALLOC_TRIM(0)
 
 
 def in_daemon_thread(fn: Any, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
