@@ -75,15 +75,17 @@ def tidy(prefix: str, run: str, keep_runs: int = KEEP_RUNS) -> list[str]:
   The runs removed. What each run holds comes from one listing of them all."""
   compact(prefix, run)
   listed = [p.split('/') for p in files.tree(run_dir(prefix, run).parent)]
-  runs = sorted({p[0] for p in listed} | {run})
+  # This run is the newest, whatever its id: two runs that start in the same
+  # second (a skip-all rerun takes less) sort by their random letters.
+  others = sorted({p[0] for p in listed} - {run})
   reported = {p[0] for p in listed if p[1:] == ['summary.json']}
   for other in sorted({p[0] for p in listed if p[1:2] == ['records']} - {run}):
     if _over(prefix, other, reported):
       _finish(prefix, other)
   if keep_runs <= 0:
     return []
-  removed = [other for other in runs[:-keep_runs]
-             if other != run and _over(prefix, other, reported)]
+  removed = [other for other in others[:max(0, len(others) - (keep_runs - 1))]
+             if _over(prefix, other, reported)]
   for other in removed:
     files.remove_tree(run_dir(prefix, other))
   return removed

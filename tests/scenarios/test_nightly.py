@@ -110,6 +110,18 @@ def test_a_finished_run_keeps_a_few_files_and_old_runs_are_pruned(tmp_path, spec
       'done.json', 'report.html', 'report.jsonl', 'runs', 'summary.json']
 
 
+def test_the_run_that_tidies_is_the_newest_whatever_its_id(tmp_path):
+  """Runs started in one second sort by their random letters: the one
+  reporting now is kept, and the oldest of the others goes."""
+  out = str(tmp_path / 'out')
+  ids = ['20261203T191810Z-06ea36', '20261203T191810Z-73c720', '20261203T191810Z-c03a6e']
+  for run in ids:
+    run_dir(out, run).mkdir(parents=True)
+    (run_dir(out, run) / 'summary.json').write_text('{}')
+  assert tidy.tidy(out, ids[0], keep_runs=2) == [ids[1]]
+  assert sorted(os.listdir(tmp_path / 'out' / '_surgery' / 'runs')) == [ids[0], ids[2]]
+
+
 def test_keep_runs_0_keeps_every_run(tmp_path, spec):
   pattern, out = small_checkpoints(str(tmp_path), 1), str(tmp_path / 'out')
   for _ in range(3):
