@@ -106,6 +106,7 @@ class FlakyProxy:
     self.bytes_uploaded = 0
     self.bytes_rewritten = 0
     self.requests = 0  # every request a client sent, answered or failed
+    self.sent: list[str] = []  # those requests, 'METHOD path', since the last reset
     proxy = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -153,6 +154,7 @@ class FlakyProxy:
       def _handle(self):
         with proxy._lock:
           proxy.requests += 1
+          proxy.sent.append(f'{self.command} {self.path}')
         try:
           self._forward()
         except (BrokenPipeError, ConnectionResetError):
@@ -240,6 +242,7 @@ class FlakyProxy:
       held = {'bytes_uploaded': self.bytes_uploaded, 'bytes_rewritten': self.bytes_rewritten,
               'requests': self.requests}
       self.bytes_uploaded = self.bytes_rewritten = self.requests = 0
+      self.sent = []
       return held
 
   def _should_fail(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -153,17 +154,20 @@ def test_a_dead_runs_records_are_compacted_by_the_next_run(tmp_path, spec):
 
 
 def test_a_skip_on_gcs_costs_no_request(gcs, bucket, spec, capsys):
-  """Skip-all reruns of 2 and of 6 checkpoints, counted at the server: the
-  4 more skips cost no request (the target is at most 3 each)."""
+  """Skip-all reruns of 2 and of 6 checkpoints, every request seen at the
+  server: none names a checkpoint (the target is at most 3 a skip), and the
+  run's own are a bounded few. Totals are not compared between the reruns:
+  the same metadata GET is sent once or twice from run to run (gcsfs's
+  caches), noise of a few requests either way."""
   pattern, out = small_checkpoints(bucket, 6), f'{bucket}/out'
   assert migrate_all(pattern, out, spec) == 0
-  counts = {}
+  names_a_checkpoint = re.compile(r'(in|out)(/|%2F)[0-5]')
   for count, some in ((2, pattern.replace('*', '[01]')), (6, pattern)):
     gcs.reset_counters()
     assert migrate_all(some, out, spec) == 0
-    counts[count] = gcs.reset_counters()['requests']
+    sent = list(gcs.sent)
+    assert gcs.reset_counters()['requests'] < 120, sent  # discovery, the report, its page, done.json
+    assert not [s for s in sent if names_a_checkpoint.search(s)]
     records = read_report(out)[0]
     assert len(records) == count and {r['skipped_by'] for r in records} == {'launcher'}
   capsys.readouterr()
-  assert (counts[6] - counts[2]) / 4 <= 0.5, counts
-  assert counts[2] < 120, counts  # the run's own: discovery, the report, its page, done.json
