@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -98,7 +98,22 @@ def _identified(fields: dict[str, Any], input_identity: str,
 
 def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings,
              deadline: Deadline) -> dict[str, Any]:
-  """One try at migrating `src` to `dst`: the record's fields, or an exception.
+  """One try at migrating `src` to `dst`: the record's fields, or an exception."""
+  if why := discovery.refused_names(src, dst):
+    raise checkpoint.CheckpointError(why)  # before anything is read or written
+  src_path = epath.Path(src)
+  return attempt_at(
+      src, dst, surgery.spec, settings, deadline, lambda: identity.identity(src_path),
+      lambda target, input_now: _write(src_path, target, surgery, settings, deadline, input_now))
+
+
+def attempt_at(src: str, dst: str, spec: transforms.Spec, settings: Settings, deadline: Deadline,
+               identify: Callable[[], str], write: Callable[[epath.Path, str], dict[str, Any]]
+               ) -> dict[str, Any]:
+  """One try at making dst from `src` (a checkpoint, or a merge's group)
+  under `spec`: the record's fields, or an exception. `identify()` is what
+  the input is now (`identity`); `write(target, identity)` writes the
+  output at target (empty) and verifies it, its record's fields.
 
   Everything that touches dst happens under its lease, so a concurrent attempt
   at the same checkpoint (a retried bundle) waits instead of colliding, and
@@ -109,11 +124,8 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
   successor is verified beside it. Every write is a section of the
   deadline's (see `deadline`).
   """
-  if why := discovery.refused_names(src, dst):
-    raise checkpoint.CheckpointError(why)  # before anything is read or written
-  src_path, dst_path = epath.Path(src), epath.Path(dst)
-  spec, overwrite = surgery.spec, settings.overwrite
-  input_now = identity.identity(src_path)
+  dst_path, overwrite = epath.Path(dst), settings.overwrite
+  input_now = identify()
   if not overwrite:
     output_before = identity.identity(dst_path)
     if done := _done(src, dst_path, spec, settings.run, input_now):
@@ -137,8 +149,8 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
     with deadline.writing():
       target = outputs.mark(dst_path, beside=recorded is not None)
     try:
-      done = _write(src_path, target, surgery, settings, deadline, input_now)
-      if identity.identity(src_path) != input_now:
+      done = write(target, input_now)
+      if identify() != input_now:
         raise checkpoint.CheckpointError(
             f'{src} changed while it was migrated (its files were written meanwhile); its '
             'output is not kept: run again once it is written')
@@ -229,8 +241,9 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   finite.refuse_nonfinite(prints, settings.allow_nonfinite)
   carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(new_state)[0]
              if isinstance(x, checkpoint.StoredArray)}
-  provenance = _provenance(src, surgery.spec, prints, carried, settings, input_identity)
-  done = _fields(trees_in, transforms.tree_bytes(new_state), carried, sig, compiled, provenance)
+  provenance = output_provenance(src, surgery.spec, prints, carried, settings, input_identity)
+  done = output_fields(trees_in, transforms.tree_bytes(new_state), carried, sig, compiled,
+                       provenance)
   done.update(memory_budget=budget, why_not_streamed=why_not_streamed)
   written = layout.split(new_state, items)
   del migrated, items, new_state  # `written` holds the only references: dropped after saving
@@ -253,8 +266,9 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   return done
 
 
-def _provenance(src: epath.Path, spec: transforms.Spec, prints: dict[str, transforms.Fingerprint],
-                carried: dict[str, Any], settings: Settings, input_identity: str) -> dict[str, Any]:
+def output_provenance(src: epath.Path | str, spec: transforms.Spec,
+                      prints: dict[str, transforms.Fingerprint], carried: dict[str, Any],
+                      settings: Settings, input_identity: str) -> dict[str, Any]:
   """What an output records of its making, in its _CHECKPOINT_METADATA."""
   return {
       'src': str(src), 'input_identity': input_identity,
@@ -268,8 +282,8 @@ def _provenance(src: epath.Path, spec: transforms.Spec, prints: dict[str, transf
   }
 
 
-def _fields(trees_in: dict[str, Any], bytes_out: int, carried: dict[str, Any], sig: str,
-            compiled: int, provenance: dict[str, Any]) -> dict[str, Any]:
+def output_fields(trees_in: Any, bytes_out: int, carried: dict[str, Any], sig: str | None,
+                  compiled: int, provenance: dict[str, Any]) -> dict[str, Any]:
   """The record's fields of a migration about to be written."""
   arrays_in = [x for x in jax.tree_util.tree_leaves(trees_in) if checkpoint.is_array(x)]
   return {'status': 'ok', 'bytes_in': transforms.tree_bytes(arrays_in),
@@ -294,10 +308,10 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
     writer.begin()
   run.write(writer, on_pack=lambda i, n: log.info('  %s: pack %d of %d', src, i + 1, n)
             if (i + 1) % 10 == 0 else None)
-  provenance = _provenance(src, surgery.spec, run.prints, streamed.carried, settings,
-                           input_identity)
-  done = _fields(checkpoint.trees(meta), streamed.bytes_out, streamed.carried,
-                 streamed.signature, run.compilations, provenance)
+  provenance = output_provenance(src, surgery.spec, run.prints, streamed.carried, settings,
+                                 input_identity)
+  done = output_fields(checkpoint.trees(meta), streamed.bytes_out, streamed.carried,
+                       streamed.signature, run.compilations, provenance)
   done.update(write_path='full' if streamed.fresh_tree else 'copy_and_patch',
               why_not_patched=streamed.fresh, packs=len(streamed.packs),
               memory_budget=streamed.budget)
@@ -313,27 +327,33 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
 def migrate_one(src: str, dst: str, surgery: transforms.Surgery,
                 settings: Settings = Settings(), attempts: int = 3, backoff: float = 1.0,
                 deadline: Deadline | None = None) -> dict[str, Any]:
-  """Migrate checkpoint `src` to `dst`; a record of what happened.
+  """Migrate checkpoint `src` to `dst`; a record of what happened (`retried`)."""
+  deadline = deadline or Deadline(settings.checkpoint_timeout)
+  return retried(src, dst, lambda: _attempt(src, dst, surgery, settings, deadline), deadline,
+                 attempts, backoff)
+
+
+def retried(src: str, dst: str, attempt: Callable[[], dict[str, Any]], deadline: Deadline,
+            attempts: int = 3, backoff: float = 1.0) -> dict[str, Any]:
+  """The record of `attempt()` (its fields) making dst from `src`.
 
   Transient storage errors (HTTP 429/5xx, dropped connections) that outlive
   the storage libraries' own retries are retried here, `attempts` times in
   all with exponential backoff; anything else fails at once.
   """
   start = time.perf_counter()
-  deadline = deadline or Deadline(settings.checkpoint_timeout)
-  for attempt in range(1, attempts + 1):
+  for count in range(1, attempts + 1):
     try:
       deadline.check()
-      fields = _attempt(src, dst, surgery, settings, deadline)
-      return record(src, dst, seconds=time.perf_counter() - start, attempts=attempt, **fields)
+      return record(src, dst, seconds=time.perf_counter() - start, attempts=count, **attempt())
     except Exception as e:  # every failure becomes this checkpoint's record
       error = e
-      if attempt == attempts or deadline.cancelled.is_set() or not storage.is_transient(e):
+      if count == attempts or deadline.cancelled.is_set() or not storage.is_transient(e):
         break
       log.info('retrying %s after %s: %s', src, type(e).__name__, e)
-      time.sleep(backoff * 2 ** (attempt - 1))
+      time.sleep(backoff * 2 ** (count - 1))
   return record(src, dst, 'failed', error=describe(error),
-                seconds=time.perf_counter() - start, attempts=attempt)
+                seconds=time.perf_counter() - start, attempts=count)
 
 
 # What storage libraries' error codes mean for a checkpoint's files.
