@@ -146,7 +146,7 @@ def show_plan(pattern: str, spec_path: str, as_json: bool, budget: int = 0,
     raise UsageError(str(e)) from None
   sources = [src for src, _ in pairs]
   if spec.merge:
-    result = plan.plan_merges(sources, spec)
+    result = plan.plan_merges(sources, spec, budget, in_flight)
     print(json.dumps(result, indent=2) if as_json else plan.format_merges(result))
     return 1 if result['would_fail'] else 0
   result = plan.plan_checkpoints(sources, spec, budget, in_flight)

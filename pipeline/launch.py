@@ -22,7 +22,7 @@ from etils import epath
 
 import transforms
 from pipeline import report, supervisor
-from pipeline.checkpoint import discovery, roots
+from pipeline.checkpoint import discovery, merge_groups, roots
 from pipeline.report import done, html_page, progress, tidy
 from pipeline.usage import UsageError
 
@@ -131,16 +131,19 @@ def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
   """Discover, run, print the table; the exit code, from this run's own records."""
   # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  from pipeline.merge import OPS_NOT_RUN_YET
   from pipeline.run import LOCAL_RUNNERS
   check_beam_args(beam_args)
   spec, spec_text = load_spec(spec_path)
-  if spec.merge:
-    raise UsageError(f'{spec_path}: {transforms.surgery.NOT_RUN_YET}')
+  if spec.merge and spec.ops:
+    raise UsageError(f'{spec_path}: {OPS_NOT_RUN_YET}')
   try:
     pairs = discovery.discover(pattern, output)
   except discovery.DiscoveryError as e:
     raise UsageError(str(e)) from None
   output = discovery.absolute(output)
+  work, unformed = merge_work(pairs, output, spec) if spec.merge else (pairs, [])
+  pairs = [tuple(w[:2]) for w in work] + [(u.name, '') for u in unformed]
   started_at = time.time()
   run = report.new_run_id(started_at)
   settings = dataclasses.replace(settings, output=output, run=run, launcher=os.getpid())
@@ -150,17 +153,25 @@ def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
     raise UsageError(f'cannot write the report under {report.report_dir(output)}: '
                      f'{_cause(e)}') from None
   try:
-    roots.carry_root_metadata(pairs)
+    if not spec.merge:  # a merge's outputs are no steps of the inputs' roots
+      roots.carry_root_metadata(pairs)
   except Exception as e:  # pylint: disable=broad-except  # unreadable input, unwritable output
     raise UsageError(f'cannot carry a checkpoint root\'s metadata: {_cause(e)}') from None
-  known = [] if settings.overwrite else done.known(pairs, output, spec.hash)
+  known = [] if settings.overwrite or spec.merge else done.known(pairs, output, spec.hash)
   if known:
-    report.save_known(output, run, known)  # the report's, whatever becomes of the job
     print(f'{len(known)} of {len(pairs)} checkpoint(s) done already and unchanged since '
           f'({report.report_dir(output)}/{done.DONE_FILE}): skipped', flush=True)
+  for group in unformed:  # each error begins with its group's name, which the record has
+    print(f'failed  {group.error}', file=sys.stderr)
+    error = f"MergeError: {group.error.removeprefix(f'{group.name}: ')}"
+    known.append(report.record(group.name, '', 'failed', error=error))
+  if known:
+    report.save_known(output, run, known)  # the report's, whatever becomes of the job
   skipped = {r['src'] for r in known}
-  todo = [pair for pair in pairs if pair[0] not in skipped]
-  print(f'migrating {len(todo)} checkpoint(s) to {output} (run {run})', flush=True)
+  todo = [w for w in work if w[0] not in skipped]
+  print(f'{"merging" if spec.merge else "migrating"} {len(todo)} '
+        f'{"group(s) of checkpoints" if spec.merge else "checkpoint(s)"} to {output} (run {run})',
+        flush=True)
   supervisor.started(output, run, started_at, pairs, spec_text, settings.gcs_endpoint,
                      settings.keep_runs)
   local = PipelineOptions(beam_args).view_as(StandardOptions).runner in LOCAL_RUNNERS
@@ -174,6 +185,17 @@ def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
     state, trouble, wait = 'DONE', '', True
   return report_run(pairs, output, run, started_at, spec_text, trouble, state, wait, local,
                     settings.keep_runs)
+
+
+def merge_work(pairs: list[tuple[str, str]], output: str, spec: transforms.Spec
+               ) -> tuple[list[tuple[str, str, merge_groups.MergeGroup]],
+                          list[merge_groups.Unformed]]:
+  """A merge's work, one element per group (its name, output and inputs),
+  and the groups that cannot be formed."""
+  groups, unformed = merge_groups.merge_groups([src for src, _ in pairs], spec.merge)
+  dst_of = dict(pairs)
+  return [(g.name, merge_groups.merged_dst(g, spec.merge, dst_of, output), g)
+          for g in groups], unformed
 
 
 def _cause(error: BaseException) -> str:

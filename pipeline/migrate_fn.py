@@ -1,4 +1,5 @@
-"""The Beam DoFn that migrates each (src, dst) pair on a worker (`migrate_one`)."""
+"""The Beam DoFn that migrates each (src, dst) pair on a worker (`migrate_one`),
+or merges each group of a merge spec, (name, dst, group) (`merge.merge_one`)."""
 from __future__ import annotations
 
 import collections
@@ -12,7 +13,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 import jax
 
-from pipeline import migrate, release_freed_memory, report, storage
+from pipeline import merge, migrate, release_freed_memory, report, storage
 from pipeline.compute.deadline import Deadline
 from pipeline.compute.worker import (WORKER, exit_when_orphaned, in_daemon_thread, log, peak_rss,
                                      show_progress, surgery_for)
@@ -58,8 +59,9 @@ class MigrateFn(beam.DoFn):
 
   def process(self, pair):
     deadline = Deadline(self.settings.checkpoint_timeout)
+    work = merge.merge_one if self.surgery.spec.merge else migrate.migrate_one
     self.pending.append((pair, in_daemon_thread(
-        migrate.migrate_one, *pair, self.surgery, self.settings, deadline=deadline), deadline))
+        work, *pair, self.surgery, self.settings, deadline=deadline), deadline))
     while len(self.pending) >= self.settings.in_flight or (self.pending and self.pending[0][1].done()):
       yield self._finish(*self.pending.popleft())
 
@@ -67,11 +69,11 @@ class MigrateFn(beam.DoFn):
     while self.pending:
       yield WindowedValue(self._finish(*self.pending.popleft()), MIN_TIMESTAMP, [GlobalWindow()])
 
-  def _give_up(self, pair: tuple[str, str], done: concurrent.futures.Future,
+  def _give_up(self, pair: tuple[Any, ...], done: concurrent.futures.Future,
                deadline: Deadline) -> dict[str, Any]:
     """The record of a checkpoint past its deadline: given up (its lease
     freed), unless it finished just now."""
-    src, dst = pair
+    src, dst = pair[:2]
     try:
       deadline.cancel()
     except Exception as e:  # freeing the lease failed: it goes stale on its own
@@ -85,11 +87,11 @@ class MigrateFn(beam.DoFn):
     return record(src, dst, 'failed', seconds=deadline.seconds,
                   error=describe(deadline.timeout_error()))
 
-  def _finish(self, pair: tuple[str, str], done: concurrent.futures.Future,
+  def _finish(self, pair: tuple[Any, ...], done: concurrent.futures.Future,
               deadline: Deadline) -> dict[str, Any]:
     """The record of a finished (or given up) checkpoint, counted (in the
     bundle's thread, where Beam's metrics live) and saved on its own."""
-    src, dst = pair
+    src, dst = pair[:2]
     try:
       rec = done.result(timeout=deadline.left())
     except concurrent.futures.TimeoutError:

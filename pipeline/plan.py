@@ -8,7 +8,6 @@ are planned once and grouped. The result is plain data (`--json` prints it);
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import Any
 
@@ -16,7 +15,7 @@ import jax
 from etils import epath
 
 import transforms
-from pipeline import checkpoint, report
+from pipeline import checkpoint, merge as merging, report
 from pipeline.checkpoint import discovery, merge_groups
 from pipeline.compute import stream
 from pipeline.write import writers
@@ -56,43 +55,40 @@ def plan_checkpoints(sources: list[str], spec: transforms.Spec, budget: int = 0,
           'would_migrate': len(sources) - would_fail, 'would_fail': would_fail}
 
 
-def plan_merges(sources: list[str], spec: transforms.Spec) -> dict[str, Any]:
+def plan_merges(sources: list[str], spec: transforms.Spec, budget: int = 0,
+                in_flight: int = 2) -> dict[str, Any]:
   """{'merges': [...], 'unformed': [...], 'would_merge': n, 'would_fail': n}
   for the groups `spec.merge` makes of `sources`: each group's inputs, steps
   and coefficients, the bytes read of each (what is merged; all of the
-  newest), and whether their trees agree. Reads metadata only."""
+  newest), whether their trees agree, where it writes and what a worker
+  holds at once under the memory budget (as `plan_checkpoints` takes it).
+  Reads metadata only."""
+  budget = budget or stream.default_budget(in_flight)
   groups, unformed = merge_groups.merge_groups(sources, spec.merge)
-  surgery = transforms.Surgery(dataclasses.replace(spec, merge=None))
-  merges = [_plan_merge(group, surgery, spec.merge) for group in groups]
+  surgery = transforms.Surgery(spec)
+  merges = [_plan_merge(group, surgery, spec.merge, budget) for group in groups]
   failed = [{'group': u.name, 'error': u.error} for u in unformed]
   would_fail = sum(1 for m in merges if m['error']) + len(failed)
   return {'spec_hash': spec.hash, 'merge': spec.merge.canonical, 'merges': merges,
           'unformed': failed, 'would_merge': len(merges) + len(failed) - would_fail,
-          'would_fail': would_fail}
-
-
-def merged_part(surgery: transforms.Surgery, merge: transforms.merge.Merge,
-                state: Any) -> dict[str, Any]:
-  """The part of a state a merge combines: what the surgery changes (params,
-  their collections), the optimizer state only where it is merged too."""
-  tree, _ = surgery.split(state)
-  return {k: v for k, v in tree.items() if k != surgery.spec.opt_state or merge.opt_state == 'mean'}
+          'would_fail': would_fail, 'memory_budget': budget}
 
 
 def _plan_merge(group: merge_groups.MergeGroup, surgery: transforms.Surgery,
-                merge: transforms.merge.Merge) -> dict[str, Any]:
-  planned = {'group': group.name, 'inputs': [
+                merge: transforms.merge.Merge, budget: int) -> dict[str, Any]:
+  planned = {'group': group.name, 'output': merge_groups.merged_name(group, merge), 'inputs': [
       {'src': src, 'step': step, 'weight': weight}
       for src, step, weight in zip(group.inputs, group.steps, group.weights)], 'error': None}
   trees = []
   for item in planned['inputs']:
     try:
-      _, meta = checkpoint.read_metadata(epath.Path(item['src']))
-      part = merged_part(surgery, merge, meta)
+      layout, meta = checkpoint.read_metadata(epath.Path(item['src']))
+      if layout.msgpack:
+        raise transforms.merge.MergeError(merging.MSGPACK)
+      arrays = merging.merged_leaves(surgery, merge, meta)
     except Exception as e:  # pylint: disable=broad-except  # this group fails; the others go on
       planned['error'] = f"{item['src']}: {type(e).__name__}: {e}"
       return planned
-    arrays = {p: x for p, x in transforms.leaf_paths(part).items() if checkpoint.is_array(x)}
     trees.append((item['src'], {p: transforms.merge.Leaf(tuple(x.shape), x.dtype)
                                 for p, x in arrays.items()}))
     item['bytes_read'] = transforms.tree_bytes(list(arrays.values()))
@@ -101,9 +97,12 @@ def _plan_merge(group: merge_groups.MergeGroup, surgery: transforms.Surgery,
   except transforms.merge.MergeError as e:
     planned['error'] = f'MergeError: {e}'
   newest = trees[-1][1]
-  planned['leaves'] = len(newest)
-  planned['averaged'] = sum(transforms.merge.is_averaged(l.dtype) for l in newest.values())
-  planned['bytes_merged'] = planned['inputs'][-1]['bytes_read']
+  averaged = [l for l in newest.values() if transforms.merge.is_averaged(l.dtype)]
+  held = sum(merging.held_bytes(l.shape, l.dtype, len(trees)) for l in averaged)
+  planned.update(leaves=len(newest), averaged=len(averaged),
+                 bytes_merged=planned['inputs'][-1]['bytes_read'],
+                 bytes_held=min(held, stream.pack_limit(budget)),
+                 streamed=held > stream.pack_limit(budget))
   return planned
 
 
@@ -120,9 +119,13 @@ def format_merges(result: dict[str, Any]) -> str:
     if 'leaves' in planned and not planned['error']:
       lines.append(f"  {planned['averaged']} of {planned['leaves']} leaves averaged (the others, "
                    f"integers, from the newest); {report.size(planned['bytes_merged'])} merged")
+      where = "beside the run's outputs" if merge['group'] == 'run' else 'at the top of OUTPUT'
+      lines.append(f"  writes {planned['output']} ({where}); holds {report.size(planned['bytes_held'])} of "
+                   f"arrays at once, {'in packs under' if planned['streamed'] else 'whole within'}"
+                   f" the memory budget of {report.size(result['memory_budget'])}")
   lines += [f"would FAIL: {u['error']}" for u in result['unformed']]
   lines.append(f"{result['would_merge']} merge(s) would be written, {result['would_fail']} would "
-               f"fail (spec {result['spec_hash']}); `run` does not merge yet")
+               f"fail (spec {result['spec_hash']})")
   return '\n'.join(lines)
 
 

@@ -219,16 +219,10 @@ class _View:
     return out
 
 
-NOT_RUN_YET = ('merge: this version plans merges (`ckpt-surgery plan`) but does not run them yet; '
-               'nothing was touched')
-
-
 class Surgery:
   """The spec's ops as a compiled function, one compilation per signature."""
 
   def __init__(self, spec: Spec):
-    if spec.merge:  # many checkpoints into one: never run as one checkpoint's copy
-      raise SurgeryError(NOT_RUN_YET)
     self.spec = spec
     self.optimizer = spec.optimizer.make() if spec.optimizer else None
     self._compiled: dict[Signature, Any] = {}

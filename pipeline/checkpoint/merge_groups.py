@@ -93,3 +93,24 @@ def _group(name: str, members: list[tuple[int, str]], merge: merging.Merge) -> M
   weights = merge.coefficients(len(members))
   return MergeGroup(name, tuple(src for _, src in members), tuple(s for s, _ in members),
                     tuple(float(w) for w in weights))
+
+
+def merged_name(group: MergeGroup, merge: merging.Merge) -> str:
+  """The output's directory name: the method, what was taken and the newest
+  step (`merged_mean_last5_5000`); a soup's, `soup_mean_step_5000`. A
+  nightly merge over a growing run names each new window apart."""
+  if merge.group == 'step':
+    return f'soup_{merge.method}_step_{group.steps[-1]}'
+  take = merge.take
+  taken = (f'last{take.last}' if take.last is not None else
+           f'every{take.every}' if take.every is not None else 'steps')
+  return f'merged_{merge.method}_{taken}_{group.steps[-1]}'
+
+
+def merged_dst(group: MergeGroup, merge: merging.Merge, dst_of: dict[str, str],
+               output: str) -> str:
+  """Where a group's merge goes: a run's, beside where its newest step's
+  migration would go; a soup's or `all`'s, at the top of `output`."""
+  if merge.group == 'run':
+    return str(epath.Path(dst_of[group.inputs[-1]]).parent / merged_name(group, merge))
+  return str(epath.Path(output) / merged_name(group, merge))

@@ -1,0 +1,225 @@
+"""Merges run (`pipeline.merge`): bit for bit against a NumPy reference in
+the documented order, checked, streamed, rerun."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+
+import transforms
+from pipeline import launch, merge
+from pipeline.checkpoint import discovery, merge_groups
+from pipeline.compute.worker import surgery_for
+from pipeline.migrate import Settings
+from pipeline.report import read_report
+
+ADAM = optax.adam(1e-3)
+
+
+def _state(step: int, width: int = 8, dtype=np.float32) -> dict:
+  """A TrainState-like state whose values differ at every step: params, and
+  Adam's moments after one update (mu and nu not zero), its count."""
+  rng = np.random.default_rng(step)
+  params = {'Dense_0': {'kernel': rng.normal(size=(width, 16)).astype(dtype),
+                        'bias': rng.normal(size=(16,)).astype(dtype)},
+            'Dense_1': {'kernel': rng.normal(size=(16, 4)).astype(dtype)}}
+  opt_state = ADAM.init(params)
+  grads = jax.tree.map(lambda p: np.asarray(rng.normal(size=p.shape), p.dtype), params)
+  _, opt_state = ADAM.update(grads, opt_state, params)
+  return {'params': params, 'opt_state': jax.tree.map(np.asarray, opt_state),
+          'step': np.int32(step)}
+
+
+def save_run(root: epath.Path, steps, **kwargs) -> None:
+  """A CheckpointManager run, as the Orbax docs save one."""
+  with ocp.CheckpointManager(root) as manager:
+    for step in steps:
+      manager.save(step, args=ocp.args.StandardSave(_state(step, **kwargs)))
+    manager.wait_until_finished()
+
+
+def restored(path) -> dict:
+  """A merge's output (a step of the run), as plain Orbax restores it."""
+  return ocp.StandardCheckpointer().restore(epath.Path(path) / 'default')
+
+
+def reference(trees: list, weights) -> list[np.ndarray]:
+  """The documented order, by hand: acc = c0 x0, then acc + ci xi, in float32, cast."""
+  out = []
+  for leaves in zip(*[jax.tree.leaves(t) for t in trees]):
+    if not np.issubdtype(leaves[-1].dtype, np.floating):
+      out.append(leaves[-1])
+      continue
+    acc = np.float32(weights[0]) * leaves[0].astype(np.float32)
+    for w, x in zip(weights[1:], leaves[1:]):
+      acc = acc + np.float32(w) * x.astype(np.float32)
+    out.append(acc.astype(leaves[-1].dtype))
+  return out
+
+
+def same_bits(got, want) -> None:
+  got, want = jax.tree.leaves(got), list(want)
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    assert np.asarray(g).dtype == w.dtype and np.array_equal(np.asarray(g), w), (g, w)
+
+
+def _group(root, spec: transforms.Spec):
+  sources = [src for src, _ in discovery.discover(str(root))]
+  [group], unformed = merge_groups.merge_groups(sources, spec.merge)
+  assert not unformed
+  return group
+
+
+def _merge(root, dst, text, **settings):
+  spec = transforms.load_spec(text)
+  group = _group(root, spec)
+  rec = merge.merge_one(group.name, str(dst), group, surgery_for(text), Settings(**settings))
+  return group, rec
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  root = epath.Path(tmp_path_factory.mktemp('merge')) / 'run'
+  save_run(root, [100, 200, 300, 400, 500])
+  return root
+
+
+@pytest.mark.parametrize('text, steps', [
+    ('merge: {group: run, take: {last: 2}}', [400, 500]),
+    ('merge: {group: run, take: {last: 5}, method: ema, decay: 0.9}', [100, 200, 300, 400, 500]),
+    ('merge: {group: run, take: {steps: [100, 300, 500]}, method: weighted, weights: [1, 2, 5]}',
+     [100, 300, 500]),
+])
+def test_params_are_the_reference_bits_and_the_rest_the_newest(run, tmp_path, text, steps):
+  group, rec = _merge(run, tmp_path / 'out', text)
+  assert rec['status'] == 'ok', rec['error']
+  assert rec['write_path'] == 'copy_and_patch' and rec['steps'] == steps
+  out = restored(tmp_path / 'out')
+  states = [_state(s) for s in steps]
+  same_bits(out['params'], reference([s['params'] for s in states], group.weights))
+  same_bits(out['opt_state'], jax.tree.leaves(states[-1]['opt_state']))  # latest, as stored
+  assert out['step'] == steps[-1]
+  provenance = json.loads((tmp_path / 'out' / '_CHECKPOINT_METADATA').read_text())
+  inputs = provenance['custom_metadata']['ckpt_surgery']['inputs']
+  assert [(i['step'], i['weight']) for i in inputs] == list(zip(steps, group.weights))
+
+
+def test_opt_state_mean_merges_adams_moments_and_keeps_the_newest_count(run, tmp_path):
+  text = 'merge: {group: run, take: {last: 3}, opt_state: mean}'
+  group, rec = _merge(run, tmp_path / 'out', text)
+  assert rec['status'] == 'ok', rec['error']
+  states = [_state(s) for s in (300, 400, 500)]
+  out = restored(tmp_path / 'out')
+  same_bits(out['opt_state'], reference([s['opt_state'] for s in states], group.weights))
+  assert int(out['opt_state'][0]['count']) == int(states[-1]['opt_state'][0].count)
+
+
+def test_streamed_under_a_small_budget_is_the_same_bits_and_holds_a_pack_at_most(
+    tmp_path, monkeypatch):
+  """Four inputs of about 800 KB each, merged under a budget of 128 KB: every
+  restore and every combine holds at most a pack (64 KB), and the output is
+  the bits of a merge held whole. Instrumented, not timed."""
+  root = tmp_path / 'wide'
+  save_run(epath.Path(root), [1, 2, 3, 4], width=4096)  # 256 KB kernels (params, mu, nu)
+  text = 'merge: {group: run, take: {last: 4}, opt_state: mean}'
+  whole_group, whole = _merge(root, tmp_path / 'whole', text)
+  held, restore, combine = [], merge.checkpoint.restore, merge.merging.combine_leaf
+
+  def counted_restore(*args, **kwargs):
+    layout, items = restore(*args, **kwargs)
+    held.append(sum(x.nbytes for x in jax.tree.leaves(items) if hasattr(x, 'nbytes')))
+    return layout, items
+
+  def counted_combine(pieces, weights):
+    value = combine(pieces, weights)
+    held.append(sum(p.nbytes for p in pieces) + 2 * value.nbytes)  # the pieces, the sum, the result
+    return value
+  monkeypatch.setattr(merge.checkpoint, 'restore', counted_restore)
+  monkeypatch.setattr(merge.merging, 'combine_leaf', counted_combine)
+  _, streamed = _merge(root, tmp_path / 'streamed', text, memory_budget=128 << 10)
+  assert whole['status'] == streamed['status'] == 'ok', streamed['error']
+  assert streamed['packs'] > whole['packs'] and streamed['digest'] == whole['digest']
+  assert streamed['bytes_in'] > 4 * (128 << 10) and max(held) <= 64 << 10, max(held)
+  states = [_state(s, width=4096) for s in (1, 2, 3, 4)]
+  same_bits(restored(tmp_path / 'streamed')['params'],
+            reference([s['params'] for s in states], whole_group.weights))
+
+
+def test_an_input_of_another_tree_fails_by_name_and_writes_nothing(tmp_path):
+  root = epath.Path(tmp_path / 'run')
+  save_run(root, [1, 2])
+  save_run(root, [3], width=4)
+  _, rec = _merge(root, tmp_path / 'out', 'merge: {group: run, take: {last: 3}}')
+  assert rec['status'] == 'failed'
+  assert rec['error'] == (f'MergeError: {root}/1: params/Dense_0/kernel has shape (8, 16), '
+                          f'{root}/3 (4, 16)')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_rerun_skips_and_a_changed_input_needs_overwrite(run, tmp_path):
+  text = 'merge: {group: run, take: {last: 2}}'
+  assert _merge(run, tmp_path / 'out', text)[1]['status'] == 'ok'
+  assert _merge(run, tmp_path / 'out', text)[1]['status'] == 'skipped'
+  other = 'merge: {group: run, take: {last: 2}, method: weighted, weights: [1, 3]}'
+  again = _merge(run, tmp_path / 'out', other)[1]
+  assert again['status'] == 'failed' and '--overwrite' in again['error']
+  assert _merge(run, tmp_path / 'out', other, overwrite=True)[1]['status'] == 'ok'
+
+
+def test_opt_state_drop_writes_a_fresh_tree_without_it(run, tmp_path):
+  _, rec = _merge(run, tmp_path / 'out', 'merge: {group: run, take: {last: 2}, opt_state: drop}')
+  assert rec['status'] == 'ok', rec['error']
+  assert rec['write_path'] == 'full' and 'drops the optimizer state' in rec['why_not_patched']
+  out = restored(tmp_path / 'out')
+  assert set(out) == {'params', 'step'}
+
+
+def _run_merges(pattern: str, out: str, spec_text: str, tmp_path, *beam_args: str) -> dict:
+  spec = tmp_path / 'spec.yaml'
+  spec.write_text(spec_text)
+  launch.migrate_all(pattern, out, str(spec), Settings(), list(beam_args))
+  return {r['src'].rsplit('/', 1)[-1]: r for r in read_report(out)[0]}
+
+
+def test_run_merges_each_run_and_a_nightly_rerun_adds_the_new_window(tmp_path, capsys):
+  """In process, then on worker processes: the runs' merges, a short run
+  failed by name, the new window's merge made and the old one left."""
+  root = epath.Path(tmp_path / 'in')
+  for name, steps in (('run_a', [100, 200, 300]), ('run_b', [100, 200]), ('run_c', [100])):
+    save_run(root / name, steps)
+  out, text = str(tmp_path / 'out'), 'merge: {group: run, take: {last: 2}}\n'
+  first = _run_merges(f'{root}/*', out, text, tmp_path)
+  assert first['run_a']['dst'] == f'{out}/run_a/merged_mean_last2_300'
+  assert first['run_a']['status'] == first['run_b']['status'] == 'ok'
+  assert first['run_c']['error'] == ("MergeError: 1 of the 2 checkpoint(s) the merge takes; "
+                                     "steps there: [100]")
+  save_run(root / 'run_a', [400])
+  again = _run_merges(f'{root}/*', out, text, tmp_path,
+                      '--direct_running_mode=multi_processing', '--direct_num_workers=2')
+  assert again['run_a']['status'] == 'ok' and again['run_a']['steps'] == [300, 400]
+  assert again['run_a']['dst'] == f'{out}/run_a/merged_mean_last2_400'
+  assert again['run_b']['status'] == 'skipped'
+  same_bits(restored(f'{out}/run_a/merged_mean_last2_300')['params'],
+            reference([_state(200)['params'], _state(300)['params']], [0.5, 0.5]))
+  capsys.readouterr()
+
+
+def test_a_soup_on_gcs(gcs, bucket, tmp_path, capsys):
+  """A soup of two runs' step 200, read and written on the GCS test server."""
+  for name in ('run_a', 'run_b'):
+    save_run(epath.Path(f'{bucket}/in/{name}'), [100, 200])
+  text = 'merge: {group: step, take: {steps: [200]}, method: weighted, weights: [1, 3]}\n'
+  records = _run_merges(f'{bucket}/in/*', f'{bucket}/out', text, tmp_path)
+  [soup] = records.values()
+  assert soup['status'] == 'ok', soup['error']
+  assert soup['dst'] == f'{bucket}/out/soup_weighted_step_200'
+  assert soup['write_path'] == 'copy_and_patch'
+  state = _state(200)  # both runs hold the same values at a step: the sum is theirs again
+  same_bits(restored(soup['dst'])['params'], reference([state['params']] * 2, [0.25, 0.75]))
+  capsys.readouterr()
