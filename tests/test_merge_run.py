@@ -95,6 +95,7 @@ def run(tmp_path_factory):
     ('merge: {group: run, take: {last: 5}, method: ema, decay: 0.9}', [100, 200, 300, 400, 500]),
     ('merge: {group: run, take: {steps: [100, 300, 500]}, method: weighted, weights: [1, 2, 5]}',
      [100, 300, 500]),
+    ('merge: {group: all, take: {every: 200}}', [200, 400]),
 ])
 def test_params_are_the_reference_bits_and_the_rest_the_newest(run, tmp_path, text, steps):
   group, rec = _merge(run, tmp_path / 'out', text)
@@ -162,6 +163,18 @@ def test_an_input_of_another_tree_fails_by_name_and_writes_nothing(tmp_path):
   assert not (tmp_path / 'out').exists()
 
 
+def test_a_non_finite_merge_fails_by_leaf_and_writes_nothing(tmp_path):
+  root = epath.Path(tmp_path / 'run')
+  save_run(root, [1])
+  with ocp.CheckpointManager(root) as manager:
+    broken = _state(2)
+    broken['params']['Dense_1']['kernel'][0, 0] = np.inf
+    manager.save(2, args=ocp.args.StandardSave(broken))
+  _, rec = _merge(root, tmp_path / 'out', 'merge: {group: run, take: {last: 2}}')
+  assert rec['status'] == 'failed' and 'params/Dense_1/kernel' in rec['error'], rec['error']
+  assert not (tmp_path / 'out').exists()
+
+
 def test_a_rerun_skips_and_a_changed_input_needs_overwrite(run, tmp_path):
   text = 'merge: {group: run, take: {last: 2}}'
   assert _merge(run, tmp_path / 'out', text)[1]['status'] == 'ok'
@@ -223,3 +236,43 @@ def test_a_soup_on_gcs(gcs, bucket, tmp_path, capsys):
   state = _state(200)  # both runs hold the same values at a step: the sum is theirs again
   same_bits(restored(soup['dst'])['params'], reference([state['params']] * 2, [0.25, 0.75]))
   capsys.readouterr()
+
+
+def test_a_trainstate_with_batch_stats_merged_restores_into_its_target_and_trains(tmp_path):
+  """The Flax batch-norm guide's TrainState, saved each step by a
+  CheckpointManager: the last 3 steps' mean (batch_stats averaged as params
+  are) restores into TrainState's own target and takes a training step."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tests.scenarios.doc_checkpoints import CNN, TrainState, _data  # pylint: disable=g-import-not-at-top
+  x, y = _data()
+  model = CNN()
+  variables = model.init(jax.random.key(0), x, train=False)
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=ADAM,
+                            batch_stats=variables['batch_stats'])
+
+  @jax.jit
+  def train_step(state):
+    def loss_fn(params):
+      out, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                    x, train=True, mutable=['batch_stats'])
+      return jnp.mean((out - y) ** 2), updates
+    grads, updates = jax.grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads).replace(batch_stats=updates['batch_stats'])
+
+  root, saved = epath.Path(tmp_path / 'in' / 'run'), []
+  with ocp.CheckpointManager(root) as manager:
+    for _ in range(4):
+      state = train_step(state)
+      manager.save(int(state.step), args=ocp.args.StandardSave(state))
+      saved.append(state)
+  _, rec = _merge(root, tmp_path / 'out', 'merge: {group: run, take: {last: 3}}')
+  assert rec['status'] == 'ok', rec['error']
+  target = jax.eval_shape(lambda: state)
+  got = ocp.StandardCheckpointer().restore(tmp_path / 'out' / 'default', target)
+  thirds = [1 / 3] * 3
+  same_bits(got.params, reference([s.params for s in saved[1:]], thirds))
+  same_bits(got.batch_stats, reference([s.batch_stats for s in saved[1:]], thirds))
+  same_bits(got.opt_state, [np.asarray(x) for x in jax.tree.leaves(saved[-1].opt_state)])
+  assert int(got.step) == 4
+  stepped = train_step(got.replace(apply_fn=model.apply, tx=ADAM))
+  assert int(stepped.step) == 5 and all(np.isfinite(l).all() for l in jax.tree.leaves(stepped.params))

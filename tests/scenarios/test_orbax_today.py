@@ -26,6 +26,7 @@ from etils import epath
 from orbax.checkpoint import v1 as ocp_v1
 
 from pipeline import storage
+from pipeline.report import read_report
 from pipeline.compute import worker
 from pipeline.storage import files
 from tests.test_cli import cli
@@ -292,3 +293,68 @@ def test_v1_training_checkpointer_on_gcs_is_patched_server_side(tmp_path, bucket
     assert after.root_metadata().custom_metadata == {'experiment': 'sweep-7'}
     assert_same(after.load_pytree(2), renamed(before.load_pytree(2)))
   assert custom(out / '2') == {'data_epoch': 2}
+
+
+def mean_of(trees) -> list[np.ndarray]:
+  """The float leaves' mean in the documented order (float32, oldest first), the rest the newest's."""
+  out = []
+  for leaves in zip(*[jax.tree_util.tree_leaves(t) for t in trees]):
+    leaves = [np.asarray(x) for x in leaves]
+    if not np.issubdtype(leaves[-1].dtype, np.floating):
+      out.append(leaves[-1])
+      continue
+    weight = np.float32(1.0 / len(leaves))
+    acc = weight * leaves[0].astype(np.float32)
+    for x in leaves[1:]:
+      acc = acc + weight * x.astype(np.float32)
+    out.append(acc.astype(leaves[-1].dtype))
+  return out
+
+
+def merged(src, out, tmp_path, last: int) -> dict:
+  """`ckpt-surgery run` of a mean of the last steps of each run, then a
+  rerun, which must skip it; the merge's record."""
+  spec = tmp_path / 'merge.yaml'
+  spec.write_text(f'merge: {{group: run, take: {{last: {last}}}}}\n')
+  for status in ('ok', 'skipped'):
+    result = cli('run', '--input', src, '--output', out, '--spec', spec)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [rec] = read_report(str(out))[0]
+    assert rec['status'] == status, rec
+    made = made if status == 'skipped' else rec
+  return made
+
+
+def test_a_merge_of_v1_training_checkpointer_steps_keeps_the_newests_metrics_and_metadata(
+    tmp_path):
+  root = tmp_path / 'in' / 'run'
+  with ocp_v1.training.Checkpointer(root, custom_metadata={'experiment': 'sweep-7'}) as ckptr:
+    for step in (1, 2, 3):
+      ckptr.save_pytree(step, state(step), metrics={'loss': 1.0 / step},
+                        custom_metadata={'data_epoch': step})
+  rec = merged(tmp_path / 'in' / '*', tmp_path / 'out', tmp_path, last=3)
+  out = epath.Path(rec['dst'])
+  assert out == tmp_path / 'out' / 'run' / 'merged_mean_last3_3'
+  assert rec['write_path'] == 'copy_and_patch'
+  got = ocp_v1.load_pytree(out)
+  assert_same(got['params'], jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(got['params']), mean_of([state(s)['params'] for s in (1, 2, 3)])))
+  with ocp_v1.training.Checkpointer(root) as before:
+    newest = before.load_pytree(3)
+  assert_same(got['opt_state'], newest['opt_state'])
+  assert got['step'] == 3 and custom(out) == {'data_epoch': 3}
+  assert (out / 'metrics' / 'metrics').read_bytes() == (root / '3' / 'metrics' / 'metrics').read_bytes()
+
+
+def test_a_merge_of_checkpoint_manager_steps_carries_every_item_of_the_newest(manager_root, tmp_path):
+  rec = merged(manager_root.parent / '*', tmp_path / 'out', tmp_path, last=2)  # steps 1, 2 kept
+  out = epath.Path(rec['dst'])
+  assert out.name == 'merged_mean_last2_2' and rec['inputs'][-1].endswith('run/2')
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())
+  got = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(out, args=args)
+  assert_same(jax.tree_util.tree_leaves(got['state']['params']),
+              mean_of([state(s)['params'] for s in (1, 2)]))
+  assert got['config'] == {'width': 2} and custom(out) == {'data_epoch': 2}
+  for item in ('metrics', 'config', 'notes'):
+    for file in files.children(epath.Path(manager_root / '2' / item)):
+      assert (out / item / file.name).read_bytes() == file.read_bytes(), file
