@@ -10,13 +10,15 @@ storage than the newest input; `opt_state: drop`, which removes data) the
 output is a fresh tree, and the newest input's own leaves are read and
 written again too.
 
-Nothing is held whole. Computed leaves are packed under half the memory
-budget (`stream.pack_limit`), each counted with its K input pieces and its
-float32 (or float64) sum. For each pack in turn every input's pieces are
-restored, combined (`transforms.merge.combine_leaf`, in the documented
-order: the bits are reproducible), fingerprinted, refused where not finite,
+Nothing is held whole, and what is held does not grow with the number of
+inputs. Computed leaves are packed under half the memory budget
+(`stream.pack_limit`), each counted with its float32 (or float64) sum, one
+input's piece and the result (`held_bytes`). For each pack in turn, the
+inputs' pieces are restored an input at a time (oldest first) and added to
+the sums (`transforms.merge.Running`: the documented order, so the bits are
+reproducible); the results are fingerprinted, refused where not finite,
 and written. A leaf over a pack goes a slab of rows at a time (whole output
-chunks), its rows read from each input through TensorStore.
+chunks), its rows read from each input in turn through TensorStore.
 
 Before any array is read, every input must have the newest input's leaves,
 shapes and dtypes in the part merged (`transforms.merge.check_same_tree`),
@@ -123,15 +125,14 @@ class Computed(NamedTuple):
   @property
   def nbytes(self) -> int:
     out = self.sources[-1]
-    return held_bytes(out.shape, out.dtype, len(self.sources))
+    return held_bytes(out.shape, out.dtype)
 
 
-def held_bytes(shape: tuple[int, ...], dtype: Any, count: int) -> int:
-  """What combining a leaf from `count` inputs holds at once: its pieces,
-  the sum (float32 or float64) and the result."""
+def held_bytes(shape: tuple[int, ...], dtype: Any) -> int:
+  """What merging a leaf holds at once, however many inputs it has: the sum
+  (float32 or float64), one input's piece, and at the end the result."""
   dtype = np.dtype(dtype)
-  return int(np.prod(shape)) * (
-      (count + 1) * dtype.itemsize + merging.accumulating(dtype).itemsize)
+  return int(np.prod(shape)) * (2 * dtype.itemsize + merging.accumulating(dtype).itemsize)
 
 
 class MergeLayout(NamedTuple):
@@ -200,7 +201,7 @@ def _lay_out(inputs: list[Input], dst: epath.Path, group: MergeGroup,
   removes = DROPS if surgery.spec.merge.opt_state == 'drop' else None
   patches, values = copy_patch.make_patches(
       newest.src, dst, newest.layout, newest.layout.split(state, {}), removes,
-      fresh=fresh is not None, chunk_bytes=chunk_bytes(budget, len(inputs)))
+      fresh=fresh is not None, chunk_bytes=chunk_bytes(budget))
   paths = {(item, checkpoint.param_name(keys)): path
            for item, tree in newest.layout.split(marked(state), {}).items()
            if item in newest.layout.trees
@@ -222,11 +223,11 @@ def _lay_out(inputs: list[Input], dst: epath.Path, group: MergeGroup,
   return MergeLayout(patches, known, computed, carried, fresh, transforms.tree_bytes(state))
 
 
-def chunk_bytes(budget: int, count: int) -> int:
+def chunk_bytes(budget: int) -> int:
   """The chunks a merged leaf is stored in: small enough that a slab of two
-  of them fits a pack with what combining it holds, `count` input pieces and
-  a sum up to twice as wide (bfloat16 summed in float32) per output byte."""
-  return min(stream.chunk_bytes(budget), max(1 << 10, stream.pack_limit(budget) // (2 * (count + 3))))
+  of them fits a pack with what merging it holds, a piece and a sum up to
+  twice as wide (bfloat16 summed in float32) per output byte."""
+  return min(stream.chunk_bytes(budget), max(1 << 10, stream.pack_limit(budget) // 8))
 
 
 def packs(computed: list[Computed], limit: int) -> list[list[Computed]]:
@@ -276,25 +277,31 @@ class MergeRun:
       writer.write_pack(arrays)
 
   def _combine(self, pack: list[Computed]) -> dict[str, dict[str, np.ndarray]]:
-    """Each leaf of the pack, from every input's pieces of it (one restore per input)."""
-    pieces: dict[tuple[str, str], list[np.ndarray]] = {(c.item, c.name): [] for c in pack}
+    """Each leaf of the pack, read an input at a time (one restore each) into its sum."""
+    running = {(c.item, c.name): merging.Running(c.weights) for c in pack}
     for index, source in enumerate(self.inputs):
-      wanted = {(c.item, c.name) for c in pack if c.first <= index}
-      like = {item: jax.tree_util.tree_map_with_path(
-          lambda keys, m, item=item: m if (item, checkpoint.param_name(keys)) in wanted
-          else ocp.PLACEHOLDER, tree) for item, tree in checkpoint.trees(source.meta).items()}
-      _, items = checkpoint.restore(source.src, like=like)
-      for item, tree in items.items():
-        for keys, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-          if (item, checkpoint.param_name(keys)) in wanted:
-            pieces[item, checkpoint.param_name(keys)].append(np.asarray(x))
-      del items
+      if wanted := {(c.item, c.name) for c in pack if c.first <= index}:
+        self._add(source, wanted, running)
     out: dict[str, dict[str, np.ndarray]] = {}
     for leaf in pack:
-      value = merging.combine_leaf(pieces.pop((leaf.item, leaf.name)), leaf.weights)
+      value = running.pop((leaf.item, leaf.name)).result()
       self._check(leaf, transforms.fingerprint(value))
       out.setdefault(leaf.item, {})[leaf.name] = value
     return out
+
+  @staticmethod
+  def _add(source: Input, wanted: set[tuple[str, str]],
+           running: dict[tuple[str, str], merging.Running]) -> None:
+    """Add the `wanted` leaves ((item, name)) of one input to their sums; its
+    pieces are let go on return."""
+    like = {item: jax.tree_util.tree_map_with_path(
+        lambda keys, m, item=item: m if (item, checkpoint.param_name(keys)) in wanted
+        else ocp.PLACEHOLDER, tree) for item, tree in checkpoint.trees(source.meta).items()}
+    _, items = checkpoint.restore(source.src, like=like)
+    for item, tree in items.items():
+      for keys, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if (item, checkpoint.param_name(keys)) in wanted:
+          running[item, checkpoint.param_name(keys)].add(np.asarray(x))
 
   def _write_slabs(self, leaf: Computed, writer: protocol.Writer, limit: int) -> None:
     """One leaf over a pack, a slab of whole chunks of its leading rows at a time."""
@@ -312,13 +319,17 @@ class MergeRun:
     for m, source in zip(leaf.sources, self.inputs[leaf.first:]):
       stored = checkpoint.stored_formats(source.meta)[str(m.directory)]
       stores.append(checkpoint.open_stored(epath.Path(m.directory), m.name, *stored))
-    running = transforms.Fingerprinter()
+    printing = transforms.Fingerprinter()
     for start in range(0, shape[0], rows):
       stop = min(shape[0], start + rows)
-      slab = merging.combine_leaf([s[start:stop].read().result() for s in stores], leaf.weights)
-      running.update(slab)
+      running = merging.Running(leaf.weights)
+      for store in stores:  # an input at a time: the sum and one piece held
+        running.add(store[start:stop].read().result())
+      slab = running.result()
+      del running
+      printing.update(slab)
       self._write({leaf.item: {leaf.name: copy_patch.Slab(slab, start)}}, writer)
-    self._check(leaf, running.result())
+    self._check(leaf, printing.result())
 
 
 def group_identity(group: MergeGroup, seen: dict[str, str]) -> str:

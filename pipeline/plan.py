@@ -98,7 +98,7 @@ def _plan_merge(group: merge_groups.MergeGroup, surgery: transforms.Surgery,
     planned['error'] = f'MergeError: {e}'
   newest = trees[-1][1]
   averaged = [l for l in newest.values() if transforms.merge.is_averaged(l.dtype)]
-  held = sum(merging.held_bytes(l.shape, l.dtype, len(trees)) for l in averaged)
+  held = sum(merging.held_bytes(l.shape, l.dtype) for l in averaged)
   planned.update(leaves=len(newest), averaged=len(averaged),
                  bytes_merged=planned['inputs'][-1]['bytes_read'],
                  bytes_held=min(held, stream.pack_limit(budget)),

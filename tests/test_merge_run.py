@@ -124,25 +124,24 @@ def test_opt_state_mean_merges_adams_moments_and_keeps_the_newest_count(run, tmp
 def test_streamed_under_a_small_budget_is_the_same_bits_and_holds_a_pack_at_most(
     tmp_path, monkeypatch):
   """Four inputs of about 800 KB each, merged under a budget of 128 KB: every
-  restore and every combine holds at most a pack (64 KB), and the output is
-  the bits of a merge held whole. Instrumented, not timed."""
+  restore and every sum holds at most a pack (64 KB), and the output is the
+  bits of a merge held whole. Instrumented, not timed."""
   root = tmp_path / 'wide'
   save_run(epath.Path(root), [1, 2, 3, 4], width=4096)  # 256 KB kernels (params, mu, nu)
   text = 'merge: {group: run, take: {last: 4}, opt_state: mean}'
   whole_group, whole = _merge(root, tmp_path / 'whole', text)
-  held, restore, combine = [], merge.checkpoint.restore, merge.merging.combine_leaf
+  held, restore, add = [], merge.checkpoint.restore, merge.merging.Running.add
 
   def counted_restore(*args, **kwargs):
     layout, items = restore(*args, **kwargs)
     held.append(sum(x.nbytes for x in jax.tree.leaves(items) if hasattr(x, 'nbytes')))
     return layout, items
 
-  def counted_combine(pieces, weights):
-    value = combine(pieces, weights)
-    held.append(sum(p.nbytes for p in pieces) + 2 * value.nbytes)  # the pieces, the sum, the result
-    return value
+  def counted_add(running, piece):
+    add(running, piece)
+    held.append(piece.nbytes + 2 * running.acc.nbytes)  # the piece, the sum, the result to come
   monkeypatch.setattr(merge.checkpoint, 'restore', counted_restore)
-  monkeypatch.setattr(merge.merging, 'combine_leaf', counted_combine)
+  monkeypatch.setattr(merge.merging.Running, 'add', counted_add)
   _, streamed = _merge(root, tmp_path / 'streamed', text, memory_budget=128 << 10)
   assert whole['status'] == streamed['status'] == 'ok', streamed['error']
   assert streamed['packs'] > whole['packs'] and streamed['digest'] == whole['digest']

@@ -83,17 +83,37 @@ def accumulating(dtype: np.dtype) -> np.dtype:
   return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
+class Running:
+  """One leaf's merge (or one slab's), an input at a time, oldest first:
+  what it holds is the sum and one piece, however many inputs there are."""
+
+  def __init__(self, weights: np.ndarray):
+    self.weights, self.count = weights, 0
+    self.acc: np.ndarray | None = None
+    self.newest: np.ndarray | None = None  # an integer leaf's: the newest input's
+
+  def add(self, piece: np.ndarray) -> None:
+    """The next input's piece: c_i * x_i added to the sum, in the accumulating dtype."""
+    self.dtype = piece.dtype
+    if is_averaged(piece.dtype):
+      acc_dtype = accumulating(piece.dtype)
+      term = self.weights[self.count].astype(acc_dtype) * piece.astype(acc_dtype)
+      self.acc = term if self.acc is None else self.acc + term
+    else:
+      self.newest = piece
+    self.count += 1
+
+  def result(self) -> np.ndarray:
+    return self.newest if self.acc is None else self.acc.astype(self.dtype)
+
+
 def combine_leaf(pieces: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
   """One leaf (or one slab of its rows) from each input, oldest first, combined
   as the module says."""
-  dtype = pieces[-1].dtype
-  if not is_averaged(dtype):
-    return pieces[-1]
-  acc_dtype = accumulating(dtype)
-  acc = weights[0].astype(acc_dtype) * pieces[0].astype(acc_dtype)
-  for weight, piece in zip(weights[1:], pieces[1:]):
-    acc = acc + weight.astype(acc_dtype) * piece.astype(acc_dtype)
-  return acc.astype(dtype)
+  running = Running(weights)
+  for piece in pieces:
+    running.add(piece)
+  return running.result()
 
 
 def combine(pieces: Sequence[Mapping[str, np.ndarray]],
