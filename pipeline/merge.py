@@ -44,9 +44,9 @@ from pipeline.checkpoint import StoredArray, discovery, identity
 from pipeline.checkpoint.merge_groups import MergeGroup
 from pipeline.compute import finite, stream
 from pipeline.compute.deadline import Deadline
-from pipeline.compute.worker import WORKER, log
-from pipeline.migrate import (RECORDED, Settings, attempt_at, output_fields, output_provenance,
-                             retried)
+from pipeline.compute.worker import WORKER
+from pipeline.migrate import (Settings, attempt_at, commit_verified, output_fields,
+                             output_provenance, pack_progress, retried)
 from pipeline.verify import verification
 from pipeline.write import copy_patch, protocol, writers
 
@@ -92,11 +92,12 @@ def marked(state: Any) -> Any:
 def merged_leaves(surgery: transforms.Surgery, merge: merging.Merge, state: Any) -> dict[str, Any]:
   """{leaf path: metadata} of the arrays of `state` (leaf metadata) the merge reads."""
   leaves = transforms.leaf_paths(state)
-  return {p: leaves[p] for p in jax.tree_util.tree_leaves(merged_part(surgery, merge, marked(state)))
-          if checkpoint.is_array(leaves[p])}
+  paths = jax.tree_util.tree_leaves(merged_part(surgery, merge, marked(state)))
+  return {p: leaves[p] for p in paths if checkpoint.is_array(leaves[p])}
 
 
-def check_inputs(inputs: list[Input], surgery: transforms.Surgery, merge: merging.Merge) -> set[str]:
+def check_inputs(inputs: list[Input], surgery: transforms.Surgery,
+                 merge: merging.Merge) -> set[str]:
   """The paths of the leaves averaged (floats of the merged part), once
   every input is proven to hold the newest's tree there; MergeError naming
   the input and leaf where one does not."""
@@ -357,23 +358,17 @@ def _write(group: MergeGroup, dst: epath.Path, surgery: transforms.Surgery, sett
     with deadline.writing():
       writer.begin()
     run = MergeRun(inputs, laid, budget, settings.allow_nonfinite, deadline.writing)
-    count = run.write(writer, on_pack=lambda i, n: log.info('  %s: pack %d of %d', group.name,
-                                                            i + 1, n) if (i + 1) % 10 == 0 else None)
+    count = run.write(writer, on_pack=pack_progress(group.name))
   provenance = output_provenance(group.name, surgery.spec, run.prints, laid.carried, settings,
                                  input_identity)
-  provenance['inputs'] = [{'src': src, 'step': step, 'weight': weight, 'input_identity': seen[src]}
-                          for src, step, weight in zip(group.inputs, group.steps, group.weights)]
+  provenance['inputs'] = [
+      {'src': src, 'step': step, 'weight': weight, 'input_identity': seen[src]}
+      for src, step, weight in zip(group.inputs, group.steps, group.weights)]
   read = [m for c in laid.computed for m in c.sources]
   done = output_fields({'': read}, laid.bytes_out, laid.carried, None, 0, provenance)
   done.update(write_path='full' if laid.fresh else 'copy_and_patch', why_not_patched=laid.fresh,
               packs=count, memory_budget=budget)
-  provenance['record'] = {k: done[k] for k in RECORDED if k in done}
-  with deadline.hold(WORKER.saving), deadline.writing():
-    writer.finish(provenance)
-    moved = writer.commit()
-  writer.verify(run.prints)
-  done.update(moved._asdict())
-  return done
+  return commit_verified(writer, done, provenance, run.prints, deadline)
 
 
 def _attempt(group: MergeGroup, dst: str, surgery: transforms.Surgery, settings: Settings,

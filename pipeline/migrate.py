@@ -306,8 +306,7 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
   writer = protocol.PatchWriter(src, dst, layout, streamed.patches)  # the writer that takes packs
   with deadline.writing():
     writer.begin()
-  run.write(writer, on_pack=lambda i, n: log.info('  %s: pack %d of %d', src, i + 1, n)
-            if (i + 1) % 10 == 0 else None)
+  run.write(writer, on_pack=pack_progress(src))
   provenance = output_provenance(src, surgery.spec, run.prints, streamed.carried, settings,
                                  input_identity)
   done = output_fields(checkpoint.trees(meta), streamed.bytes_out, streamed.carried,
@@ -315,11 +314,25 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
   done.update(write_path='full' if streamed.fresh_tree else 'copy_and_patch',
               why_not_patched=streamed.fresh, packs=len(streamed.packs),
               memory_budget=streamed.budget)
+  return commit_verified(writer, done, provenance, run.prints, deadline)
+
+
+def pack_progress(name: str | epath.Path) -> Callable[[int, int], None]:
+  """What a long write says as pack i of n begins: a line every ten packs."""
+  return lambda i, n: log.info('  %s: pack %d of %d', name, i + 1, n) if (i + 1) % 10 == 0 else None
+
+
+def commit_verified(writer: protocol.Writer, done: dict[str, Any], provenance: dict[str, Any],
+                    prints: dict[str, transforms.Fingerprint], deadline: Deadline
+                    ) -> dict[str, Any]:
+  """Finish and commit a written output (under the save lock), verify it:
+  the record's fields `done`, with what moved. Its provenance keeps what the
+  record says of it (`RECORDED`)."""
   provenance['record'] = {k: done[k] for k in RECORDED if k in done}
   with deadline.hold(WORKER.saving), deadline.writing():
     writer.finish(provenance)
     moved = writer.commit()
-  writer.verify(run.prints)
+  writer.verify(prints)
   done.update(moved._asdict())
   return done
 

@@ -17,6 +17,7 @@ from pipeline.checkpoint import discovery, merge_groups
 from pipeline.compute.worker import surgery_for
 from pipeline.migrate import Settings
 from pipeline.report import read_report
+from tests.scenarios.doc_checkpoints import CNN, TrainState, _data, batch_norm_train_step
 
 ADAM = optax.adam(1e-3)
 
@@ -241,22 +242,12 @@ def test_a_trainstate_with_batch_stats_merged_restores_into_its_target_and_train
   """The Flax batch-norm guide's TrainState, saved each step by a
   CheckpointManager: the last 3 steps' mean (batch_stats averaged as params
   are) restores into TrainState's own target and takes a training step."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from tests.scenarios.doc_checkpoints import CNN, TrainState, _data  # pylint: disable=g-import-not-at-top
   x, y = _data()
   model = CNN()
   variables = model.init(jax.random.key(0), x, train=False)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=ADAM,
                             batch_stats=variables['batch_stats'])
-
-  @jax.jit
-  def train_step(state):
-    def loss_fn(params):
-      out, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
-                                    x, train=True, mutable=['batch_stats'])
-      return jnp.mean((out - y) ** 2), updates
-    grads, updates = jax.grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads).replace(batch_stats=updates['batch_stats'])
+  train_step = batch_norm_train_step(x, y)
 
   root, saved = epath.Path(tmp_path / 'in' / 'run'), []
   with ocp.CheckpointManager(root) as manager:
@@ -274,4 +265,5 @@ def test_a_trainstate_with_batch_stats_merged_restores_into_its_target_and_train
   same_bits(got.opt_state, [np.asarray(x) for x in jax.tree.leaves(saved[-1].opt_state)])
   assert int(got.step) == 4
   stepped = train_step(got.replace(apply_fn=model.apply, tx=ADAM))
-  assert int(stepped.step) == 5 and all(np.isfinite(l).all() for l in jax.tree.leaves(stepped.params))
+  assert int(stepped.step) == 5
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(stepped.params))

@@ -194,6 +194,21 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
+def batch_norm_train_step(x, y):
+  """The batch-norm guide's jitted training step on (x, y): gradients
+  applied, batch_stats updated."""
+  @jax.jit
+  def train_step(state):
+    def loss_fn(params):
+      out, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                    x, train=True, mutable=['batch_stats'])
+      return jnp.mean((out - y) ** 2), updates
+    grads, updates = jax.grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads)
+    return state.replace(batch_stats=updates['batch_stats'])
+  return train_step
+
+
 def linen_trainstate_batch_stats(directory) -> dict:
   """Flax "Batch normalization" guide + Orbax "Checkpointing with Orbax" (101).
 
@@ -210,16 +225,7 @@ def linen_trainstate_batch_stats(directory) -> dict:
   state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                             batch_stats=variables['batch_stats'])
 
-  @jax.jit
-  def train_step(state):
-    def loss_fn(params):
-      out, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
-                                    x, train=True, mutable=['batch_stats'])
-      return jnp.mean((out - y) ** 2), updates
-    grads, updates = jax.grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads)
-    return state.replace(batch_stats=updates['batch_stats'])
-
+  train_step = batch_norm_train_step(x, y)
   for _ in range(STEPS):
     state = train_step(state)
 
