@@ -24,7 +24,10 @@ Before any array is read, every input must have the newest input's leaves,
 shapes and dtypes in the part merged (`transforms.merge.check_same_tree`),
 else the group fails naming the input and the leaf. The output's provenance
 lists every input with its step, weight and identity; a rerun whose inputs,
-weights and spec are unchanged finds it done (`migrate.attempt_at`).
+weights and spec are unchanged finds it done (`migrate.attempt_at`). Each
+input's entry also digests the fingerprints of what was read of it
+(`read_digest`, as `transforms.digest` makes a tree's): the values merged,
+not only the files' listing.
 """
 from __future__ import annotations
 
@@ -246,13 +249,16 @@ def packs(computed: list[Computed], limit: int) -> list[list[Computed]]:
 
 class MergeRun:
   """Computes and writes a laid-out merge, pack by pack, keeping each
-  written leaf's fingerprint (`prints`, by leaf path)."""
+  written leaf's fingerprint (`prints`, by leaf path) and each input's
+  leaves' as read (`read`, by input, then leaf path: what the output's
+  provenance digests)."""
 
   def __init__(self, inputs: list[Input], laid: MergeLayout, budget: int, allow_nonfinite: bool,
                writing: Callable[[], Any]):
     self.inputs, self.laid, self.budget = inputs, laid, budget
     self.allow_nonfinite, self.writing = allow_nonfinite, writing
     self.prints: dict[str, transforms.Fingerprint] = {}
+    self.read: list[dict[str, transforms.Fingerprint]] = [{} for _ in inputs]
 
   def write(self, writer: protocol.Writer, on_pack: Callable[[int, int], None]) -> int:
     """Every value to `writer` (begun); the number of packs."""
@@ -281,8 +287,8 @@ class MergeRun:
     """Each leaf of the pack, read an input at a time (one restore each) into its sum."""
     running = {(c.item, c.name): merging.Running(c.weights) for c in pack}
     for index, source in enumerate(self.inputs):
-      if wanted := {(c.item, c.name) for c in pack if c.first <= index}:
-        self._add(source, wanted, running)
+      if wanted := {(c.item, c.name): c.path for c in pack if c.first <= index}:
+        self._add(source, wanted, running, self.read[index])
     out: dict[str, dict[str, np.ndarray]] = {}
     for leaf in pack:
       value = running.pop((leaf.item, leaf.name)).result()
@@ -291,18 +297,21 @@ class MergeRun:
     return out
 
   @staticmethod
-  def _add(source: Input, wanted: set[tuple[str, str]],
-           running: dict[tuple[str, str], merging.Running]) -> None:
-    """Add the `wanted` leaves ((item, name)) of one input to their sums; its
-    pieces are let go on return."""
+  def _add(source: Input, wanted: dict[tuple[str, str], str],
+           running: dict[tuple[str, str], merging.Running],
+           read: dict[str, transforms.Fingerprint]) -> None:
+    """Add the `wanted` leaves ((item, name) -> leaf path) of one input to
+    their sums, fingerprinting each as read; its pieces go on return."""
     like = {item: jax.tree_util.tree_map_with_path(
         lambda keys, m, item=item: m if (item, checkpoint.param_name(keys)) in wanted
         else ocp.PLACEHOLDER, tree) for item, tree in checkpoint.trees(source.meta).items()}
     _, items = checkpoint.restore(source.src, like=like)
     for item, tree in items.items():
       for keys, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if (item, checkpoint.param_name(keys)) in wanted:
-          running[item, checkpoint.param_name(keys)].add(np.asarray(x))
+        if (key := (item, checkpoint.param_name(keys))) in wanted:
+          piece = np.asarray(x)
+          read[wanted[key]] = transforms.fingerprint(piece)
+          running[key].add(piece)
 
   def _write_slabs(self, leaf: Computed, writer: protocol.Writer, limit: int) -> None:
     """One leaf over a pack, a slab of whole chunks of its leading rows at a time."""
@@ -320,17 +329,21 @@ class MergeRun:
     for m, source in zip(leaf.sources, self.inputs[leaf.first:]):
       stored = checkpoint.stored_formats(source.meta)[str(m.directory)]
       stores.append(checkpoint.open_stored(epath.Path(m.directory), m.name, *stored))
-    printing = transforms.Fingerprinter()
+    printing, reading = transforms.Fingerprinter(), [transforms.Fingerprinter() for _ in stores]
     for start in range(0, shape[0], rows):
       stop = min(shape[0], start + rows)
       running = merging.Running(leaf.weights)
-      for store in stores:  # an input at a time: the sum and one piece held
-        running.add(store[start:stop].read().result())
+      for store, read in zip(stores, reading):  # an input at a time: the sum and one piece held
+        piece = store[start:stop].read().result()
+        read.update(piece)
+        running.add(piece)
       slab = running.result()
-      del running
+      del running, piece
       printing.update(slab)
       self._write({leaf.item: {leaf.name: copy_patch.Slab(slab, start)}}, writer)
     self._check(leaf, printing.result())
+    for index, read in enumerate(reading, leaf.first):
+      self.read[index][leaf.path] = read.result()
 
 
 def group_identity(group: MergeGroup, seen: dict[str, str]) -> str:
@@ -362,8 +375,9 @@ def _write(group: MergeGroup, dst: epath.Path, surgery: transforms.Surgery, sett
   provenance = output_provenance(group.name, surgery.spec, run.prints, laid.carried, settings,
                                  input_identity)
   provenance['inputs'] = [
-      {'src': src, 'step': step, 'weight': weight, 'input_identity': seen[src]}
-      for src, step, weight in zip(group.inputs, group.steps, group.weights)]
+      {'src': src, 'step': step, 'weight': weight, 'input_identity': seen[src],
+       'read_digest': transforms.digest(read)}
+      for src, step, weight, read in zip(group.inputs, group.steps, group.weights, run.read)]
   read = [m for c in laid.computed for m in c.sources]
   done = output_fields({'': read}, laid.bytes_out, laid.carried, None, 0, provenance)
   done.update(write_path='full' if laid.fresh else 'copy_and_patch', why_not_patched=laid.fresh,

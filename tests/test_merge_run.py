@@ -70,6 +70,12 @@ def same_bits(got, want) -> None:
     assert np.asarray(g).dtype == w.dtype and np.array_equal(np.asarray(g), w), (g, w)
 
 
+def read_digests(output) -> list[str]:
+  """What a merge's provenance says it read of each input."""
+  provenance = json.loads((epath.Path(output) / '_CHECKPOINT_METADATA').read_text())
+  return [i['read_digest'] for i in provenance['custom_metadata']['ckpt_surgery']['inputs']]
+
+
 def _group(root, spec: transforms.Spec):
   sources = [src for src, _ in discovery.discover(str(root))]
   [group], unformed = merge_groups.merge_groups(sources, spec.merge)
@@ -110,6 +116,8 @@ def test_params_are_the_reference_bits_and_the_rest_the_newest(run, tmp_path, te
   provenance = json.loads((tmp_path / 'out' / '_CHECKPOINT_METADATA').read_text())
   inputs = provenance['custom_metadata']['ckpt_surgery']['inputs']
   assert [(i['step'], i['weight']) for i in inputs] == list(zip(steps, group.weights))
+  assert read_digests(tmp_path / 'out') == [
+      transforms.digest(transforms.fingerprints({'params': s['params']})) for s in states]
 
 
 def test_opt_state_mean_merges_adams_moments_and_keeps_the_newest_count(run, tmp_path):
@@ -147,6 +155,7 @@ def test_streamed_under_a_small_budget_is_the_same_bits_and_holds_a_pack_at_most
   assert whole['status'] == streamed['status'] == 'ok', streamed['error']
   assert streamed['packs'] > whole['packs'] and streamed['digest'] == whole['digest']
   assert streamed['bytes_in'] > 4 * (128 << 10) and max(held) <= 64 << 10, max(held)
+  assert read_digests(tmp_path / 'streamed') == read_digests(tmp_path / 'whole')  # slabs or not
   states = [_state(s, width=4096) for s in (1, 2, 3, 4)]
   same_bits(restored(tmp_path / 'streamed')['params'],
             reference([s['params'] for s in states], whole_group.weights))

@@ -187,3 +187,24 @@ def test_portable_runner_as_flink_and_spark_use_it(portable, inputs, tmp_path):
 def test_dask_spreads_the_work_over_its_workers(dask_cluster, inputs, tmp_path):
   records = run_on(dask_cluster, inputs, tmp_path)
   assert len({r['worker'] for r in records}) == 2
+
+
+def test_dask_merges_a_group_per_unit_of_work(dask_cluster, tmp_path):
+  """A merge spec on Dask: each run's group is one element, merged on a
+  worker, the same bits as the reference."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from tests.test_merge_run import _state, reference, restored, same_bits, save_run  # pylint: disable=g-import-not-at-top
+  for name in ('run_a', 'run_b', 'run_c'):
+    save_run(epath.Path(tmp_path / 'in' / name), [1, 2])
+  spec = tmp_path / 'merge.yaml'
+  spec.write_text('merge: {group: run, take: {last: 2}, method: ema, decay: 0.5}\n')
+  out = tmp_path / 'out'
+  result = cli('run', '--input', tmp_path / 'in' / '*', '--output', out, '--spec', spec,
+               *dask_cluster)
+  assert result.returncode == 0, result.stdout + result.stderr
+  records = [json.loads(l) for l in (out / '_surgery' / 'report.jsonl').read_text().splitlines()]
+  assert sorted(r['dst'].rsplit('/', 2)[-2] for r in records) == ['run_a', 'run_b', 'run_c']
+  assert {r['status'] for r in records} == {'ok'}
+  assert all(r['worker'].rsplit(':', 1)[1] != str(os.getpid()) for r in records)
+  same_bits(restored(out / 'run_b' / 'merged_ema_last2_2')['params'],
+            reference([_state(1)['params'], _state(2)['params']], [0.5, 0.5]))
