@@ -131,12 +131,9 @@ def migrate_all(pattern: str, output: str, spec_path: str, settings: Settings,
   """Discover, run, print the table; the exit code, from this run's own records."""
   # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-  from pipeline.merge import OPS_NOT_RUN_YET
   from pipeline.run import LOCAL_RUNNERS
   check_beam_args(beam_args)
   spec, spec_text = load_spec(spec_path)
-  if spec.merge and spec.ops:
-    raise UsageError(f'{spec_path}: {OPS_NOT_RUN_YET}')
   try:
     pairs = discovery.discover(pattern, output)
   except discovery.DiscoveryError as e:

@@ -49,12 +49,11 @@ from pipeline.compute import finite, stream
 from pipeline.compute.deadline import Deadline
 from pipeline.compute.worker import WORKER
 from pipeline.migrate import (Settings, attempt_at, commit_verified, output_fields,
-                             output_provenance, pack_progress, retried)
+                             output_provenance, pack_progress, retried, write_migration)
 from pipeline.verify import verification
-from pipeline.write import copy_patch, protocol, writers
+from pipeline.storage import files
+from pipeline.write import copy_patch, outputs, protocol, writers
 
-OPS_NOT_RUN_YET = ('merge: ops after a merge are planned (`ckpt-surgery plan`) but not run yet: '
-                   'run the merge, then a spec of the ops on its outputs; nothing was touched')
 MSGPACK = 'a Flax msgpack file, read only whole: a merge reads Orbax checkpoints, a pack at a time'
 DROPS = 'drops the optimizer state (merge: opt_state: drop)'  # `Route.removes`, said of a merge
 
@@ -355,9 +354,29 @@ def group_identity(group: MergeGroup, seen: dict[str, str]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _write(group: MergeGroup, dst: epath.Path, surgery: transforms.Surgery, settings: Settings,
-           deadline: Deadline, input_identity: str, seen: dict[str, str]) -> dict[str, Any]:
-  """Merge the group's inputs at dst (empty), verify; the record's fields."""
+def _write(group: MergeGroup, dst: epath.Path, target: epath.Path, surgery: transforms.Surgery,
+           settings: Settings, deadline: Deadline, input_identity: str,
+           seen: dict[str, str]) -> dict[str, Any]:
+  """The group's merge at target (empty: dst, or its --overwrite twin),
+  verified; where the spec has ops, the merge is written beside dst first
+  (`outputs.SUM`) and migrated to target by them, as any checkpoint is. The
+  record's fields."""
+  if not surgery.spec.ops:
+    return _merge_at(group, target, surgery, settings, deadline, input_identity, seen)[0]
+  summed = outputs.sibling(dst, outputs.SUM)
+  _, inputs = _merge_at(group, summed, surgery, settings, deadline, input_identity, seen)
+  done = write_migration(summed, target, surgery, settings, deadline, input_identity,
+                         origin={'src': group.name, 'inputs': inputs})
+  with deadline.writing():
+    files.remove_tree(summed)
+  return done
+
+
+def _merge_at(group: MergeGroup, dst: epath.Path, surgery: transforms.Surgery, settings: Settings,
+              deadline: Deadline, input_identity: str,
+              seen: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Merge the group's inputs at dst (empty), verify: the record's fields,
+  and the provenance's entry of each input."""
   budget = settings.memory_budget or stream.default_budget(settings.in_flight)
   allowed = tuple(w for w in settings.writers if w in writers.STREAMING)
   with deadline.hold(WORKER.reading):
@@ -382,7 +401,7 @@ def _write(group: MergeGroup, dst: epath.Path, surgery: transforms.Surgery, sett
   done = output_fields({'': read}, laid.bytes_out, laid.carried, None, 0, provenance)
   done.update(write_path='full' if laid.fresh else 'copy_and_patch', why_not_patched=laid.fresh,
               packs=count, memory_budget=budget)
-  return commit_verified(writer, done, provenance, run.prints, deadline)
+  return commit_verified(writer, done, provenance, run.prints, deadline), provenance['inputs']
 
 
 def _attempt(group: MergeGroup, dst: str, surgery: transforms.Surgery, settings: Settings,
@@ -393,8 +412,8 @@ def _attempt(group: MergeGroup, dst: str, surgery: transforms.Surgery, settings:
   seen: dict[str, str] = {}
   return attempt_at(group.name, dst, surgery.spec, settings, deadline,
                     lambda: group_identity(group, seen),
-                    lambda target, now: _write(group, target, surgery, settings, deadline, now,
-                                               seen))
+                    lambda target, now: _write(group, epath.Path(dst), target, surgery, settings,
+                                               deadline, now, seen))
 
 
 def merge_one(name: str, dst: str, group: MergeGroup, surgery: transforms.Surgery,

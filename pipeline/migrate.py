@@ -104,7 +104,8 @@ def _attempt(src: str, dst: str, surgery: transforms.Surgery, settings: Settings
   src_path = epath.Path(src)
   return attempt_at(
       src, dst, surgery.spec, settings, deadline, lambda: identity.identity(src_path),
-      lambda target, input_now: _write(src_path, target, surgery, settings, deadline, input_now))
+      lambda target, input_now: write_migration(src_path, target, surgery, settings, deadline,
+                                                input_now))
 
 
 def attempt_at(src: str, dst: str, spec: transforms.Spec, settings: Settings, deadline: Deadline,
@@ -200,11 +201,14 @@ def _copy_through(src: epath.Path, layout: checkpoint.Layout, meta: dict[str, An
   return items, surgery.join(new_tree, rest), transforms.signature_id(sig), compiled, route.removes
 
 
-def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
-           settings: Settings, deadline: Deadline, input_identity: str) -> dict[str, Any]:
+def write_migration(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
+                    settings: Settings, deadline: Deadline, input_identity: str,
+                    origin: dict[str, Any] | None = None) -> dict[str, Any]:
   """Restore, operate, check, write at dst (empty) the cheapest way that
   applies (copy-and-patch, copy-through, full save), verify; a pack at a
-  time where what the surgery computes exceeds the memory budget (`stream`)."""
+  time where what the surgery computes exceeds the memory budget (`stream`).
+  `origin`: what the output's provenance says it was made of, where src is
+  a stage of its making (a merge's sum: the group's name and inputs)."""
   budget = settings.memory_budget or stream.default_budget(settings.in_flight)
   why_not_streamed, zero_fills = None, False
   with deadline.hold(WORKER.reading):
@@ -230,7 +234,7 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
         streamed, why_not_streamed = None, str(e)
       if streamed:
         return _write_streamed(src, dst, layout, meta, streamed, surgery, settings, deadline,
-                               input_identity)
+                               input_identity, origin)
       migrated = None if whole else _copy_through(src, layout, meta, surgery, budget)
       if migrated is None:
         _, items = checkpoint.restore(src, like=trees_in)
@@ -241,7 +245,8 @@ def _write(src: epath.Path, dst: epath.Path, surgery: transforms.Surgery,
   finite.refuse_nonfinite(prints, settings.allow_nonfinite)
   carried = {transforms.key_path(k): x for k, x in jax.tree_util.tree_flatten_with_path(new_state)[0]
              if isinstance(x, checkpoint.StoredArray)}
-  provenance = output_provenance(src, surgery.spec, prints, carried, settings, input_identity)
+  provenance = {**output_provenance(src, surgery.spec, prints, carried, settings, input_identity),
+                **(origin or {})}
   done = output_fields(trees_in, transforms.tree_bytes(new_state), carried, sig, compiled,
                        provenance)
   done.update(memory_budget=budget, why_not_streamed=why_not_streamed)
@@ -295,7 +300,8 @@ def output_fields(trees_in: Any, bytes_out: int, carried: dict[str, Any], sig: s
 
 def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
                     meta: dict[str, Any], streamed: stream.Streamed, surgery: transforms.Surgery,
-                    settings: Settings, deadline: Deadline, input_identity: str) -> dict[str, Any]:
+                    settings: Settings, deadline: Deadline, input_identity: str,
+                    origin: dict[str, Any] | None) -> dict[str, Any]:
   """Write `streamed` at dst a pack at a time, verify. Called holding the
   read lock, which it keeps while it reads and writes in turn: the other
   checkpoint in flight waits to read instead of holding a budget's worth
@@ -307,8 +313,8 @@ def _write_streamed(src: epath.Path, dst: epath.Path, layout: checkpoint.Layout,
   with deadline.writing():
     writer.begin()
   run.write(writer, on_pack=pack_progress(src))
-  provenance = output_provenance(src, surgery.spec, run.prints, streamed.carried, settings,
-                                 input_identity)
+  provenance = {**output_provenance(src, surgery.spec, run.prints, streamed.carried, settings,
+                                    input_identity), **(origin or {})}
   done = output_fields(checkpoint.trees(meta), streamed.bytes_out, streamed.carried,
                        streamed.signature, run.compilations, provenance)
   done.update(write_path='full' if streamed.fresh_tree else 'copy_and_patch',

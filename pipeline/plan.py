@@ -103,6 +103,9 @@ def _plan_merge(group: merge_groups.MergeGroup, surgery: transforms.Surgery,
                  bytes_merged=planned['inputs'][-1]['bytes_read'],
                  bytes_held=min(held, stream.pack_limit(budget)),
                  streamed=held > stream.pack_limit(budget))
+  if surgery.spec.ops:  # run on the merged state, which has the newest's shapes
+    planned['ops'] = _plan_one(surgery, meta)
+    planned['error'] = planned['error'] or planned['ops']['error']
   return planned
 
 
@@ -120,9 +123,13 @@ def format_merges(result: dict[str, Any]) -> str:
       lines.append(f"  {planned['averaged']} of {planned['leaves']} leaves averaged (the others, "
                    f"integers, from the newest); {report.size(planned['bytes_merged'])} merged")
       where = "beside the run's outputs" if merge['group'] == 'run' else 'at the top of OUTPUT'
-      lines.append(f"  writes {planned['output']} ({where}); holds {report.size(planned['bytes_held'])} of "
-                   f"arrays at once, {'in packs under' if planned['streamed'] else 'whole within'}"
+      lines.append(f"  writes {planned['output']} ({where}); holds "
+                   f"{report.size(planned['bytes_held'])} of arrays at once, "
+                   f"{'in packs under' if planned['streamed'] else 'whole within'}"
                    f" the memory budget of {report.size(result['memory_budget'])}")
+    if planned.get('ops') and not planned['ops']['error']:
+      lines.append('  then the ops, on the merged state:')
+      lines += ['  ' + line for line in _format_ops(planned['ops'])]
   lines += [f"would FAIL: {u['error']}" for u in result['unformed']]
   lines.append(f"{result['would_merge']} merge(s) would be written, {result['would_fail']} would "
                f"fail (spec {result['spec_hash']})")
@@ -184,6 +191,26 @@ def _memory(surgery: transforms.Surgery, tree: Any, write_path: str, budget: int
   return out
 
 
+def _format_ops(planned: dict[str, Any]) -> list[str]:
+  """The lines of what a spec's ops do (`_plan_one`): each op's matches,
+  the roles, each leaf's change, the bytes."""
+  lines = []
+  op_width = max(len(op['op']) for op in planned['ops'])
+  for op in planned['ops']:
+    matched = '' if op['matched'] is None else f"matched {op['matched']}"
+    lines.append(f"  {op['op']:<{op_width}}  {matched}".rstrip())
+  lines += [f'  {where}: {role}' for where, role in planned['roles'].items()]
+  width = max((len(c['path']) for c in planned['changes']), default=0)
+  lines += [f"  {c['kind']:<9} {c['path']:<{width}}  {'-> ' if c['kind'] == 'renamed' else ''}"
+            f"{c['detail']}" for c in planned['changes']]
+  if not planned['changes']:
+    lines.append('  no param leaf renamed, added, dropped, reshaped or re-typed')
+  before, after = planned['bytes_before'], planned['bytes_after']
+  lines.append('  bytes: ' + ', '.join(
+      f'{k} {report.size(before[k])} -> {report.size(after[k])}' for k in before))
+  return lines
+
+
 def format_plan(result: dict[str, Any]) -> str:
   lines = []
   for group in result['groups']:
@@ -193,20 +220,9 @@ def format_plan(result: dict[str, Any]) -> str:
     lines += [f'  {src}' for src in group['checkpoints']]
     if group['error']:
       continue
-    op_width = max(len(op['op']) for op in group['ops'])
-    for op in group['ops']:
-      matched = '' if op['matched'] is None else f"matched {op['matched']}"
-      lines.append(f"  {op['op']:<{op_width}}  {matched}".rstrip())
-    lines += [f'  {where}: {role}' for where, role in group['roles'].items()]
-    width = max((len(c['path']) for c in group['changes']), default=0)
-    lines += [f"  {c['kind']:<9} {c['path']:<{width}}  {'-> ' if c['kind'] == 'renamed' else ''}"
-              f"{c['detail']}" for c in group['changes']]
-    if not group['changes']:
-      lines.append('  no param leaf renamed, added, dropped, reshaped or re-typed')
-    before, after = group['bytes_before'], group['bytes_after']
-    lines.append('  bytes: ' + ', '.join(
-        f'{k} {report.size(before[k])} -> {report.size(after[k])}' for k in before))
-    lines.append(f"  untouched: {report.size(group['bytes_untouched'])} of {report.size(after['total'])}, "
+    lines += _format_ops(group)
+    lines.append(f"  untouched: {report.size(group['bytes_untouched'])} of "
+                 f"{report.size(group['bytes_after']['total'])}, "
                  'carried over as stored bytes (unless --full_decode, or read from a Flax msgpack file)')
     if group['dependency_groups']:
       lines.append(f"  computed: {group['dependency_groups']} dependency group(s), each reading "

@@ -87,14 +87,18 @@ def test_plan_lists_each_group_and_names_an_input_of_another_tree(runs, tmp_path
   assert latest['merges'][0]['leaves'] == 2  # the optimizer state is the newest's, not merged
 
 
-def test_plan_prints_merges_and_run_refuses_ops_after_a_merge_touching_nothing(runs, tmp_path):
+def test_plan_prints_merges(runs, tmp_path):
   spec = tmp_path / 'merge.yaml'
   spec.write_text('merge: {group: run, take: {last: 2}, method: ema, decay: 0.9}\n')
   planned = cli('plan', '--input', f'{runs}/*', '--spec', spec)
   assert planned.returncode == 0, planned.stderr
   assert 'step      300  weight 0.1' in planned.stdout and '3 merge(s) would be written' in planned.stdout
   assert "writes merged_ema_last2_300 (beside the run's outputs)" in planned.stdout
-  spec.write_text('merge: {group: run, take: {last: 2}}\nops: [{cast: {match: kernel, dtype: bfloat16}}]\n')
-  ran = cli('run', '--input', f'{runs}/*', '--output', tmp_path / 'out', '--spec', spec)
-  assert ran.returncode == 2 and 'ops after a merge are planned' in ran.stderr
-  assert not (tmp_path / 'out').exists()
+  spec.write_text("merge: {group: run, take: {last: 2}}\nops: [{rename: {match: '^Dense_0/', to: 'Linear_0/'}}]\n")
+  planned = cli('plan', '--input', f'{runs}/*', '--spec', spec)
+  assert planned.returncode == 0, planned.stderr
+  assert 'then the ops, on the merged state:' in planned.stdout
+  assert 'renamed   Dense_0/kernel  -> Linear_0/kernel' in planned.stdout, planned.stdout
+  spec.write_text("merge: {group: run, take: {last: 2}}\nops: [{rename: {match: '^Nothing/', to: 'X/'}}]\n")
+  planned = cli('plan', '--input', f'{runs}/*', '--spec', spec)
+  assert planned.returncode == 1 and "match '^Nothing/' matched no param path" in planned.stdout

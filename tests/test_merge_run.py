@@ -3,6 +3,7 @@ the documented order, checked, streamed, rerun."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -194,6 +195,29 @@ def test_a_rerun_skips_and_a_changed_input_needs_overwrite(run, tmp_path):
   assert _merge(run, tmp_path / 'out', other, overwrite=True)[1]['status'] == 'ok'
 
 
+def test_ops_after_a_merge_run_on_the_merged_state_and_leave_no_sum_behind(run, tmp_path):
+  text = ("merge: {group: run, take: {last: 2}}\n"
+          "ops: [{scale: {match: 'kernel$', by: 0.5}}, {rename: {match: '^Dense_1/', to: 'Head/'}}]")
+  group, rec = _merge(run, tmp_path / 'out', text)
+  assert rec['status'] == 'ok', rec['error']
+  mean = reference([_state(s)['params'] for s in (400, 500)], group.weights)
+  want = {'Dense_0': {'bias': mean[0], 'kernel': mean[1] * np.float32(0.5)},
+          'Head': {'kernel': mean[2] * np.float32(0.5)}}
+  out = restored(tmp_path / 'out')
+  same_bits(out['params'], jax.tree.leaves(want))
+  assert set(out['opt_state'][0]['mu']) == {'Dense_0', 'Head'}  # the moments follow the rename
+  provenance = json.loads((tmp_path / 'out' / '_CHECKPOINT_METADATA').read_text())
+  made = provenance['custom_metadata']['ckpt_surgery']
+  assert made['src'] == group.name and [i['step'] for i in made['inputs']] == [400, 500]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['out']  # no sum, no mark, no lease
+  assert _merge(run, tmp_path / 'out', text)[1]['status'] == 'skipped'
+  # What an attempt killed after its sum leaves: its mark and the sum. A rerun clears both.
+  shutil.copytree(tmp_path / 'out', tmp_path / 'again.ckpt-surgery-sum')
+  (tmp_path / 'again.ckpt-surgery-attempt').write_text('direct')
+  assert _merge(run, tmp_path / 'again', text)[1]['status'] == 'ok'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['again', 'out']
+
+
 def test_opt_state_drop_writes_a_fresh_tree_without_it(run, tmp_path):
   _, rec = _merge(run, tmp_path / 'out', 'merge: {group: run, take: {last: 2}, opt_state: drop}')
   assert rec['status'] == 'ok', rec['error']
@@ -233,17 +257,23 @@ def test_run_merges_each_run_and_a_nightly_rerun_adds_the_new_window(tmp_path, c
 
 
 def test_a_soup_on_gcs(gcs, bucket, tmp_path, capsys):
-  """A soup of two runs' step 200, read and written on the GCS test server."""
+  """A soup of two runs' step 200, then a rename, read and written on the
+  GCS test server: the sum before the rename is not left behind."""
   for name in ('run_a', 'run_b'):
     save_run(epath.Path(f'{bucket}/in/{name}'), [100, 200])
-  text = 'merge: {group: step, take: {steps: [200]}, method: weighted, weights: [1, 3]}\n'
+  text = ("merge: {group: step, take: {steps: [200]}, method: weighted, weights: [1, 3]}\n"
+          "ops: [{rename: {match: '^Dense_1/', to: 'Head/'}}]\n")
   records = _run_merges(f'{bucket}/in/*', f'{bucket}/out', text, tmp_path)
   [soup] = records.values()
   assert soup['status'] == 'ok', soup['error']
   assert soup['dst'] == f'{bucket}/out/soup_weighted_step_200'
   assert soup['write_path'] == 'copy_and_patch'
   state = _state(200)  # both runs hold the same values at a step: the sum is theirs again
-  same_bits(restored(soup['dst'])['params'], reference([state['params']] * 2, [0.25, 0.75]))
+  out = restored(soup['dst'])['params']
+  assert set(out) == {'Dense_0', 'Head'}
+  same_bits(out, reference([state['params']] * 2, [0.25, 0.75]))
+  assert sorted(p.name for p in epath.Path(f'{bucket}/out').iterdir()) == [
+      '_surgery', 'soup_weighted_step_200']
   capsys.readouterr()
 
 

@@ -7,6 +7,10 @@ uncommitted output whose metadata is ours, and whatever the mark below
 names. Anything else fails the checkpoint by name, with `--overwrite` or
 without, and is left as it was.
 
+A merge whose spec has ops first writes the merge at `<dst>.ckpt-surgery-sum`
+and migrates that to dst; the sum is removed once dst is verified, and by
+`recover` whatever became of the attempt.
+
 An attempt marks its work before it starts, in `<dst>.ckpt-surgery-attempt`:
   direct    it writes dst itself: an uncommitted or unverified dst is ours
   beside    `--overwrite`: the new output is written and verified at
@@ -30,6 +34,7 @@ from pipeline.write import orbax_save
 
 ATTEMPT = '.ckpt-surgery-attempt'
 NEW = '.ckpt-surgery-new'
+SUM = '.ckpt-surgery-sum'  # a merge, before the spec's ops run on it
 DIRECT, BESIDE, SWAPPING = 'direct', 'beside', 'swapping'  # what an attempt's mark says
 
 
@@ -74,7 +79,8 @@ def _dead_saves(dst: epath.Path, new: epath.Path) -> list[epath.Path]:
   if files.is_gcs(dst):
     return []
   stages = {orbax_save.staged_at(p).name for p in (dst, new)}
-  temporaries = tuple(f'{name}.orbax-checkpoint-tmp' for name in (dst.name, new.name, *stages))
+  temporaries = tuple(f'{name}.orbax-checkpoint-tmp'
+                      for name in (dst.name, new.name, sibling(dst, SUM).name, *stages))
   return [dst.parent / name for name in files.names(dst.parent)
           if name in stages or name.startswith(temporaries)]
 
@@ -82,7 +88,7 @@ def _dead_saves(dst: epath.Path, new: epath.Path) -> list[epath.Path]:
 def recover(dst: epath.Path) -> None:
   """Under dst's lease: finish or undo what a dead attempt of ours left."""
   new, marker = sibling(dst, NEW), sibling(dst, ATTEMPT)
-  for leftover in _dead_saves(dst, new):
+  for leftover in [*_dead_saves(dst, new), sibling(dst, SUM)]:
     files.remove_tree(leftover)
   said = marker.read_text().strip() if marker.exists() else None
   if said == SWAPPING and new.exists() and checkpoint.is_checkpoint(new):
