@@ -306,3 +306,39 @@ def test_a_trainstate_with_batch_stats_merged_restores_into_its_target_and_train
   stepped = train_step(got.replace(apply_fn=model.apply, tx=ADAM))
   assert int(stepped.step) == 5
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(stepped.params))
+
+
+def test_an_nnx_model_and_optimizer_merged_restore_and_take_a_step(tmp_path):
+  """The NNX guide's {'model': nnx.state(model), 'optimizer':
+  nnx.state(optimizer)}, saved at steps 1 to 3 with StandardCheckpointer:
+  the mean of the model's floats (its BatchNorm statistics too) restores
+  into the guide's target and the optimizer takes a step."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from tests.scenarios.doc_checkpoints import MLP  # pylint: disable=g-import-not-at-top
+  x, y = _data()
+  make_model = lambda: MLP(4, 8, 2, rngs=nnx.Rngs(0))
+  model = make_model()
+  optimizer = nnx.Optimizer(model, ADAM, wrt=nnx.Param)
+  loss_fn = lambda model: jnp.mean((model(x) - y) ** 2)
+  saved, checkpointer = [], ocp.StandardCheckpointer()
+  for step in (1, 2, 3):
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+    checkpointer.save(tmp_path / 'run' / str(step),
+                      {'model': nnx.state(model), 'optimizer': nnx.state(optimizer)})
+    checkpointer.wait_until_finished()
+    saved.append(jax.tree.map(np.asarray, nnx.state(model)))
+  _, rec = _merge(f'{tmp_path}/run/*', tmp_path / 'out',
+                  'params: model\nopt_state: optimizer\nmerge: {group: run, take: {last: 3}}')
+  assert rec['status'] == 'ok', rec['error']
+  target = {'model': nnx.state(nnx.eval_shape(make_model)),
+            'optimizer': nnx.state(nnx.eval_shape(
+                lambda: nnx.Optimizer(make_model(), ADAM, wrt=nnx.Param)))}
+  got = ocp.StandardCheckpointer().restore(tmp_path / 'out', target)
+  same_bits(got['model'], reference(saved, [1 / 3] * 3))
+  merged = make_model()
+  nnx.update(merged, got['model'])
+  stepped = nnx.Optimizer(merged, ADAM, wrt=nnx.Param)
+  nnx.update(stepped, got['optimizer'])
+  stepped.update(merged, nnx.grad(loss_fn)(merged))
+  assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(nnx.state(merged)))
