@@ -462,6 +462,113 @@ class Unstack(MatchOp):
     return new, produced
 
 
+def _check_parts(parts: list[str]) -> None:
+  if len(parts) < 2 or len(set(parts)) != len(parts):
+    raise ValueError(f"field 'parts': two or more distinct names, got {parts}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Fuse(MatchOp):
+  """Concatenate, along `axis`, the leaves that rename to one `to` path, in
+  the order `parts` gives: `match` captures each leaf's part name as
+  (?P<part>...). Query, key and value kernels into one qkv kernel; every
+  mirror is fused the same way."""
+  name: ClassVar[str] = 'fuse'
+  structural: ClassVar[bool] = True
+  changes_shapes: ClassVar[bool] = True
+  to: str
+  parts: list[str]
+  axis: int = -1
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_template(self.match, self.to)
+    if 'part' not in regex.compile(self.match).groupindex:
+      raise ValueError("field 'match': must capture each leaf's part name as (?P<part>...), "
+                       "e.g. '^(.*)/(?P<part>query|key|value)/kernel$'")
+    _check_parts(self.parts)
+
+  def apply(self, flat, selected, mirror=False):
+    groups: dict[str, dict[str, str]] = {}
+    for p in selected:
+      part = paths.captured(self.pattern, 'part', p)
+      if part not in self.parts:
+        raise SurgeryError(f'{p!r}: its part {part!r} is not one of the parts {self.parts}')
+      groups.setdefault(paths.substitute(self.pattern, self.to, p), {})[part] = p
+    new = {p: x for p, x in flat.items() if p not in set(selected)}
+    for target, members in groups.items():
+      missing = [part for part in self.parts if part not in members]
+      if missing:
+        raise SurgeryError(f'cannot fuse {sorted(members.values())} into {target!r}: no '
+                           f'{", ".join(missing)} part')
+      if target in new:
+        raise SurgeryError(f'{target!r} already exists')
+      values = [flat[members[part]] for part in self.parts]
+      if not any(is_array(v) for v in values):  # masked or stale in this mirror
+        new[target] = values[0]
+        continue
+      if not all(is_array(v) for v in values):
+        raise SurgeryError(f'cannot fuse {sorted(members.values())} into {target!r}: some are '
+                           'masked or stale in this optimizer state and some are not')
+      axis = check_axis(values[0], self.axis, members[self.parts[0]])
+      off_axis = {(tuple(v.shape[:axis]) + tuple(v.shape[axis + 1:]), str(v.dtype), v.ndim)
+                  for v in values}
+      if len(off_axis) != 1:
+        shapes = ', '.join(f'{members[part]} {tuple(v.shape)} {v.dtype}'
+                           for part, v in zip(self.parts, values))
+        raise SurgeryError(f'cannot fuse into {target!r} along axis {self.axis}: the parts '
+                           f'differ off that axis ({shapes})')
+      new[target] = jnp.concatenate(values, axis=axis)
+    return new, list(groups)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Split(MatchOp):
+  """Split each selected leaf along `axis` into `parts` of `sizes`; `to`
+  names each piece, {part} standing for its name. Fuse's inverse; every
+  mirror is split the same way."""
+  name: ClassVar[str] = 'split'
+  structural: ClassVar[bool] = True
+  changes_shapes: ClassVar[bool] = True
+  to: str
+  parts: list[str]
+  sizes: list[int]
+  axis: int = -1
+
+  def __post_init__(self):
+    super().__post_init__()
+    if '{part}' not in self.to:
+      raise ValueError("field 'to': must contain {part}, the piece's name")
+    _check_template(self.match, self.to.replace('{part}', self.parts[0] if self.parts else 'x'))
+    _check_parts(self.parts)
+    if len(self.sizes) != len(self.parts) or any(n < 1 for n in self.sizes):
+      raise ValueError(f"field 'sizes': a positive size for each of the {len(self.parts)} parts, "
+                       f'got {self.sizes}')
+
+  def apply(self, flat, selected, mirror=False):
+    chosen = set(selected)
+    new, produced = {}, []
+    for p, x in flat.items():
+      if p not in chosen:
+        new[p] = x
+        continue
+      if not is_array(x):
+        raise SurgeryError(f'cannot split {p!r}: it is masked or stale in this optimizer state')
+      axis = check_axis(x, self.axis, p)
+      if sum(self.sizes) != x.shape[axis]:
+        raise SurgeryError(f'cannot split {p!r} of shape {tuple(x.shape)}: the sizes '
+                           f'{self.sizes} add up to {sum(self.sizes)}, and axis {self.axis} '
+                           f'has {x.shape[axis]}')
+      starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+      for part, start, size in zip(self.parts, starts, self.sizes):
+        q = paths.substitute(self.pattern, self.to.replace('{part}', part), p)
+        if q in flat or q in new:
+          raise SurgeryError(f'splitting {p!r} would overwrite {q!r}')
+        new[q] = jax.lax.slice_in_dim(x, start, start + size, axis=axis)
+        produced.append(q)
+    return new, produced
+
+
 def resolve(name: str, field: str) -> Any:
   """'pkg.module:attr' or 'pkg.module.attr' -> the object, imported."""
   module, _, attr = name.partition(':') if ':' in name else name.rpartition('.')
@@ -530,7 +637,7 @@ class DropOptimizer(StateOp):
 
 OPS: dict[str, type[Op]] = {op.name: op for op in (
     Rename, Drop, Add, Normalize, Scale, Cast, Reinit, Pad, Slice, Transpose, Reshape,
-    Stack, Unstack, Python, ResetOptimizer, DropOptimizer)}
+    Stack, Unstack, Fuse, Split, Python, ResetOptimizer, DropOptimizer)}
 
 
 class Stale:

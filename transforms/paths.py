@@ -116,6 +116,11 @@ def matching(pattern: regex.Pattern, paths: Iterable[str]) -> list[str]:
   return [p for p in paths if _bounded(lambda **t: pattern.search(p, **t), pattern, p)]
 
 
+def captured(pattern: regex.Pattern, group: str, path: str) -> str:
+  """What `pattern`'s named `group` captures in `path` (found in it)."""
+  return _bounded(lambda **t: pattern.search(path, **t), pattern, path).group(group)
+
+
 def substitute(pattern: regex.Pattern, to: str, path: str) -> str:
   """`path` with the first match of `pattern` replaced by `to` (\\1 groups)."""
   return _bounded(lambda **t: pattern.sub(to, path, count=1, **t), pattern, path)

@@ -70,6 +70,10 @@ def _fields_of(op: Op) -> dict[str, Any]:
 
 
 def _check_type(value: Any, hint: Any) -> bool:
+  if typing.get_origin(hint) is list:  # list[str]: names
+    (item,) = typing.get_args(hint)
+    return isinstance(value, list) and all(
+        isinstance(v, item) and not isinstance(v, bool) for v in value)
   if isinstance(value, bool):
     return hint is bool
   if hint is float:
@@ -89,6 +93,8 @@ def _as_float(value: Any) -> float | None:
 
 
 def _hint_name(hint: Any) -> str:
+  if typing.get_origin(hint) is list:
+    return {str: 'a list of names', int: 'a list of integers'}[typing.get_args(hint)[0]]
   return 'a list of integers' if hint is list else hint.__name__
 
 
