@@ -362,6 +362,30 @@ class Slice(ShapeOp):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Repeat(ShapeOp):
+  """Grow `axis` to `to` by repeating its slices: each slice `to / n` times
+  in a row (KV heads for multi-head attention: head j serves the query
+  heads of its group, j*g to j*g+g-1), or with `tile`, the whole axis
+  `to / n` times over. Mirrors are repeated as their param is: each new
+  slice's Adam moments are those of the slice it copies."""
+  name: ClassVar[str] = 'repeat'
+  axis: int
+  to: int
+  tile: bool = False
+
+  def leaf(self, x, path, mirror):
+    axis = check_axis(x, self.axis, path)
+    size = x.shape[axis]
+    if self.to % size or self.to < size:
+      raise SurgeryError(f'cannot repeat {path!r} of shape {tuple(x.shape)} to {self.to} along '
+                         f'axis {self.axis}: {self.to} is not a multiple of its {size}')
+    times = self.to // size
+    if self.tile:
+      return jnp.concatenate([x] * times, axis=axis)
+    return jnp.repeat(x, times, axis=axis)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Transpose(ShapeOp):
   """Permute the axes."""
   name: ClassVar[str] = 'transpose'
@@ -636,7 +660,7 @@ class DropOptimizer(StateOp):
 
 
 OPS: dict[str, type[Op]] = {op.name: op for op in (
-    Rename, Drop, Add, Normalize, Scale, Cast, Reinit, Pad, Slice, Transpose, Reshape,
+    Rename, Drop, Add, Normalize, Scale, Cast, Reinit, Pad, Slice, Repeat, Transpose, Reshape,
     Stack, Unstack, Fuse, Split, Python, ResetOptimizer, DropOptimizer)}
 
 
