@@ -593,6 +593,60 @@ class Split(MatchOp):
     return new, produced
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MergeLora(MatchOp):
+  """Fold LoRA adapters into the base kernels they sit beside:
+  W + scale * (A @ B), in float32, cast to W's dtype; A and B are dropped.
+  `match` selects the base kernels; `a` and `b` name each one's adapters
+  (templates on the match, as `to` is). In every mirror the adapters'
+  entries are dropped with them and the base's are kept: the base was
+  frozen while the adapters trained, so its moments are still its own."""
+  name: ClassVar[str] = 'merge_lora'
+  structural: ClassVar[bool] = True
+  a: str
+  b: str
+  scale: float = 1.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_template(self.match, self.a)
+    _check_template(self.match, self.b)
+
+  def adapters(self, base: str) -> tuple[str, str]:
+    return (paths.substitute(self.pattern, self.a, base),
+            paths.substitute(self.pattern, self.b, base))
+
+  def select(self, params):
+    """The base kernels, then their adapters (so that mirrors drop them too)."""
+    bases = super().select(params)
+    for base in bases:
+      for adapter in self.adapters(base):
+        if adapter not in params:
+          raise SurgeryError(f'{base!r} has no adapter {adapter!r}')
+        if paths.matching(self.pattern, [adapter]):
+          raise SurgeryError(f'{adapter!r}, an adapter, is matched by {self.match!r} too: '
+                             'narrow the match to the base kernels')
+    return bases + [p for base in bases for p in self.adapters(base)]
+
+  def apply(self, flat, selected, mirror=False):
+    bases = paths.matching(self.pattern, selected)  # the rest are adapters: none matches
+    new = {p: x for p, x in flat.items() if p not in set(selected) - set(bases)}
+    if mirror:
+      return new, []
+    for base in bases:
+      w, (a, b) = flat[base], (flat[p] for p in self.adapters(base))
+      if not (w.ndim == a.ndim == b.ndim == 2 and a.shape[1] == b.shape[0]
+              and (a.shape[0], b.shape[1]) == tuple(w.shape)):
+        a_path, b_path = self.adapters(base)
+        raise SurgeryError(f'cannot merge {a_path!r} {tuple(a.shape)} @ {b_path!r} '
+                           f'{tuple(b.shape)} into {base!r} {tuple(w.shape)}: A must be (in, r) '
+                           'and B (r, out) for W (in, out)')
+      product = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST)
+      new[base] = (w.astype(jnp.float32) + jnp.float32(self.scale) * product).astype(w.dtype)
+    return new, bases
+
+
 def resolve(name: str, field: str) -> Any:
   """'pkg.module:attr' or 'pkg.module.attr' -> the object, imported."""
   module, _, attr = name.partition(':') if ':' in name else name.rpartition('.')
@@ -661,7 +715,7 @@ class DropOptimizer(StateOp):
 
 OPS: dict[str, type[Op]] = {op.name: op for op in (
     Rename, Drop, Add, Normalize, Scale, Cast, Reinit, Pad, Slice, Repeat, Transpose, Reshape,
-    Stack, Unstack, Fuse, Split, Python, ResetOptimizer, DropOptimizer)}
+    Stack, Unstack, Fuse, Split, MergeLora, Python, ResetOptimizer, DropOptimizer)}
 
 
 class Stale:

@@ -494,7 +494,8 @@ class Surgery:
 # leaf loses data the trace still sees read), and ops whose effect we cannot see.
 _LOSSY_OPS = {'slice': 'slices arrays', 'drop': 'drops leaves', 'drop_optimizer': 'drops opt_state',
               'reset_optimizer': 'resets opt_state', 'reinit': 're-initialises leaves',
-              'python': 'runs a python op (what it keeps is unproven)'}
+              'python': 'runs a python op (what it keeps is unproven)',
+              'merge_lora': 'drops the adapters it merges'}
 # Ops that may lose data, as `removal` finds: without any, a surgery keeps all of it.
 _MAY_REMOVE = {*_LOSSY_OPS, 'cast'}
 
