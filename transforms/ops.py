@@ -417,16 +417,66 @@ def layer_order(path: str) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Stack(MatchOp):
-  """Stack the leaves that rename to the same `to` path along a new `axis`."""
+  """Stack the leaves that rename to the same `to` path along a new `axis`.
+
+  With `expected: N`, each stack must hold layers 0 to N-1, the layer index
+  being the first capture group of digits. A missing layer fails by name,
+  unless `fill` (zeros, or an initializer, seeded by `seed` and the
+  stack's path) gives its params; its optimizer-state entries are then
+  zeros, where the spec says `mirror_init: zeros` (Adam's moments start
+  there), and the stack fails by name otherwise."""
   name: ClassVar[str] = 'stack'
   structural: ClassVar[bool] = True
   changes_shapes: ClassVar[bool] = True
   to: str
   axis: int = 0
+  expected: int = 0
+  fill: str = ''
+  seed: int = 0
+  mirror_init: str = ''
 
   def __post_init__(self):
     super().__post_init__()
     _check_template(self.match, self.to)
+    if self.fill:
+      initializer(self.fill)
+      if not self.expected:
+        raise ValueError("field 'fill': fills the layers `expected` counts: give expected too")
+    if self.mirror_init not in ('', 'zeros'):
+      raise ValueError(f"field 'mirror_init': {self.mirror_init!r} is not 'zeros'")
+
+  def index(self, path: str) -> int:
+    """A member's layer index: its first capture group of digits."""
+    found = next((g for g in paths.groups(self.pattern, path) if g and g.isdigit()), None)
+    if found is None:
+      raise SurgeryError(f"{path!r}: expected: needs each layer's index captured by a group of "
+                         f'digits in {self.match!r}')
+    return int(found)
+
+  def _layers(self, target: str, members: list[str], flat: Flat, mirror: bool) -> list[Any]:
+    """The values to stack, in layer order; missing layers filled, or an error."""
+    if not self.expected:
+      return [flat[p] for p in members]
+    by_index = {self.index(p): p for p in members}
+    outside = sorted(i for i in by_index if i >= self.expected)
+    if outside:
+      raise SurgeryError(f'cannot stack into {target!r}: layer(s) {outside} beyond the '
+                         f'{self.expected} expected')
+    missing = [i for i in range(self.expected) if i not in by_index]
+    if missing and not self.fill:
+      raise SurgeryError(f'cannot stack into {target!r}: layer(s) {missing} of the '
+                         f'{self.expected} expected are missing (fill: zeros or an initializer '
+                         'fills them)')
+    if missing and mirror and self.mirror_init != 'zeros':
+      raise SurgeryError(f'cannot stack into {target!r} in the optimizer state: the entries of '
+                         f'filled layer(s) {missing} are unknown; say mirror_init: zeros where '
+                         "zeros are the optimizer's init (Adam's moments)")
+    like = flat[by_index[min(by_index)]]
+    if not is_array(like):  # masked or stale in this mirror: every layer alike
+      return [flat[by_index[i]] if i in by_index else like for i in range(self.expected)]
+    fill = lambda i: (jnp.zeros(like.shape, like.dtype) if mirror or self.fill == 'zeros' else
+                      initialize(self.fill, self.seed, f'{target}[{i}]', like.shape, like.dtype))
+    return [flat[by_index[i]] if i in by_index else fill(i) for i in range(self.expected)]
 
   def apply(self, flat, selected, mirror=False):
     groups: dict[str, list[str]] = {}
@@ -436,7 +486,7 @@ class Stack(MatchOp):
     for target, members in groups.items():
       if target in new:
         raise SurgeryError(f'{target!r} already exists')
-      values = [flat[p] for p in members]
+      values = self._layers(target, members, flat, mirror)
       if not any(is_array(v) for v in values):  # masked or stale in this mirror
         new[target] = values[0]
         continue
@@ -461,6 +511,7 @@ class Unstack(MatchOp):
   changes_shapes: ClassVar[bool] = True
   to: str
   axis: int = 0
+  expected: int = 0
 
   def __post_init__(self):
     super().__post_init__()
@@ -477,7 +528,11 @@ class Unstack(MatchOp):
         continue
       if not is_array(x):
         raise SurgeryError(f'cannot unstack {p!r}: it is masked or stale in this optimizer state')
-      for i in range(x.shape[check_axis(x, self.axis, p)]):
+      count = x.shape[check_axis(x, self.axis, p)]
+      if self.expected and count != self.expected:
+        raise SurgeryError(f'cannot unstack {p!r} of shape {tuple(x.shape)}: axis {self.axis} '
+                           f'holds {count} layer(s), not the {self.expected} expected')
+      for i in range(count):
         q = paths.substitute(self.pattern, self.to.replace('{i}', str(i)), p)
         if q in flat or q in new:
           raise SurgeryError(f'unstacking {p!r} would overwrite {q!r}')

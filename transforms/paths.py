@@ -116,6 +116,11 @@ def matching(pattern: regex.Pattern, paths: Iterable[str]) -> list[str]:
   return [p for p in paths if _bounded(lambda **t: pattern.search(p, **t), pattern, p)]
 
 
+def groups(pattern: regex.Pattern, path: str) -> tuple[str | None, ...]:
+  """What each of `pattern`'s groups captures in `path` (found in it)."""
+  return _bounded(lambda **t: pattern.search(path, **t), pattern, path).groups()
+
+
 def captured(pattern: regex.Pattern, group: str, path: str) -> str:
   """What `pattern`'s named `group` captures in `path` (found in it)."""
   return _bounded(lambda **t: pattern.search(path, **t), pattern, path).group(group)
