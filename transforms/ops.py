@@ -504,20 +504,22 @@ class Stack(MatchOp):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Unstack(MatchOp):
-  """Split each selected leaf along `axis`; `to` names piece {i}."""
-  name: ClassVar[str] = 'unstack'
+class CutOp(MatchOp):
+  """An op that cuts each selected leaf into pieces (unstack, split), which
+  `to` names by `PIECE`, standing for each piece's key."""
+  PIECE: ClassVar[str]
   structural: ClassVar[bool] = True
   changes_shapes: ClassVar[bool] = True
   to: str
-  axis: int = 0
-  expected: int = 0
 
   def __post_init__(self):
     super().__post_init__()
-    if '{i}' not in self.to:
-      raise ValueError("field 'to': must contain {i}, the piece's index")
-    _check_template(self.match, self.to.replace('{i}', '0'))
+    if self.PIECE not in self.to:
+      raise ValueError(f"field 'to': must contain {self.PIECE}, each piece's key")
+
+  def pieces(self, x: jax.Array, path: str) -> list[tuple[str, jax.Array]]:
+    """(key, piece) of a leaf, in order."""
+    raise NotImplementedError
 
   def apply(self, flat, selected, mirror=False):
     chosen = set(selected)
@@ -527,18 +529,36 @@ class Unstack(MatchOp):
         new[p] = x
         continue
       if not is_array(x):
-        raise SurgeryError(f'cannot unstack {p!r}: it is masked or stale in this optimizer state')
-      count = x.shape[check_axis(x, self.axis, p)]
-      if self.expected and count != self.expected:
-        raise SurgeryError(f'cannot unstack {p!r} of shape {tuple(x.shape)}: axis {self.axis} '
-                           f'holds {count} layer(s), not the {self.expected} expected')
-      for i in range(count):
-        q = paths.substitute(self.pattern, self.to.replace('{i}', str(i)), p)
+        raise SurgeryError(f'cannot {self.name} {p!r}: it is masked or stale in this optimizer '
+                           'state')
+      for key, piece in self.pieces(x, p):
+        q = paths.substitute(self.pattern, self.to.replace(self.PIECE, key), p)
         if q in flat or q in new:
-          raise SurgeryError(f'unstacking {p!r} would overwrite {q!r}')
-        new[q] = jnp.take(x, i, axis=self.axis)
+          raise SurgeryError(f'cutting {p!r} ({self.name}) would overwrite {q!r}')
+        new[q] = piece
         produced.append(q)
     return new, produced
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Unstack(CutOp):
+  """Split each selected leaf along `axis`; `to` names piece {i}. With
+  `expected: N`, the axis must hold N layers."""
+  name: ClassVar[str] = 'unstack'
+  PIECE: ClassVar[str] = '{i}'
+  axis: int = 0
+  expected: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_template(self.match, self.to.replace('{i}', '0'))
+
+  def pieces(self, x, path):
+    count = x.shape[check_axis(x, self.axis, path)]
+    if self.expected and count != self.expected:
+      raise SurgeryError(f'cannot unstack {path!r} of shape {tuple(x.shape)}: axis {self.axis} '
+                         f'holds {count} layer(s), not the {self.expected} expected')
+    return [(str(i), jnp.take(x, i, axis=self.axis)) for i in range(count)]
 
 
 def _check_parts(parts: list[str]) -> None:
@@ -602,50 +622,33 @@ class Fuse(MatchOp):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Split(MatchOp):
+class Split(CutOp):
   """Split each selected leaf along `axis` into `parts` of `sizes`; `to`
   names each piece, {part} standing for its name. Fuse's inverse; every
   mirror is split the same way."""
   name: ClassVar[str] = 'split'
-  structural: ClassVar[bool] = True
-  changes_shapes: ClassVar[bool] = True
-  to: str
+  PIECE: ClassVar[str] = '{part}'
   parts: list[str]
   sizes: list[int]
   axis: int = -1
 
   def __post_init__(self):
     super().__post_init__()
-    if '{part}' not in self.to:
-      raise ValueError("field 'to': must contain {part}, the piece's name")
     _check_template(self.match, self.to.replace('{part}', self.parts[0] if self.parts else 'x'))
     _check_parts(self.parts)
     if len(self.sizes) != len(self.parts) or any(n < 1 for n in self.sizes):
       raise ValueError(f"field 'sizes': a positive size for each of the {len(self.parts)} parts, "
                        f'got {self.sizes}')
 
-  def apply(self, flat, selected, mirror=False):
-    chosen = set(selected)
-    new, produced = {}, []
-    for p, x in flat.items():
-      if p not in chosen:
-        new[p] = x
-        continue
-      if not is_array(x):
-        raise SurgeryError(f'cannot split {p!r}: it is masked or stale in this optimizer state')
-      axis = check_axis(x, self.axis, p)
-      if sum(self.sizes) != x.shape[axis]:
-        raise SurgeryError(f'cannot split {p!r} of shape {tuple(x.shape)}: the sizes '
-                           f'{self.sizes} add up to {sum(self.sizes)}, and axis {self.axis} '
-                           f'has {x.shape[axis]}')
-      starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-      for part, start, size in zip(self.parts, starts, self.sizes):
-        q = paths.substitute(self.pattern, self.to.replace('{part}', part), p)
-        if q in flat or q in new:
-          raise SurgeryError(f'splitting {p!r} would overwrite {q!r}')
-        new[q] = jax.lax.slice_in_dim(x, start, start + size, axis=axis)
-        produced.append(q)
-    return new, produced
+  def pieces(self, x, path):
+    axis = check_axis(x, self.axis, path)
+    if sum(self.sizes) != x.shape[axis]:
+      raise SurgeryError(f'cannot split {path!r} of shape {tuple(x.shape)}: the sizes '
+                         f'{self.sizes} add up to {sum(self.sizes)}, and axis {self.axis} '
+                         f'has {x.shape[axis]}')
+    starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+    return [(part, jax.lax.slice_in_dim(x, start, start + size, axis=axis))
+            for part, start, size in zip(self.parts, starts, self.sizes)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
