@@ -168,4 +168,24 @@ def test_a_fuse_over_12_layers_streams_a_fused_leaf_at_a_time(tmp_path):
   planned = plan.plan_checkpoints([str(tmp_path / 'in')], load_spec(spec), budget=128 << 10)
   [group] = planned['groups']
   assert group['dependency_groups'] == 12 * 2 * 3  # kernel and bias of 12 layers; params, mu, nu
-  assert {c['kind'] for c in group['changes']} == {'added', 'dropped'}
+  assert {c['kind'] for c in group['changes']} == {'fused'}
+  assert {'kind': 'fused', 'path': 'layer_11/attn/value/bias',
+          'detail': 'fused into layer_11/attn/qkv/bias'} in group['changes']
+
+
+def test_plan_says_what_each_leaf_went_into():
+  """`plan`'s changes name the leaves fused, split, stacked, unstacked and
+  merged, and what they went into (not a drop and an add)."""
+  from transforms.plan import plan as planned  # pylint: disable=g-import-not-at-top
+  from tests.test_merge_lora import MERGE, lora_params  # pylint: disable=g-import-not-at-top
+  changes = lambda spec, state: {(c.kind, c.path, c.detail) for c in planned(
+      Surgery(load_spec(spec)), state).changes}
+  fused = run(FUSE, attention_state())
+  assert ('split', 'layer_2/attn/qkv/kernel', 'split into layer_2/attn/query/kernel, '
+          'layer_2/attn/key/kernel, layer_2/attn/value/kernel') in changes(SPLIT, fused)
+  stack = r"ops: [{stack: {match: '^(layer_\d+)/mlp/kernel$', to: 'mlp/kernel'}}]"
+  assert ('stacked', 'layer_1/mlp/kernel', 'stacked into mlp/kernel') in changes(
+      stack, attention_state())
+  lora = {'params': lora_params(), 'opt_state': optax.adam(1e-2).init(lora_params())}
+  assert changes(MERGE, lora) == {('merged', f'Dense_{i}/lora_{x}', f'merged into Dense_{i}/kernel')
+                                  for i in (0, 1) for x in 'ab'}

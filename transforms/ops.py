@@ -120,6 +120,13 @@ class Op:
     """old path -> new path for leaves this op only moved (for `plan`)."""
     return {}
 
+  verb: ClassVar[str] = ''  # what `combined` says of a leaf: 'fused into', 'split into', ...
+
+  def combined(self, selected: Sequence[str], produced: Sequence[str]) -> dict[str, list[str]]:
+    """old path -> the new paths it went into, for leaves this op combined
+    with others or cut up (for `plan`)."""
+    return {}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MatchOp(Op):
@@ -478,6 +485,11 @@ class Stack(MatchOp):
                       initialize(self.fill, self.seed, f'{target}[{i}]', like.shape, like.dtype))
     return [flat[by_index[i]] if i in by_index else fill(i) for i in range(self.expected)]
 
+  verb: ClassVar[str] = 'stacked into'
+
+  def combined(self, selected, produced):
+    return {p: [paths.substitute(self.pattern, self.to, p)] for p in selected}
+
   def apply(self, flat, selected, mirror=False):
     groups: dict[str, list[str]] = {}
     for p in sorted(selected, key=layer_order):
@@ -521,6 +533,14 @@ class CutOp(MatchOp):
     """(key, piece) of a leaf, in order."""
     raise NotImplementedError
 
+  def combined(self, selected, produced):
+    cut = {}
+    for p in selected:  # each piece's path is `to` filled in on p, with its key for PIECE
+      before, _, after = paths.substitute(self.pattern, self.to.replace(self.PIECE, '\0'),
+                                          p).partition('\0')
+      cut[p] = [q for q in produced if q.startswith(before) and q.endswith(after)]
+    return cut
+
   def apply(self, flat, selected, mirror=False):
     chosen = set(selected)
     new, produced = {}, []
@@ -546,6 +566,7 @@ class Unstack(CutOp):
   `expected: N`, the axis must hold N layers."""
   name: ClassVar[str] = 'unstack'
   PIECE: ClassVar[str] = '{i}'
+  verb: ClassVar[str] = 'unstacked into'
   axis: int = 0
   expected: int = 0
 
@@ -586,6 +607,11 @@ class Fuse(MatchOp):
       raise ValueError("field 'match': must capture each leaf's part name as (?P<part>...), "
                        "e.g. '^(.*)/(?P<part>query|key|value)/kernel$'")
     _check_parts(self.parts)
+
+  verb: ClassVar[str] = 'fused into'
+
+  def combined(self, selected, produced):
+    return {p: [paths.substitute(self.pattern, self.to, p)] for p in selected}
 
   def apply(self, flat, selected, mirror=False):
     groups: dict[str, dict[str, str]] = {}
@@ -628,6 +654,7 @@ class Split(CutOp):
   mirror is split the same way."""
   name: ClassVar[str] = 'split'
   PIECE: ClassVar[str] = '{part}'
+  verb: ClassVar[str] = 'split into'
   parts: list[str]
   sizes: list[int]
   axis: int = -1
@@ -669,6 +696,11 @@ class MergeLora(MatchOp):
     super().__post_init__()
     _check_template(self.match, self.a)
     _check_template(self.match, self.b)
+
+  verb: ClassVar[str] = 'merged into'
+
+  def combined(self, selected, produced):
+    return {adapter: [base] for base in produced for adapter in self.adapters(base)}
 
   def adapters(self, base: str) -> tuple[str, str]:
     return (paths.substitute(self.pattern, self.a, base),

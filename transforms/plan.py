@@ -21,7 +21,8 @@ from transforms.surgery import OpTrace, Surgery, tree_bytes
 
 
 class Change(NamedTuple):
-  kind: str    # renamed | added | dropped | reshaped | retyped
+  kind: str    # renamed | added | dropped | reshaped | retyped | fused | stacked | split |
+               # unstacked | merged (into another leaf: detail names the leaves made)
   path: str    # the leaf's path before the surgery (after, for `added`)
   detail: str  # 'Head/kernel', '(256,) -> (300,)', 'float32 -> bfloat16', ...
 
@@ -60,10 +61,18 @@ def _bytes(tree: dict[str, Any], rest: dict[str, Any], surgery: Surgery) -> dict
 def param_changes(before: paths.Flat, after: paths.Flat, trace: list[OpTrace]) -> list[Change]:
   """Each old param leaf followed through the renames to where it ends."""
   now = {p: p for p in before}  # old path -> its path after the ops so far
+  went: dict[str, tuple[str, list[str]]] = {}  # old path -> (verb, what it went into)
   for op in trace:
+    for old, cur in now.items():
+      if cur in op.combined and old not in went:
+        went[old] = (op.verb, op.combined[cur])
     now = {old: op.renamed.get(cur, cur) for old, cur in now.items()}
   changes = []
   for old, cur in now.items():
+    if old in went and cur not in after:
+      verb, made = went[old]
+      changes.append(Change(verb.split()[0], old, f"{verb} {', '.join(made)}"))
+      continue
     if cur not in after:
       changes.append(Change('dropped', old, _describe(before[old])))
       continue
@@ -75,7 +84,7 @@ def param_changes(before: paths.Flat, after: paths.Flat, trace: list[OpTrace]) -
       changes.append(Change('reshaped', cur, f'{tuple(before[old].shape)} -> {tuple(after[cur].shape)}'))
     if np.dtype(before[old].dtype) != np.dtype(after[cur].dtype):
       changes.append(Change('retyped', cur, f'{np.dtype(before[old].dtype)} -> {np.dtype(after[cur].dtype)}'))
-  kept = set(now.values())
+  kept = set(now.values()) | {p for _, made in went.values() for p in made}
   changes += [Change('added', p, _describe(x)) for p, x in after.items() if p not in kept]
   return changes
 

@@ -124,11 +124,14 @@ def _compile_donating(fn: Any, arg: Any) -> Any:
 
 class OpTrace(NamedTuple):
   """What one op did while tracing: how many params it matched (None for
-  whole-state ops) and which it only renamed."""
+  whole-state ops), which it only renamed, and which it combined with
+  others or cut up (`Op.combined`, said as `verb`)."""
   index: int
   name: str
   matched: int | None
   renamed: dict[str, str]
+  combined: dict[str, list[str]] = {}
+  verb: str = ''
 
 
 class Migrated(NamedTuple):
@@ -310,7 +313,8 @@ class Surgery:
         if isinstance(op, Reinit) and op.mirror_mode != 'keep':
           lineage.fresh |= set(produced)
         if trace is not None:
-          trace.append(OpTrace(index, op.name, len(selected), renamed))
+          trace.append(OpTrace(index, op.name, len(selected), renamed,
+                               op.combined(selected, produced), op.verb))
         view.follow(op, selected, current, self.optimizer is not None, zero_fills)
       except (SurgeryError, TimeoutError) as e:  # TimeoutError: a regex that would not end
         raise SurgeryError(f'ops[{index}] ({op.name}): {e}') from None
