@@ -15,6 +15,6 @@ def refuse_nonfinite(prints: dict[str, transforms.Fingerprint], allowed: bool) -
   bad = sorted(p for p, f in prints.items() if not f.finite)
   if bad and not allowed:
     raise transforms.SurgeryError(
-        f'the surgery made non-finite values (NaN or inf) in {len(bad)} leaf(s): '
+        f'the output would hold non-finite values (NaN or inf) in {len(bad)} leaf(s): '
         f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}; '
         'pass --allow_nonfinite to write them anyway')
