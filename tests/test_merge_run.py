@@ -245,6 +245,8 @@ def test_run_merges_each_run_and_a_nightly_rerun_adds_the_new_window(tmp_path, c
   assert first['run_a']['status'] == first['run_b']['status'] == 'ok'
   assert first['run_c']['error'] == ("MergeError: 1 of the 2 checkpoint(s) the merge takes; "
                                      "steps there: [100]")
+  page = (epath.Path(out) / '_surgery' / 'report.html').read_text()
+  assert 'merge of 2 checkpoint(s), steps 200, 300' in page  # a group is a row
   save_run(root / 'run_a', [400])
   again = _run_merges(f'{root}/*', out, text, tmp_path,
                       '--direct_running_mode=multi_processing', '--direct_num_workers=2')

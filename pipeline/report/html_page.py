@@ -295,6 +295,15 @@ def table_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return sorted(ranked[:TABLE_ROWS], key=lambda r: r['src'])
 
 
+def _checkpoint(r: dict[str, Any]) -> str:
+  """A row's checkpoint; a merge's group, with its inputs' steps (their paths on hover)."""
+  if not r.get('inputs'):
+    return _e(r['src'])
+  steps = ', '.join(map(str, r.get('steps') or []))
+  return (f'{_e(r["src"])}<br><small title="{_e(chr(10).join(r["inputs"]))}">merge of '
+          f'{len(r["inputs"])} checkpoint(s), steps {_e(steps)}</small>')
+
+
 def _table(records: list[dict[str, Any]]) -> str:
   shown = table_rows(records)
   note = ('' if len(shown) == len(records) else
@@ -310,7 +319,7 @@ def _table(records: list[dict[str, Any]]) -> str:
       f'<td data-v="{r["bytes_in"]}">{report.size(r["bytes_in"])}</td>'
       f'<td data-v="{r["bytes_out"]}">{report.size(r["bytes_out"])}</td>'
       f'<td>{_e((r.get("write_path") or "").replace("_", "-"))}</td><td>{_e(r.get("worker") or "")}</td>'
-      f'<td>{_e(r["src"])}</td><td>{_e(r["error"] or "")}</td></tr>' for r in shown)
+      f'<td>{_checkpoint(r)}</td><td>{_e(r["error"] or "")}</td></tr>' for r in shown)
   return (f'<h2>Checkpoints</h2>{note}<p><label>Filter: <input id="filter" type="search" '
           'placeholder="status, path, error, worker…"></label> Click a column\'s heading to sort.</p>'
           f'<table id="checkpoints"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>')
