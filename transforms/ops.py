@@ -803,9 +803,82 @@ class DropOptimizer(StateOp):
     return {k: v for k, v in tree.items() if k != ctx.opt_state}
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Relayout(StateOp):
+  """The state laid out as another library saves it; the spec's last op,
+  run on the surgery's result once the guard has proven it.
+
+  linen_to_nnx: a Linen TrainState {params, batch_stats, ..., opt_state,
+  step} (spec `params: ''`, so that the surgery holds it whole) becomes
+  what NNX's guide saves, {'model': nnx.state(model), 'optimizer':
+  nnx.state(nnx.Optimizer(...))}: each param and collection leaf at
+  model/<path>/value, each optimizer-state leaf at
+  optimizer/opt_state/<i>/<path>/value (optax's empty states, which NNX
+  does not store, left out), the step at optimizer/step/value. `names`
+  renames modules (a path's keys) on the way: Linen's Dense_0 is the NNX
+  model's attribute, say linear1. Every leaf is moved, none computed."""
+  name: ClassVar[str] = 'relayout'
+  PRESETS: ClassVar[tuple[str, ...]] = ('linen_to_nnx',)
+  preset: str
+  names: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.preset not in self.PRESETS:
+      raise ValueError(f"field 'preset': {self.preset!r} is not one of {', '.join(self.PRESETS)}")
+    if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.names.items()):
+      raise ValueError("field 'names': a mapping of module names to module names")
+
+  def moves(self, tree: dict[str, Any], ctx: Context) -> dict[str, str]:
+    """Each leaf's path in the surgery's tree -> its path after the relayout."""
+    if ctx.params != '':
+      raise SurgeryError("linen_to_nnx lays out the whole state: say params: '' in the spec")
+    state, opt_state = tree[''], tree.get(ctx.opt_state)
+    if 'params' not in state:
+      raise SurgeryError(f'no params in the state (keys {sorted(state)}): not a Linen TrainState')
+    named = lambda path: paths.join(*(self.names.get(k, k) for k in paths.parts(path)))
+    moved = {}
+    for key, value in state.items():
+      if key == 'step':
+        moved['step'] = 'optimizer/step/value'
+      elif isinstance(value, Mapping):  # params, and collections such as batch_stats
+        moved.update({paths.join(key, p): paths.join('model', named(p), 'value')
+                      for p in paths.flatten(value) if not is_empty(paths.flatten(value)[p])})
+      else:
+        raise SurgeryError(f'{key!r} is not a collection of the model nor its step: NNX has '
+                           'no place for it')
+    entries = opt_state if isinstance(opt_state, (list, tuple)) else [opt_state]
+    for i, entry in enumerate(entries):
+      if isinstance(entry, Mapping):
+        moved.update({paths.join(ctx.opt_state, str(i), p):
+                      paths.join('optimizer/opt_state', str(i), named(p), 'value')
+                      for p, x in paths.flatten(entry).items() if is_array(x)})
+      elif entry is not None:
+        raise SurgeryError(f'{ctx.opt_state}[{i}] is a {type(entry).__name__}: not a state '
+                           'NNX stores')
+    return moved
+
+  def transform(self, tree, ctx):
+    moved = self.moves(tree, ctx)
+    flat = {paths.join('', key, p) if key else p: x for key in tree if key
+            for p, x in _leaves(tree[key]).items()}
+    flat.update({p: x for p, x in paths.flatten(tree['']).items()})
+    return {'': paths.unflatten({moved[p]: x for p, x in flat.items() if p in moved})}
+
+
+def _leaves(node: Any) -> Flat:
+  """An optimizer state's leaves by path, its tuples' positions as keys."""
+  if isinstance(node, (list, tuple)) and not is_array(node):
+    return {paths.join(str(i), p): x for i, entry in enumerate(node)
+            for p, x in _leaves(entry).items()}
+  if isinstance(node, Mapping):
+    return {paths.join(k, p): x for k, v in node.items() for p, x in _leaves(v).items()}
+  return {'': node} if node is not None else {}
+
+
 OPS: dict[str, type[Op]] = {op.name: op for op in (
     Rename, Drop, Add, Normalize, Scale, Cast, Reinit, Pad, Slice, Repeat, Transpose, Reshape,
-    Stack, Unstack, Fuse, Split, MergeLora, Python, ResetOptimizer, DropOptimizer)}
+    Stack, Unstack, Fuse, Split, MergeLora, Python, ResetOptimizer, DropOptimizer, Relayout)}
 
 
 class Stale:

@@ -84,7 +84,8 @@ def param_changes(before: paths.Flat, after: paths.Flat, trace: list[OpTrace]) -
       changes.append(Change('reshaped', cur, f'{tuple(before[old].shape)} -> {tuple(after[cur].shape)}'))
     if np.dtype(before[old].dtype) != np.dtype(after[cur].dtype):
       changes.append(Change('retyped', cur, f'{np.dtype(before[old].dtype)} -> {np.dtype(after[cur].dtype)}'))
-  kept = set(now.values()) | {p for _, made in went.values() for p in made}
+  kept = (set(now.values()) | {p for _, made in went.values() for p in made}
+          | {p for op in trace for p in op.renamed.values()})  # a relayout moves opt_state too
   changes += [Change('added', p, _describe(x)) for p, x in after.items() if p not in kept]
   return changes
 

@@ -213,7 +213,7 @@ def _parse_op(index: int, entry: Any) -> Op:
       raise SpecError(f"{where}: field {key!r} must be {_hint_name(hints[key])}, "
                       f'got {_short(value)}')
   for key, f in declared.items():
-    if key not in fields and f.default is dataclasses.MISSING:
+    if key not in fields and f.default is f.default_factory is dataclasses.MISSING:
       raise SpecError(f'{where}: missing field {key!r}')
   fields = {k: _as_float(v) if hints[k] is float and isinstance(v, str) else v
             for k, v in fields.items()}
@@ -239,7 +239,12 @@ def parse_spec(data: Any) -> Spec:
   if not isinstance(ops, list) or not ops and not merge:
     raise SpecError("spec: field 'ops' must be a non-empty list of ops")
   optimizer = _parse_optimizer(data['optimizer']) if data.get('optimizer') else None
-  return Spec(ops=tuple(_parse_op(i, entry) for i, entry in enumerate(ops)),
+  parsed = tuple(_parse_op(i, entry) for i, entry in enumerate(ops))
+  for i, op in enumerate(parsed[:-1]):
+    if op.name == 'relayout':
+      raise SpecError(f'ops[{i}] (relayout): must be the last op (it lays out the result '
+                      'the others made)')
+  return Spec(ops=parsed,
               params=data.get('params', 'params'),
               opt_state=data.get('opt_state', 'opt_state'),
               optimizer=optimizer, merge=merge)

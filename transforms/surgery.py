@@ -31,8 +31,8 @@ from jax._src.interpreters.partial_eval import dce_jaxpr
 
 from transforms import guard, mirrors, paths
 from transforms.groups import Computation, Group, tree_bytes
-from transforms.ops import (STALE, Context, Grown, MatchOp, Op, Reinit, StateOp, SurgeryError,
-                            apply_to_mirror)
+from transforms.ops import (STALE, Context, Grown, MatchOp, Op, Reinit, Relayout, StateOp,
+                            SurgeryError, apply_to_mirror)
 from transforms.spec import Spec
 
 Signature = tuple[Any, tuple[tuple[tuple[int, ...], str], ...]]
@@ -299,6 +299,8 @@ class Surgery:
                   if all(p in shadow for p in before if paths.under(p, m.base))]
     lineage = guard.Lineage({p: p for p in view.params})
     for index, op in enumerate(self.spec.ops):
+      if isinstance(op, Relayout):
+        continue  # the last op: laid out once the guard has proven the result, below
       try:
         if isinstance(op, StateOp):
           view = _View(op.transform(self._settle(view.close(), ctx), ctx), ctx)
@@ -334,7 +336,21 @@ class Surgery:
       guard.check_storable(out)
     except guard.GuardError as e:
       raise SurgeryError(f'guard: {e}') from None
-    return out
+    return self._relayout(out, ctx, trace)
+
+  def _relayout(self, out: dict[str, Any], ctx: Context,
+                trace: list[OpTrace] | None) -> dict[str, Any]:
+    """The proven result laid out as the spec's last op says, if it says."""
+    if not self.spec.ops or not isinstance(self.spec.ops[-1], Relayout):
+      return out
+    op, index = self.spec.ops[-1], len(self.spec.ops) - 1
+    try:
+      moved = op.moves(out, ctx)
+      if trace is not None:
+        trace.append(OpTrace(index, op.name, None, moved))
+      return op.transform(out, ctx)
+    except SurgeryError as e:
+      raise SurgeryError(f'ops[{index}] ({op.name}): {e}') from None
 
   def _settle(self, tree: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """With `optimizer:`, fill what only it knows from its init of the params
