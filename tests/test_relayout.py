@@ -1,6 +1,6 @@
-"""`relayout: {preset: linen_to_nnx}` (issue 26): the batch-norm guide's Linen
-TrainState, saved by a CheckpointManager, migrated to what NNX's guide
-saves, which the NNX model and nnx.Optimizer restore and take a step from."""
+"""`relayout` (issue 26): the batch-norm guide's Linen TrainState, saved by a
+CheckpointManager, migrated to what NNX's guide saves, which the NNX model
+and nnx.Optimizer restore and take a step from; and NNX's back to Linen's."""
 from __future__ import annotations
 
 import jax
@@ -80,3 +80,43 @@ def test_a_state_with_something_nnx_has_no_place_for_fails_by_name(tmp_path):
   with pytest.raises(SurgeryError, match="say params: '' in the spec"):
     Surgery(load_spec(SPEC.replace("params: ''", 'params: params')))(
         {'params': state['params'], 'opt_state': state['opt_state']})
+
+
+BACK = """params: ''
+opt_state: optimizer
+ops:
+  - relayout: {preset: nnx_to_linen, opt_states: 2,
+               names: {linear1: Dense_0, bn: BatchNorm_0, linear2: Dense_1}}
+"""
+
+
+def test_the_nnx_guides_checkpoint_becomes_a_linen_trainstate_that_trains(tmp_path):
+  """The way back: NNX's model and optimizer state (saved as its guide
+  saves them) restore into the batch-norm guide's Linen TrainState, its
+  BatchNorm statistics in batch_stats, and train a step; and there and
+  back again is the input, bit for bit."""
+  from tests.scenarios.doc_checkpoints import nnx_optimizer  # pylint: disable=g-import-not-at-top
+  nnx_case = nnx_optimizer(tmp_path)
+  rec = migrated(nnx_case['path'], tmp_path / 'linen', BACK)
+  assert rec['status'] == 'ok', rec['error']
+  assert rec['write_path'] == 'copy_and_patch'
+  linen = linen_trainstate_batch_stats(tmp_path / 'shapes')  # the Linen model of the same shapes
+  target = jax.eval_shape(lambda: linen['state'])
+  got = ocp.StandardCheckpointer().restore(tmp_path / 'linen', target)
+  model, optimizer = nnx_case['model'], nnx_case['optimizer']
+  pairs = [(got.params['Dense_0']['kernel'], model.linear1.kernel.value),
+           (got.batch_stats['BatchNorm_0']['var'], model.bn.var.value),
+           (got.opt_state[0].nu['Dense_1']['bias'], optimizer.opt_state[0].nu['linear2']['bias'].value)]
+  for linen_value, nnx_value in pairs:
+    assert np.asarray(linen_value).tobytes() == np.asarray(nnx_value).tobytes()
+  assert int(got.step) == int(optimizer.step.value)
+  from tests.scenarios.doc_checkpoints import batch_norm_train_step  # pylint: disable=g-import-not-at-top
+  stepped = batch_norm_train_step(*_data())(got.replace(apply_fn=linen['state'].apply_fn,
+                                                       tx=linen['tx']))
+  assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(stepped.params))
+  again = migrated(tmp_path / 'linen', tmp_path / 'nnx', SPEC)
+  assert again['status'] == 'ok', again['error']
+  before = ocp.StandardCheckpointer().restore(nnx_case['path'])
+  after = ocp.StandardCheckpointer().restore(tmp_path / 'nnx')
+  assert jax.tree.map(lambda x: np.asarray(x).tobytes(), after) == jax.tree.map(
+      lambda x: np.asarray(x).tobytes(), before)

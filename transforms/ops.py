@@ -806,21 +806,27 @@ class DropOptimizer(StateOp):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Relayout(StateOp):
   """The state laid out as another library saves it; the spec's last op,
-  run on the surgery's result once the guard has proven it.
+  run on the surgery's result once the guard has proven it. Both presets
+  take the whole state (spec `params: ''`); every leaf is moved, none
+  computed, and `names` renames modules (a path's keys) on the way.
 
   linen_to_nnx: a Linen TrainState {params, batch_stats, ..., opt_state,
-  step} (spec `params: ''`, so that the surgery holds it whole) becomes
-  what NNX's guide saves, {'model': nnx.state(model), 'optimizer':
-  nnx.state(nnx.Optimizer(...))}: each param and collection leaf at
-  model/<path>/value, each optimizer-state leaf at
+  step} becomes what NNX's guide saves, {'model': nnx.state(model),
+  'optimizer': nnx.state(nnx.Optimizer(...))}: each param and collection
+  leaf at model/<path>/value, each optimizer-state leaf at
   optimizer/opt_state/<i>/<path>/value (optax's empty states, which NNX
-  does not store, left out), the step at optimizer/step/value. `names`
-  renames modules (a path's keys) on the way: Linen's Dense_0 is the NNX
-  model's attribute, say linear1. Every leaf is moved, none computed."""
+  does not store, left out), the step at optimizer/step/value.
+
+  nnx_to_linen: the way back (spec `opt_state: optimizer`). A model leaf
+  the optimizer's moments shadow is a param; any other (BatchNorm's
+  statistics) goes to `batch_stats`. The optimizer state is the list of
+  `opt_states` optax states (adam's chain: 2), those NNX did not store
+  empty (None), as Linen's TrainState saves them."""
   name: ClassVar[str] = 'relayout'
-  PRESETS: ClassVar[tuple[str, ...]] = ('linen_to_nnx',)
+  PRESETS: ClassVar[tuple[str, ...]] = ('linen_to_nnx', 'nnx_to_linen')
   preset: str
   names: dict = dataclasses.field(default_factory=dict)
+  opt_states: int = 0  # nnx_to_linen: how many states optax's chain has (0: as many as stored)
 
   def __post_init__(self):
     super().__post_init__()
@@ -829,41 +835,73 @@ class Relayout(StateOp):
     if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in self.names.items()):
       raise ValueError("field 'names': a mapping of module names to module names")
 
+  def _named(self, path: str) -> str:
+    return paths.join(*(self.names.get(k, k) for k in paths.parts(path)))
+
   def moves(self, tree: dict[str, Any], ctx: Context) -> dict[str, str]:
     """Each leaf's path in the surgery's tree -> its path after the relayout."""
     if ctx.params != '':
-      raise SurgeryError("linen_to_nnx lays out the whole state: say params: '' in the spec")
-    state, opt_state = tree[''], tree.get(ctx.opt_state)
+      raise SurgeryError(f"{self.preset} lays out the whole state: say params: '' in the spec")
+    if self.preset == 'linen_to_nnx':
+      return self._linen_to_nnx(tree[''], tree.get(ctx.opt_state), ctx.opt_state)
+    return self._nnx_to_linen(tree[''], tree.get(ctx.opt_state), ctx.opt_state)
+
+  def _linen_to_nnx(self, state: dict[str, Any], opt_state: Any, key: str) -> dict[str, str]:
     if 'params' not in state:
       raise SurgeryError(f'no params in the state (keys {sorted(state)}): not a Linen TrainState')
-    named = lambda path: paths.join(*(self.names.get(k, k) for k in paths.parts(path)))
     moved = {}
-    for key, value in state.items():
-      if key == 'step':
+    for name, value in state.items():
+      if name == 'step':
         moved['step'] = 'optimizer/step/value'
       elif isinstance(value, Mapping):  # params, and collections such as batch_stats
-        moved.update({paths.join(key, p): paths.join('model', named(p), 'value')
-                      for p in paths.flatten(value) if not is_empty(paths.flatten(value)[p])})
+        moved.update({paths.join(name, p): paths.join('model', self._named(p), 'value')
+                      for p, x in paths.flatten(value).items() if not is_empty(x)})
       else:
-        raise SurgeryError(f'{key!r} is not a collection of the model nor its step: NNX has '
+        raise SurgeryError(f'{name!r} is not a collection of the model nor its step: NNX has '
                            'no place for it')
     entries = opt_state if isinstance(opt_state, (list, tuple)) else [opt_state]
     for i, entry in enumerate(entries):
       if isinstance(entry, Mapping):
-        moved.update({paths.join(ctx.opt_state, str(i), p):
-                      paths.join('optimizer/opt_state', str(i), named(p), 'value')
+        moved.update({paths.join(key, str(i), p):
+                      paths.join('optimizer/opt_state', str(i), self._named(p), 'value')
                       for p, x in paths.flatten(entry).items() if is_array(x)})
       elif entry is not None:
-        raise SurgeryError(f'{ctx.opt_state}[{i}] is a {type(entry).__name__}: not a state '
-                           'NNX stores')
+        raise SurgeryError(f'{key}[{i}] is a {type(entry).__name__}: not a state NNX stores')
+    return moved
+
+  def _nnx_to_linen(self, state: dict[str, Any], optimizer: Any, key: str) -> dict[str, str]:
+    if set(state) != {'model'} or not isinstance(optimizer, Mapping):
+      raise SurgeryError(f"not an NNX model and optimizer (state keys {sorted(state)}, "
+                         f"{key!r} {type(optimizer).__name__}): say opt_state: optimizer, "
+                         "the key NNX's guide saves it under")
+    unwrap = lambda p: p[:-len('/value')] if p.endswith('/value') else p
+    held = {unwrap(p) for p in paths.flatten(optimizer)}
+    moments = {p.split('/', 3)[3] for p in held if paths.parts(p)[:1] == ['opt_state']
+               and len(paths.parts(p)) > 3 and paths.parts(p)[2] in ('mu', 'nu', 'trace')}
+    moved = {}
+    for p in paths.flatten(state['model']):
+      where = 'params' if unwrap(p) in moments else 'batch_stats'
+      moved[paths.join('model', p)] = paths.join(where, self._named(unwrap(p)))
+    for p in paths.flatten(optimizer):
+      if unwrap(p) == 'step':
+        moved[paths.join(key, p)] = 'step'
+      elif paths.parts(p)[:1] == ['opt_state'] and len(paths.parts(p)) > 2:
+        moved[paths.join(key, p)] = paths.join('opt_state', self._named(unwrap(p)[len('opt_state/'):]))
+      else:
+        raise SurgeryError(f'{key}/{p} is neither the step nor optimizer state: Linen has no '
+                           'place for it')
     return moved
 
   def transform(self, tree, ctx):
     moved = self.moves(tree, ctx)
-    flat = {paths.join('', key, p) if key else p: x for key in tree if key
-            for p, x in _leaves(tree[key]).items()}
-    flat.update({p: x for p, x in paths.flatten(tree['']).items()})
-    return {'': paths.unflatten({moved[p]: x for p, x in flat.items() if p in moved})}
+    flat = {paths.join(key, p): x for key in tree if key for p, x in _leaves(tree[key]).items()}
+    flat.update(paths.flatten(tree['']))
+    out = paths.unflatten({moved[p]: x for p, x in flat.items() if p in moved})
+    if self.preset == 'nnx_to_linen' and 'opt_state' in out:  # positions, as optax's tuple
+      stored = out['opt_state']
+      count = max(self.opt_states, 1 + max(int(i) for i in stored))
+      out['opt_state'] = [stored.get(str(i)) for i in range(count)]
+    return {'': out}
 
 
 def _leaves(node: Any) -> Flat:
