@@ -120,3 +120,15 @@ def test_the_nnx_guides_checkpoint_becomes_a_linen_trainstate_that_trains(tmp_pa
   after = ocp.StandardCheckpointer().restore(tmp_path / 'nnx')
   assert jax.tree.map(lambda x: np.asarray(x).tobytes(), after) == jax.tree.map(
       lambda x: np.asarray(x).tobytes(), before)
+
+
+def test_nnx_state_linen_has_no_place_for_fails_by_name():
+  """An nnx.Rngs count in the model's state is neither a param nor a
+  statistic: refused, not put among batch_stats."""
+  from transforms import Surgery  # pylint: disable=g-import-not-at-top
+  state = {'model': {'linear': {'kernel': {'value': jnp.ones((2, 2))}},
+                     'rngs': {'default': {'count': {'value': jnp.zeros((), jnp.uint32)}}}},
+           'optimizer': {'step': {'value': jnp.zeros((), jnp.uint32)},
+                         'opt_state': {'0': {'mu': {'linear': {'kernel': {'value': jnp.ones((2, 2))}}}}}}}
+  with pytest.raises(SurgeryError, match=r"model/rngs/default/count/value is neither a param"):
+    Surgery(load_spec(BACK))(state)

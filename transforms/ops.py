@@ -879,7 +879,11 @@ class Relayout(StateOp):
     moments = {p.split('/', 3)[3] for p in held if paths.parts(p)[:1] == ['opt_state']
                and len(paths.parts(p)) > 3 and paths.parts(p)[2] in ('mu', 'nu', 'trace')}
     moved = {}
-    for p in paths.flatten(state['model']):
+    for p, x in paths.flatten(state['model']).items():
+      if unwrap(p) not in moments and not (is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)):
+        raise SurgeryError(f'model/{p} is neither a param (the optimizer holds no moments of it) '
+                           'nor a float statistic (such as BatchNorm\'s): Linen\'s TrainState has '
+                           'no place for it (an nnx.Rngs key or count?)')
       where = 'params' if unwrap(p) in moments else 'batch_stats'
       moved[paths.join('model', p)] = paths.join(where, self._named(unwrap(p)))
     for p in paths.flatten(optimizer):
