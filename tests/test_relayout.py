@@ -15,14 +15,19 @@ from tests.scenarios.doc_checkpoints import MLP, _data, linen_trainstate_batch_s
 from tests.test_stream import migrated
 from transforms import SurgeryError, load_spec
 
+@pytest.fixture(scope='module')
+def linen(tmp_path_factory):
+  """The batch-norm guide's TrainState, saved by a CheckpointManager (read only)."""
+  return linen_trainstate_batch_stats(tmp_path_factory.mktemp('linen'))
+
+
 SPEC = """params: ''
 ops:
   - relayout: {preset: linen_to_nnx, names: {Dense_0: linear1, BatchNorm_0: bn, Dense_1: linear2}}
 """
 
 
-def test_a_linen_trainstate_becomes_an_nnx_model_and_optimizer_that_train(tmp_path):
-  linen = linen_trainstate_batch_stats(tmp_path)
+def test_a_linen_trainstate_becomes_an_nnx_model_and_optimizer_that_train(linen, tmp_path):
   rec = migrated(linen['step_path'], tmp_path / 'out', SPEC)
   assert rec['status'] == 'ok', rec['error']
   make_model = lambda: MLP(4, 8, 2, rngs=nnx.Rngs(0))
@@ -57,11 +62,10 @@ def test_relayout_must_be_last_and_know_its_preset():
     load_spec("params: ''\nops: [{relayout: {preset: torch}}]")
 
 
-def test_plan_shows_each_leaf_moved_and_run_patches_the_copy(tmp_path):
+def test_plan_shows_each_leaf_moved_and_run_patches_the_copy(linen, tmp_path):
   """Every leaf is moved, none computed: plan lists the moves, and run
   writes by copy-and-patch (keys renamed in the index, no value rewritten)."""
   from pipeline import plan  # pylint: disable=g-import-not-at-top
-  linen = linen_trainstate_batch_stats(tmp_path)
   [group] = plan.plan_checkpoints([linen['step_path']], load_spec(SPEC))['groups']
   assert {'kind': 'renamed', 'path': 'params/Dense_0/kernel',
           'detail': 'model/linear1/kernel/value'} in group['changes']
@@ -90,7 +94,7 @@ ops:
 """
 
 
-def test_the_nnx_guides_checkpoint_becomes_a_linen_trainstate_that_trains(tmp_path):
+def test_the_nnx_guides_checkpoint_becomes_a_linen_trainstate_that_trains(linen, tmp_path):
   """The way back: NNX's model and optimizer state (saved as its guide
   saves them) restore into the batch-norm guide's Linen TrainState, its
   BatchNorm statistics in batch_stats, and train a step; and there and
@@ -100,7 +104,6 @@ def test_the_nnx_guides_checkpoint_becomes_a_linen_trainstate_that_trains(tmp_pa
   rec = migrated(nnx_case['path'], tmp_path / 'linen', BACK)
   assert rec['status'] == 'ok', rec['error']
   assert rec['write_path'] == 'copy_and_patch'
-  linen = linen_trainstate_batch_stats(tmp_path / 'shapes')  # the Linen model of the same shapes
   target = jax.eval_shape(lambda: linen['state'])
   got = ocp.StandardCheckpointer().restore(tmp_path / 'linen', target)
   model, optimizer = nnx_case['model'], nnx_case['optimizer']
