@@ -423,7 +423,50 @@ def layer_order(path: str) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Stack(MatchOp):
+class CombineOp(MatchOp):
+  """An op that combines the leaves that rename to one `to` path into one
+  leaf there (stack, fuse); where a mirror holds none of them as arrays
+  (masked or stale), the target holds what the first did."""
+  structural: ClassVar[bool] = True
+  changes_shapes: ClassVar[bool] = True
+  to: str
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_template(self.match, self.to)
+
+  def gather(self, target: str, members: list[str], flat: Flat,
+             mirror: bool) -> list[tuple[str, Any]]:
+    """(path, value) of what combines into `target`, in order."""
+    raise NotImplementedError
+
+  def combine(self, target: str, members: list[str], values: list[jax.Array]) -> jax.Array:
+    raise NotImplementedError
+
+  def combined(self, selected, produced):
+    return {p: [paths.substitute(self.pattern, self.to, p)] for p in selected}
+
+  def apply(self, flat, selected, mirror=False):
+    groups: dict[str, list[str]] = {}
+    for p in sorted(selected, key=layer_order):
+      groups.setdefault(paths.substitute(self.pattern, self.to, p), []).append(p)
+    new = {p: x for p, x in flat.items() if p not in set(selected)}
+    for target, found in groups.items():
+      members, values = map(list, zip(*self.gather(target, found, flat, mirror)))
+      if target in new:
+        raise SurgeryError(f'{target!r} already exists')
+      if not any(is_array(v) for v in values):  # masked or stale in this mirror
+        new[target] = values[0]
+        continue
+      if not all(is_array(v) for v in values):
+        raise SurgeryError(f'cannot {self.name} {members} into {target!r}: some are masked or '
+                           'stale in this optimizer state and some are not')
+      new[target] = self.combine(target, members, values)
+    return new, list(groups)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Stack(CombineOp):
   """Stack the leaves that rename to the same `to` path along a new `axis`.
 
   With `expected: N`, each stack must hold layers 0 to N-1, the layer index
@@ -433,9 +476,7 @@ class Stack(MatchOp):
   zeros, where the spec says `mirror_init: zeros` (Adam's moments start
   there), and the stack fails by name otherwise."""
   name: ClassVar[str] = 'stack'
-  structural: ClassVar[bool] = True
-  changes_shapes: ClassVar[bool] = True
-  to: str
+  verb: ClassVar[str] = 'stacked into'
   axis: int = 0
   expected: int = 0
   fill: str = ''
@@ -444,7 +485,6 @@ class Stack(MatchOp):
 
   def __post_init__(self):
     super().__post_init__()
-    _check_template(self.match, self.to)
     if self.fill:
       initializer(self.fill)
       if not self.expected:
@@ -460,10 +500,10 @@ class Stack(MatchOp):
                          f'digits in {self.match!r}')
     return int(found)
 
-  def _layers(self, target: str, members: list[str], flat: Flat, mirror: bool) -> list[Any]:
-    """The values to stack, in layer order; missing layers filled, or an error."""
+  def gather(self, target, members, flat, mirror):
+    """In layer order; missing layers filled, or an error."""
     if not self.expected:
-      return [flat[p] for p in members]
+      return [(p, flat[p]) for p in members]
     by_index = {self.index(p): p for p in members}
     outside = sorted(i for i in by_index if i >= self.expected)
     if outside:
@@ -479,40 +519,21 @@ class Stack(MatchOp):
                          f'filled layer(s) {missing} are unknown; say mirror_init: zeros where '
                          "zeros are the optimizer's init (Adam's moments)")
     like = flat[by_index[min(by_index)]]
-    if not is_array(like):  # masked or stale in this mirror: every layer alike
-      return [flat[by_index[i]] if i in by_index else like for i in range(self.expected)]
-    fill = lambda i: (jnp.zeros(like.shape, like.dtype) if mirror or self.fill == 'zeros' else
-                      initialize(self.fill, self.seed, f'{target}[{i}]', like.shape, like.dtype))
-    return [flat[by_index[i]] if i in by_index else fill(i) for i in range(self.expected)]
+    fill = lambda i: (like if not is_array(like)  # masked or stale in this mirror: all alike
+                      else jnp.zeros(like.shape, like.dtype) if mirror or self.fill == 'zeros'
+                      else initialize(self.fill, self.seed, f'{target}[{i}]', like.shape,
+                                      like.dtype))
+    return [(by_index[i], flat[by_index[i]]) if i in by_index else (f'{target}[{i}]', fill(i))
+            for i in range(self.expected)]
 
-  verb: ClassVar[str] = 'stacked into'
-
-  def combined(self, selected, produced):
-    return {p: [paths.substitute(self.pattern, self.to, p)] for p in selected}
-
-  def apply(self, flat, selected, mirror=False):
-    groups: dict[str, list[str]] = {}
-    for p in sorted(selected, key=layer_order):
-      groups.setdefault(paths.substitute(self.pattern, self.to, p), []).append(p)
-    new = {p: x for p, x in flat.items() if p not in set(selected)}
-    for target, members in groups.items():
-      if target in new:
-        raise SurgeryError(f'{target!r} already exists')
-      values = self._layers(target, members, flat, mirror)
-      if not any(is_array(v) for v in values):  # masked or stale in this mirror
-        new[target] = values[0]
-        continue
-      if not all(is_array(v) for v in values):
-        raise SurgeryError(f'cannot stack {members} into {target!r}: some are masked or stale '
-                           'in this optimizer state and some are not')
-      shapes = {(tuple(v.shape), str(v.dtype)) for v in values}
-      if len(shapes) != 1:
-        raise SurgeryError(f'cannot stack {members} into {target!r}: shapes/dtypes {sorted(shapes)}')
-      if not -values[0].ndim - 1 <= self.axis <= values[0].ndim:
-        raise SurgeryError(f'cannot stack {members} of shape {tuple(values[0].shape)} along axis '
-                           f'{self.axis}')
-      new[target] = jnp.stack(values, axis=self.axis)
-    return new, list(groups)
+  def combine(self, target, members, values):
+    shapes = {(tuple(v.shape), str(v.dtype)) for v in values}
+    if len(shapes) != 1:
+      raise SurgeryError(f'cannot stack {members} into {target!r}: shapes/dtypes {sorted(shapes)}')
+    if not -values[0].ndim - 1 <= self.axis <= values[0].ndim:
+      raise SurgeryError(f'cannot stack {members} of shape {tuple(values[0].shape)} along axis '
+                         f'{self.axis}')
+    return jnp.stack(values, axis=self.axis)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -588,63 +609,45 @@ def _check_parts(parts: list[str]) -> None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Fuse(MatchOp):
+class Fuse(CombineOp):
   """Concatenate, along `axis`, the leaves that rename to one `to` path, in
   the order `parts` gives: `match` captures each leaf's part name as
   (?P<part>...). Query, key and value kernels into one qkv kernel; every
   mirror is fused the same way."""
   name: ClassVar[str] = 'fuse'
-  structural: ClassVar[bool] = True
-  changes_shapes: ClassVar[bool] = True
-  to: str
+  verb: ClassVar[str] = 'fused into'
   parts: list[str]
   axis: int = -1
 
   def __post_init__(self):
     super().__post_init__()
-    _check_template(self.match, self.to)
     if 'part' not in regex.compile(self.match).groupindex:
       raise ValueError("field 'match': must capture each leaf's part name as (?P<part>...), "
                        "e.g. '^(.*)/(?P<part>query|key|value)/kernel$'")
     _check_parts(self.parts)
 
-  verb: ClassVar[str] = 'fused into'
-
-  def combined(self, selected, produced):
-    return {p: [paths.substitute(self.pattern, self.to, p)] for p in selected}
-
-  def apply(self, flat, selected, mirror=False):
-    groups: dict[str, dict[str, str]] = {}
-    for p in selected:
+  def gather(self, target, members, flat, mirror):
+    """In the order of `parts`, each there once."""
+    by_part = {}
+    for p in members:
       part = paths.captured(self.pattern, 'part', p)
       if part not in self.parts:
         raise SurgeryError(f'{p!r}: its part {part!r} is not one of the parts {self.parts}')
-      groups.setdefault(paths.substitute(self.pattern, self.to, p), {})[part] = p
-    new = {p: x for p, x in flat.items() if p not in set(selected)}
-    for target, members in groups.items():
-      missing = [part for part in self.parts if part not in members]
-      if missing:
-        raise SurgeryError(f'cannot fuse {sorted(members.values())} into {target!r}: no '
-                           f'{", ".join(missing)} part')
-      if target in new:
-        raise SurgeryError(f'{target!r} already exists')
-      values = [flat[members[part]] for part in self.parts]
-      if not any(is_array(v) for v in values):  # masked or stale in this mirror
-        new[target] = values[0]
-        continue
-      if not all(is_array(v) for v in values):
-        raise SurgeryError(f'cannot fuse {sorted(members.values())} into {target!r}: some are '
-                           'masked or stale in this optimizer state and some are not')
-      axis = check_axis(values[0], self.axis, members[self.parts[0]])
-      off_axis = {(tuple(v.shape[:axis]) + tuple(v.shape[axis + 1:]), str(v.dtype), v.ndim)
-                  for v in values}
-      if len(off_axis) != 1:
-        shapes = ', '.join(f'{members[part]} {tuple(v.shape)} {v.dtype}'
-                           for part, v in zip(self.parts, values))
-        raise SurgeryError(f'cannot fuse into {target!r} along axis {self.axis}: the parts '
-                           f'differ off that axis ({shapes})')
-      new[target] = jnp.concatenate(values, axis=axis)
-    return new, list(groups)
+      by_part[part] = p
+    missing = [part for part in self.parts if part not in by_part]
+    if missing:
+      raise SurgeryError(f'cannot fuse {members} into {target!r}: no {", ".join(missing)} part')
+    return [(by_part[part], flat[by_part[part]]) for part in self.parts]
+
+  def combine(self, target, members, values):
+    axis = check_axis(values[0], self.axis, members[0])
+    off_axis = {(tuple(v.shape[:axis]) + tuple(v.shape[axis + 1:]), str(v.dtype), v.ndim)
+                for v in values}
+    if len(off_axis) != 1:
+      shapes = ', '.join(f'{p} {tuple(v.shape)} {v.dtype}' for p, v in zip(members, values))
+      raise SurgeryError(f'cannot fuse into {target!r} along axis {self.axis}: the parts '
+                         f'differ off that axis ({shapes})')
+    return jnp.concatenate(values, axis=axis)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
