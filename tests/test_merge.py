@@ -34,7 +34,7 @@ def test_each_method_is_the_documented_sum_bit_for_bit(dtype, method, options, c
     options = {'weights': options['weights'][:count]}
   weights = merge.coefficients(method, count, **options)
   pieces = _inputs(count, dtype)
-  merged = merge.combine([{'a/kernel': p} for p in pieces], weights)['a/kernel']
+  merged = merge.combine_leaf(pieces, weights)
   assert merged.dtype == np.dtype(dtype)
   assert merged.tobytes() == _reference(pieces, weights).tobytes()
 
@@ -50,9 +50,9 @@ def test_a_leaf_merged_a_slab_of_rows_at_a_time_is_the_same_bits_as_whole():
 def test_integer_leaves_come_from_the_newest_input():
   counts = [np.int32(100), np.int32(200), np.int32(300)]
   flags = [np.array([True]), np.array([False]), np.array([True])]
-  merged = merge.combine([{'count': c, 'flag': f} for c, f in zip(counts, flags)],
-                         merge.coefficients('mean', 3))
-  assert merged['count'] == 300 and merged['flag'].tolist() == [True]
+  weights = merge.coefficients('mean', 3)
+  assert merge.combine_leaf(counts, weights) == 300
+  assert merge.combine_leaf(flags, weights).tolist() == [True]
 
 
 def test_coefficients():

@@ -9,7 +9,8 @@ inputs, ordered oldest step first (`coefficients`):
   e = d e + (1 - d) x_i leaves after the newest input.
 They are computed in float64 and sum to 1.
 
-`combine` makes every float leaf as
+`Running` (and `combine_leaf`, the same for pieces in hand) makes every
+float leaf as
 
     acc = c_0 * x_0;  acc = acc + c_i * x_i  for i = 1 .. K-1;  cast(acc)
 
@@ -24,8 +25,8 @@ leaf merged a slab of rows at a time is the same bits as merged whole.
 Integer and boolean leaves (step counters, Adam's `count`) are never
 averaged: they come from the newest input.
 
-Nothing here reads a file: `pipeline` reads each input's piece of a pack
-and hands the pieces here.
+Nothing here reads a file: `pipeline.merge` reads each input's piece of
+a pack in turn and adds it to its leaf's `Running` sum.
 """
 from __future__ import annotations
 
@@ -114,12 +115,6 @@ def combine_leaf(pieces: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarra
   for piece in pieces:
     running.add(piece)
   return running.result()
-
-
-def combine(pieces: Sequence[Mapping[str, np.ndarray]],
-            weights: np.ndarray) -> dict[str, np.ndarray]:
-  """Each leaf of a pack, from each input's piece of it (oldest first)."""
-  return {path: combine_leaf([piece[path] for piece in pieces], weights) for path in pieces[-1]}
 
 
 def check_same_tree(trees: Sequence[tuple[str, Mapping[str, Leaf]]]) -> None:
